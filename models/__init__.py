@@ -1,0 +1,48 @@
+"""bitfleet's network definitions: binary layers, quantizers, model families and a registry.
+
+The one door is :func:`create`::
+
+    import models
+    net = models.create("bireal18", stem="imagenet", num_classes=1000)
+    spec = models.spec_of(net)            # JSON-able; models.build(spec) rebuilds it
+    models.list_models("bireal*")         # ['bireal18', 'bireal34']
+
+Importing this package registers every family. It imports nothing else of bitfleet's.
+"""
+
+from . import lenet, resnet  # noqa: F401  (importing a family registers its models)
+from .constraints import clip_latent_weights
+from .layers import BinaryConv2d, BinaryLinear
+from .ops import OpCount, count_ops
+from .registry import (
+    SpecError,
+    UnknownModelError,
+    build,
+    create,
+    dump_spec,
+    is_model,
+    list_models,
+    load_spec,
+    model_entry,
+    register_model,
+    spec_of,
+)
+
+__all__ = [
+    "BinaryConv2d",
+    "BinaryLinear",
+    "OpCount",
+    "SpecError",
+    "UnknownModelError",
+    "build",
+    "clip_latent_weights",
+    "count_ops",
+    "create",
+    "dump_spec",
+    "is_model",
+    "list_models",
+    "load_spec",
+    "model_entry",
+    "register_model",
+    "spec_of",
+]

@@ -1,0 +1,180 @@
+"""Binary layers: ``nn.Conv2d`` and ``nn.Linear`` with an input and a kernel quantizer.
+
+The layers keep PyTorch's signatures and defaults and add two keyword arguments, as Larq's
+``QuantConv2D`` does:
+
+- ``input_quantizer``: applied to the activations before the convolution (``None``: float);
+- ``kernel_quantizer``: applied to the latent float weights in every forward (``None``: float).
+
+The latent weights stay float so the optimizer can accumulate small updates; the forward pass
+only ever sees their quantized form. ``latent_clip`` (default 1.0) is the bound that
+:func:`models.constraints.clip_latent_weights` enforces after each optimizer step, like Larq's
+``weight_clip`` constraint: without it latent values drift far from zero, where the STE gives no
+gradient and no step can flip them back.
+
+Padding: when the input is binarized, a zero in the padding would be a third value that no
+XNOR-popcount kernel can represent. These layers therefore pad with +1 ("one-padding"), which
+the packed-bit runtime reproduces exactly (bit 0 = +1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quantizers
+from .quantizers import QuantizerLike
+
+__all__ = ["BinaryConv2d", "BinaryLinear", "QuantizedLayer"]
+
+_PadArg = int | tuple[int, int] | str
+
+
+class QuantizedLayer:
+    """Mixin with the quantizer bookkeeping shared by the binary conv and dense layers."""
+
+    input_quantizer: nn.Module | None
+    kernel_quantizer: nn.Module | None
+    latent_clip: float | None
+
+    def _init_quantizers(
+        self,
+        input_quantizer: QuantizerLike,
+        kernel_quantizer: QuantizerLike,
+        latent_clip: float | None,
+    ) -> None:
+        self.input_quantizer = quantizers.get(input_quantizer)
+        self.kernel_quantizer = quantizers.get(kernel_quantizer)
+        self.latent_clip = None if self.kernel_quantizer is None else latent_clip
+        if self.kernel_quantizer is not None and latent_clip is None:
+            warnings.warn(
+                f"{type(self).__name__} has a kernel quantizer but no latent_clip: latent weights "
+                "may grow without bound and stop training. Set latent_clip=1.0 unless you know "
+                "why not.",
+                stacklevel=3,
+            )
+
+    @property
+    def is_binary(self) -> bool:
+        """True when both activations and weights are binarized (an XNOR-popcount layer)."""
+        return self.input_quantizer is not None and self.kernel_quantizer is not None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses: the latent weight through the kernel quantizer."""
+        weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
+        return weight if self.kernel_quantizer is None else self.kernel_quantizer(weight)
+
+    def quantizer_config(self) -> dict[str, Any]:
+        """Serializable quantizer settings, for specs and exporters."""
+        return {
+            "input_quantizer": quantizers.serialize(self.input_quantizer),
+            "kernel_quantizer": quantizers.serialize(self.kernel_quantizer),
+            "latent_clip": self.latent_clip,
+        }
+
+
+def _explicit_padding(
+    padding: _PadArg, kernel_size: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding for an int, a pair, 'valid' or 'same'."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        pads = []
+        for k, d in zip(reversed(kernel_size), reversed(dilation), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)  # type: ignore[return-value]
+    if isinstance(padding, int):
+        return (padding, padding, padding, padding)
+    ph, pw = padding
+    return (pw, pw, ph, ph)
+
+
+class BinaryConv2d(QuantizedLayer, nn.Conv2d):
+    """2-D convolution with quantized inputs and/or weights, one-padded when inputs are binary.
+
+    Arguments are those of :class:`torch.nn.Conv2d` plus ``input_quantizer``,
+    ``kernel_quantizer`` (anything :func:`models.quantizers.get` accepts) and ``latent_clip``.
+    ``padding_mode`` must stay ``"zeros"`` when inputs are quantized: the layer then pads with
+    +1 itself.
+
+    Example::
+
+        conv = BinaryConv2d(64, 128, 3, stride=2, padding=1, bias=False,
+                            input_quantizer="approx_sign", kernel_quantizer="magnitude_aware_sign")
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: _PadArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        input_quantizer: QuantizerLike = None,
+        kernel_quantizer: QuantizerLike = None,
+        latent_clip: float | None = 1.0,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype,
+        )
+        self._init_quantizers(input_quantizer, kernel_quantizer, latent_clip)
+        if self.input_quantizer is not None and padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode={padding_mode!r} is not supported with an input quantizer: "
+                "binarized inputs are always padded with +1; use padding_mode='zeros'"
+            )
+        self.one_padding = _explicit_padding(padding, self.kernel_size, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.quantized_weight()
+        if self.input_quantizer is None:
+            return self._conv_forward(x, weight, self.bias)
+        x = self.input_quantizer(x)
+        if any(self.one_padding):
+            x = F.pad(x, self.one_padding, value=1.0)
+        return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", latent_clip={self.latent_clip}" if self.latent_clip else "")
+
+
+class BinaryLinear(QuantizedLayer, nn.Linear):
+    """Fully connected layer with quantized inputs and/or weights.
+
+    Arguments are those of :class:`torch.nn.Linear` plus ``input_quantizer``,
+    ``kernel_quantizer`` and ``latent_clip``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        input_quantizer: QuantizerLike = None,
+        kernel_quantizer: QuantizerLike = None,
+        latent_clip: float | None = 1.0,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_quantizers(input_quantizer, kernel_quantizer, latent_clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.quantized_weight(), self.bias)

@@ -1,0 +1,220 @@
+"""ResNet family: Bi-Real ResNet-18/34 (binary) and float ResNet-18/34 of the same layout.
+
+Bi-Real Net (Liu et al., ECCV 2018) keeps a real-valued identity shortcut around *every* binary
+3x3 convolution rather than every block of two, so the real-valued activations that binarization
+would destroy are carried past each binary conv. A Bi-Real "unit" is::
+
+    out = BN(BinaryConv3x3(sign(x))) + shortcut(x)
+
+with ``sign`` the ApproxSign quantizer and weights through the magnitude-aware sign. The first
+convolution, the 1x1 downsampling convolutions and the classifier stay float, as in the paper.
+
+Downsampling shortcuts are ``AvgPool2d(2) -> Conv1x1 -> BN`` (Bi-Real's choice, which avoids
+throwing away 3/4 of the activations the way a strided 1x1 conv does). The float ResNets use the
+same stem, stages and downsampling with standard basic blocks (conv-BN-ReLU-conv-BN + shortcut,
+ReLU), so the two differ only where binarization differs and their layer shapes line up.
+
+Stems: ``"imagenet"`` is conv7x7/2 + BN + max-pool/2 (224x224 inputs); ``"cifar"`` is a conv3x3/1
++ BN with no pooling, for 32x32 inputs.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .layers import BinaryConv2d
+from .quantizers import QuantizerLike
+from .registry import register_model
+
+__all__ = ["ResNet", "BiRealUnit", "BasicBlock"]
+
+STEMS = ("cifar", "imagenet")
+
+
+def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """Real-valued shortcut: identity, or average-pool then 1x1 conv + BN."""
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    layers: list[nn.Module] = []
+    if stride > 1:
+        layers.append(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False))
+    layers += [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)]
+    return nn.Sequential(*layers)
+
+
+class BiRealUnit(nn.Module):
+    """One binary 3x3 conv with its own real-valued shortcut (Bi-Real's building block)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        input_quantizer: QuantizerLike,
+        kernel_quantizer: QuantizerLike,
+    ) -> None:
+        super().__init__()
+        self.conv = BinaryConv2d(
+            in_channels, out_channels, 3, stride, padding=1, bias=False,
+            input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.shortcut = _downsample(in_channels, out_channels, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x)) + self.shortcut(x)
+
+
+class BasicBlock(nn.Module):
+    """Float ResNet basic block: two 3x3 convs with BN and ReLU around one shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = _downsample(in_channels, out_channels, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A ResNet of four stages, with Bi-Real units (``block="bireal"``) or basic blocks.
+
+    Args:
+        block: ``"bireal"`` (binary) or ``"basic"`` (float).
+        blocks_per_stage: basic blocks per stage, e.g. ``(2, 2, 2, 2)`` for 18 layers. A Bi-Real
+            stage has two units (two binary convs) per block.
+        num_classes: classifier outputs.
+        stem: ``"cifar"`` or ``"imagenet"``.
+        width: multiplier on the stage widths 64, 128, 256, 512.
+        in_channels: input image channels.
+        input_quantizer, kernel_quantizer: quantizers of the binary convs (Bi-Real only).
+    """
+
+    def __init__(
+        self,
+        block: str,
+        blocks_per_stage: tuple[int, ...],
+        *,
+        num_classes: int = 10,
+        stem: str = "cifar",
+        width: float = 1.0,
+        in_channels: int = 3,
+        input_quantizer: QuantizerLike = "approx_sign",
+        kernel_quantizer: QuantizerLike = "magnitude_aware_sign",
+    ) -> None:
+        super().__init__()
+        if block not in ("bireal", "basic"):
+            raise ValueError(f"unknown ResNet block {block!r}; use 'bireal' or 'basic'")
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; use one of {', '.join(STEMS)}")
+        if width <= 0 or num_classes < 1 or in_channels < 1:
+            raise ValueError("width must be > 0, num_classes and in_channels >= 1")
+        widths = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
+        float_net = block == "basic"
+
+        stem_layers: list[nn.Module]
+        if stem == "imagenet":
+            stem_layers = [nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)]
+        else:
+            stem_layers = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
+        stem_layers.append(nn.BatchNorm2d(widths[0]))
+        if float_net:
+            stem_layers.append(nn.ReLU(inplace=True))
+        if stem == "imagenet":
+            stem_layers.append(nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(*stem_layers)
+
+        stages = []
+        channels = widths[0]
+        for index, (out_channels, blocks) in enumerate(zip(widths, blocks_per_stage, strict=True)):
+            units: list[nn.Module] = []
+            for b in range(blocks):
+                stride = 2 if index > 0 and b == 0 else 1
+                if float_net:
+                    units.append(BasicBlock(channels, out_channels, stride))
+                else:
+                    units.append(
+                        BiRealUnit(channels, out_channels, stride, input_quantizer, kernel_quantizer)
+                    )
+                    units.append(
+                        BiRealUnit(out_channels, out_channels, 1, input_quantizer, kernel_quantizer)
+                    )
+                channels = out_channels
+            stages.append(nn.Sequential(*units))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and not isinstance(m, BinaryConv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stages(self.stem(x))
+        return self.classifier(self.pool(x).flatten(1))
+
+
+@register_model(family="resnet")
+def bireal18(
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width: float = 1.0,
+    in_channels: int = 3,
+    input_quantizer: str | None = "approx_sign",
+    kernel_quantizer: str | None = "magnitude_aware_sign",
+) -> ResNet:
+    """Bi-Real ResNet-18: 16 binary 3x3 convs, each with a real shortcut (ImageNet 56.4%)."""
+    return ResNet(
+        "bireal", (2, 2, 2, 2), num_classes=num_classes, stem=stem, width=width,
+        in_channels=in_channels, input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
+    )
+
+
+@register_model(family="resnet")
+def bireal34(
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width: float = 1.0,
+    in_channels: int = 3,
+    input_quantizer: str | None = "approx_sign",
+    kernel_quantizer: str | None = "magnitude_aware_sign",
+) -> ResNet:
+    """Bi-Real ResNet-34: 32 binary 3x3 convs, each with a real shortcut (ImageNet 62.2%)."""
+    return ResNet(
+        "bireal", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width,
+        in_channels=in_channels, input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
+    )
+
+
+@register_model(family="resnet")
+def resnet18(
+    num_classes: int = 10, stem: str = "cifar", width: float = 1.0, in_channels: int = 3
+) -> ResNet:
+    """Float ResNet-18 in Bi-Real's layout (avg-pool downsampling shortcuts)."""
+    return ResNet(
+        "basic", (2, 2, 2, 2), num_classes=num_classes, stem=stem, width=width,
+        in_channels=in_channels,
+    )
+
+
+@register_model(family="resnet")
+def resnet34(
+    num_classes: int = 10, stem: str = "cifar", width: float = 1.0, in_channels: int = 3
+) -> ResNet:
+    """Float ResNet-34 in Bi-Real's layout (avg-pool downsampling shortcuts)."""
+    return ResNet(
+        "basic", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width,
+        in_channels=in_channels,
+    )

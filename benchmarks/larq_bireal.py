@@ -83,9 +83,7 @@ def _digits_inline():
     y = d.target.astype(np.int64)
     x = np.repeat(np.repeat(x, 4, axis=-2), 4, axis=-1)  # (N, 32, 32)
     x = np.repeat(x[:, None, :, :], 3, axis=1)  # (N, 3, 32, 32)
-    idx_tr, idx_te = train_test_split(
-        np.arange(len(y)), test_size=0.25, random_state=0, stratify=y
-    )
+    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
     idx_tr, idx_te = np.sort(idx_tr), np.sort(idx_te)  # as toolkit.data orders them
     x_tr, y_tr, x_te, y_te = x[idx_tr], y[idx_tr], x[idx_te], y[idx_te]
     mean = x_tr.astype(np.float64).mean(axis=(0, 2, 3), keepdims=True)
@@ -112,8 +110,7 @@ def load_digits_nhwc():
             )
             source = "toolkit.data.load_dataset"
         except Exception as exc:  # fall back to the inlined recipe
-            print(f"toolkit.data unusable ({exc!r}); using inline recipe",
-                  file=sys.stderr)
+            print(f"toolkit.data unusable ({exc!r}); using inline recipe", file=sys.stderr)
     if data is None:
         data = _digits_inline()
     (x_tr, y_tr), (x_te, y_te) = data
@@ -136,18 +133,17 @@ def main(argv=None) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
+    from importlib.metadata import version as dist_version
+
     import larq_zoo as lqz
     import sklearn
-    from importlib.metadata import version as dist_version
 
     tf.keras.utils.set_random_seed(SEED)
 
     (x_tr, y_tr), (x_te, y_te), source = load_digits_nhwc()
     n_train = len(y_tr)
 
-    model = lqz.literature.BiRealNet(
-        input_shape=(32, 32, 3), weights=None, num_classes=10
-    )
+    model = lqz.literature.BiRealNet(input_shape=(32, 32, 3), weights=None, num_classes=10)
     # larq-zoo ends the model in a softmax Activation: outputs are probabilities.
     from_logits = model.layers[-1].get_config().get("activation") != "softmax"
     model.compile(
@@ -176,8 +172,11 @@ def main(argv=None) -> int:
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self._t0)
             self.losses.append(float((logs or {}).get("loss", float("nan"))))
-            print(f"epoch {epoch + 1}: {self.times[-1]:.2f} s, "
-                  f"loss {self.losses[-1]:.4f}", file=sys.stderr, flush=True)
+            print(
+                f"epoch {epoch + 1}: {self.times[-1]:.2f} s, loss {self.losses[-1]:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     timer = EpochTimer()
     load_before = os.getloadavg()

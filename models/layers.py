@@ -28,6 +28,7 @@ from torch import nn
 
 from . import quantizers
 from .quantizers import QuantizerLike
+from .small_conv import dense_conv2d, use_dense_path
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "QuantizedLayer"]
 
@@ -67,6 +68,16 @@ class QuantizedLayer:
         """The weight the forward pass uses: the latent weight through the kernel quantizer."""
         weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
         return weight if self.kernel_quantizer is None else self.kernel_quantizer(weight)
+
+    def _factorized_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # (values, per-output-channel scale): the scale is applied to the layer's output
+        weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
+        if self.kernel_quantizer is None:
+            return weight, None
+        factorize = getattr(self.kernel_quantizer, "factorize", None)
+        if factorize is None:
+            return self.kernel_quantizer(weight), None
+        return factorize(weight)
 
     def quantizer_config(self) -> dict[str, Any]:
         """Serializable quantizer settings, for specs and exporters."""
@@ -140,13 +151,28 @@ class BinaryConv2d(QuantizedLayer, nn.Conv2d):
         self.one_padding = _explicit_padding(padding, self.kernel_size, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.quantized_weight()
+        weight, scale = self._factorized_weight()
+        bias = self.bias if scale is None else None
         if self.input_quantizer is None:
-            return self._conv_forward(x, weight, self.bias)
-        x = self.input_quantizer(x)
-        if any(self.one_padding):
-            x = F.pad(x, self.one_padding, value=1.0)
-        return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            out = self._conv_forward(x, weight, bias)
+        else:
+            x = self.input_quantizer(x)
+            if use_dense_path(
+                x.shape[-2], x.shape[-1], self.kernel_size, self.groups, self.stride,
+                self.one_padding, self.dilation,
+            ):
+                out = dense_conv2d(
+                    x, weight, bias, self.stride, self.one_padding, self.dilation, pad_value=1.0
+                )
+            else:
+                if any(self.one_padding):
+                    x = F.pad(x, self.one_padding, value=1.0)
+                out = F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        if scale is not None:
+            out = out * scale.view(1, -1, 1, 1)
+            if self.bias is not None:
+                out = out + self.bias.view(1, -1, 1, 1)
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", latent_clip={self.latent_clip}" if self.latent_clip else "")
@@ -177,4 +203,8 @@ class BinaryLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        weight, scale = self._factorized_weight()
+        if scale is None:
+            return F.linear(x, weight, self.bias)
+        out = F.linear(x, weight) * scale
+        return out if self.bias is None else out + self.bias

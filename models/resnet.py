@@ -20,6 +20,7 @@ Stems: ``"imagenet"`` is conv7x7/2 + BN + max-pool/2 (224x224 inputs); ``"cifar"
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .layers import BinaryConv2d
@@ -129,7 +130,7 @@ class ResNet(nn.Module):
             stem_layers.append(nn.ReLU(inplace=True))
         if stem == "imagenet":
             stem_layers.append(nn.MaxPool2d(3, 2, 1))
-        self.stem = nn.Sequential(*stem_layers)
+        self.stem = nn.Sequential(*stem_layers).to(memory_format=torch.channels_last)
 
         stages = []
         channels = widths[0]
@@ -162,7 +163,10 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stages(self.stem(x))
+        # The stem runs channels-last: on CPU its max-pool is ~5x faster in that layout (oneDNN),
+        # while the stages are faster in NCHW; the layout switch costs one small copy.
+        x = self.stem(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        x = self.stages(x)
         return self.classifier(self.pool(x).flatten(1))
 
 

@@ -1,0 +1,43 @@
+"""The ``bitfleet`` command: one typer app, one module per command (as Flower's CLI)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import eval_cmd, info_cmd, models_cmd, ops_cmd, train_cmd
+from ._common import set_debug
+
+app = typer.Typer(
+    name="bitfleet",
+    help=(
+        "Train binary neural networks, export them for edge devices, and run a fleet that keeps "
+        "learning together.\n\nStart with `bitfleet models`, then `bitfleet train --model "
+        "bireal18 --dataset digits --epochs 8 --out runs/bireal`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")
+    ] = False,
+) -> None:
+    set_debug(debug)
+
+
+app.command("models")(models_cmd.models)
+app.command("ops")(ops_cmd.ops)
+app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.eval_checkpoint)
+app.command("info")(info_cmd.info)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

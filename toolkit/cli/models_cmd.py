@@ -1,0 +1,42 @@
+"""`bitfleet models`: the registered networks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+import models
+
+from ._common import cli_command, console, human, print_json
+
+
+@cli_command
+def models(
+    pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'bireal*'.")] = "*",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """List the registered models with their family and parameter count (defaults: 10 classes)."""
+    rows = []
+    for name in models.list_models(pattern):
+        entry = models.model_entry(name)
+        net = models.create(name)
+        binary = any(getattr(m, "is_binary", False) for m in net.modules())
+        rows.append({
+            "name": name,
+            "family": entry.family,
+            "params": sum(p.numel() for p in net.parameters()),
+            "binary": binary,
+            "description": entry.description,
+        })
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="bitfleet models")
+    for column in ("name", "family", "params", "binary", "description"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["family"], human(row["params"]),
+                      "yes" if row["binary"] else "no", row["description"])
+    console.print(table)

@@ -1,0 +1,83 @@
+"""`bitfleet train`: train a registered model on a dataset and write a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import cli_command, console, print_json
+
+
+@cli_command
+def train(
+    model: Annotated[str, typer.Option(help="Registered model (see `bitfleet models`).")] = "bireal18",
+    dataset: Annotated[
+        str, typer.Option(help="digits (bundled), cifar10, mnist or imagefolder.")
+    ] = "digits",
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory to write (a checkpoint itself).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
+    schedule: Annotated[str, typer.Option(help="cosine or constant.")] = "cosine",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (float parameters only).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 0,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Folder with the dataset files (not needed for digits).")
+    ] = None,
+    channels: Annotated[
+        int | None, typer.Option(help="Convert images to this many channels (1 or 3).")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize images to this size.")] = None,
+    stem: Annotated[str | None, typer.Option(help="ResNet stem: cifar or imagenet.")] = None,
+    width: Annotated[float | None, typer.Option(help="ResNet width multiplier.")] = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="Checkpoint of a teacher for knowledge distillation.")
+    ] = None,
+    kd_alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.9,
+    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: all cores).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
+) -> None:
+    """Train a float or binary network; the run directory can be evaluated and exported as is."""
+    from toolkit.train import TrainConfig
+    from toolkit.train import train as run_training
+
+    model_args: dict[str, object] = {}
+    if stem is not None:
+        model_args["stem"] = stem
+    if width is not None:
+        model_args["width"] = width
+    config = TrainConfig(
+        model=model, model_args=model_args, dataset=dataset,
+        data_root=str(data_root) if data_root else None, channels=channels, image_size=image_size,
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule,
+        weight_decay=weight_decay, seed=seed, threads=threads,
+        teacher=str(teacher) if teacher else None, kd_alpha=kd_alpha, kd_temperature=kd_temperature,
+    )
+    result = run_training(config, out, resume=resume, progress=progress and not as_json)
+    final = result.final
+    summary = {
+        "model": model,
+        "dataset": dataset,
+        "out": str(out) if out else None,
+        "epochs": len(result.history),
+        "test_accuracy": final.get("test_accuracy"),
+        "train_loss": final.get("train_loss"),
+        "images_per_s": final.get("images_per_s"),
+        "history": result.history,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    console.print(
+        f"[bold]{model}[/] on {dataset}: test accuracy {final['test_accuracy']:.4f} after "
+        f"{final['epoch']:.0f} epochs ({final['images_per_s']:.0f} images/s)"
+        + (f"; run written to {out}" if out else "")
+    )

@@ -1,0 +1,504 @@
+"""One training loop for float and binary networks.
+
+The loop is deliberately plain: in-memory arrays (every bundled dataset fits), an index
+permutation per epoch, Adam or SGD, a cosine or constant learning-rate schedule, latent-weight
+clipping after every optimizer step (Larq's ``weight_clip``), and optional knowledge distillation
+from a teacher checkpoint (Hinton et al. 2015), as Bi-Real and Real-to-Binary training do.
+
+Reproducibility: model initialisation is seeded by ``seed`` and each epoch's shuffle by
+``(seed, epoch)`` alone, so an interrupted run resumed from its last checkpoint produces the same
+weights as one that never stopped.
+
+Run directory written by :func:`train` (itself a checkpoint, see :mod:`toolkit.checkpoint`)::
+
+    <out>/model.safetensors, spec.json   latest weights (the final ones once training ends)
+    <out>/config.json                    the TrainConfig
+    <out>/history.json                   per-epoch loss, accuracy, learning rate, images/s
+    <out>/checkpoints/epoch_0003/        intermediate checkpoints with optimizer state
+
+The lower-level pieces (:func:`make_optimizer`, :func:`train_steps`, :func:`evaluate`) are what
+the gossip simulator and the edge agent call for their local training.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from exporters.fsutil import atomic_write_json
+
+from . import checkpoint
+from .data import ArrayDataset, load_dataset
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "ShapeError",
+    "train",
+    "evaluate",
+    "train_steps",
+    "make_optimizer",
+    "make_model",
+    "batches",
+    "distillation_loss",
+    "check_input",
+]
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+class ShapeError(ValueError):
+    """Input data whose shape the model cannot take."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (saved as ``config.json`` in the run)."""
+
+    model: str = "bireal18"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    data_root: str | None = None
+    channels: int | None = None
+    image_size: int | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    threads: int | None = None
+    teacher: str | None = None
+    kd_alpha: float = 0.9
+    kd_temperature: float = 4.0
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    out: Path | None
+    model: nn.Module
+    history: list[dict[str, float]]
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def _factory_accepts(name: str) -> set[str]:
+    return set(inspect.signature(models.model_entry(name).factory).parameters)
+
+
+def make_model(name: str, data: ArrayDataset, **model_args: Any) -> nn.Module:
+    """Create a registered model sized for ``data`` (classes, channels, image size).
+
+    Explicit ``model_args`` win; the dataset only fills the arguments the factory takes and the
+    caller left out.
+    """
+    accepted = _factory_accepts(name)
+    derived = {
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+    }
+    args = {k: v for k, v in derived.items() if k in accepted} | model_args
+    model = models.create(name, **args)
+    check_input(model, tuple(data.x.shape[1:]))
+    return model
+
+
+def check_input(model: nn.Module, sample_shape: tuple[int, ...]) -> None:
+    """Raise :class:`ShapeError` (one clear line) if ``model`` cannot take inputs of that shape."""
+    try:
+        spec_args = models.spec_of(model)["args"]
+    except models.SpecError:
+        spec_args = {}
+    channels = spec_args.get("in_channels")
+    if channels is not None and sample_shape[0] != channels:
+        raise ShapeError(
+            f"the model takes {channels}-channel images but the data has {sample_shape[0]} "
+            f"channel(s); pass --channels {channels} to convert the data"
+        )
+    size = spec_args.get("image_size")
+    if size is not None and tuple(sample_shape[1:]) != (size, size):
+        raise ShapeError(
+            f"the model takes {size}x{size} images but the data is "
+            f"{sample_shape[1]}x{sample_shape[2]}; pass --image-size {size}"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *sample_shape)))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ShapeError(
+            f"the model cannot take inputs of shape {tuple(sample_shape)}: {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def make_optimizer(
+    model: nn.Module, name: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """Adam or SGD over the model's parameters.
+
+    Weight decay is applied to float parameters only: decaying binary layers' latent weights
+    pulls them toward zero, where their sign flips on noise (Bi-Real and Larq train them
+    without decay).
+    """
+    latent = {id(p) for p, _ in models.constraints.latent_weight_parameters(model)}
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if id(p) not in latent], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in latent], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, fused=True)
+    raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def _learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    if config.schedule == "constant":
+        return config.lr
+    progress = (epoch * steps_per_epoch + step) / (config.epochs * steps_per_epoch)
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
+
+
+def batches(
+    data: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+    indices: np.ndarray | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) tensors; shuffled by a generator seeded with ``seed`` alone."""
+    index = np.arange(len(data)) if indices is None else np.asarray(indices)
+    if shuffle:
+        index = index[np.random.default_rng(seed).permutation(len(index))]
+    x = torch.from_numpy(np.ascontiguousarray(data.x))
+    y = torch.from_numpy(np.ascontiguousarray(data.y))
+    for start in range(0, len(index), batch_size):
+        chunk = torch.from_numpy(index[start : start + batch_size])
+        yield x[chunk], y[chunk]
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    alpha: float, temperature: float,
+) -> torch.Tensor:
+    """Hinton et al.'s loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+    hard = F.cross_entropy(student_logits, labels)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean", log_target=True,
+    )
+    return alpha * temperature * temperature * soft + (1.0 - alpha) * hard
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_iter: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    teacher: nn.Module | None = None,
+    kd_alpha: float = 0.9,
+    kd_temperature: float = 4.0,
+    lr_at: Callable[[int], float] | None = None,
+    on_step: Callable[[int, float, int], None] | None = None,
+) -> dict[str, float]:
+    """Run one optimizer step per batch of ``data_iter``; return mean loss and train accuracy.
+
+    Latent weights of binary layers are clipped after every step. ``lr_at(step)`` sets the
+    learning rate before each step; ``on_step(step, loss, batch_size)`` reports progress.
+    """
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, (x, y) in enumerate(data_iter):
+        if lr_at is not None:
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        logits = model(x)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            loss = distillation_loss(logits, teacher_logits, y, kd_alpha, kd_temperature)
+        else:
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        models.clip_latent_weights(model)
+        value = float(loss.detach())
+        total_loss += value * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+        if on_step is not None:
+            on_step(step, value, len(y))
+    if seen == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "samples": 0}
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "samples": seen}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: ArrayDataset, batch_size: int = 256,
+    indices: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Test loss and accuracy of ``model`` (in eval mode) on ``data``."""
+    check_input(model, tuple(data.x.shape[1:]))
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches(data, batch_size, shuffle=False, indices=indices):
+        logits = model(x)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    model.train(was_training)
+    if seen == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    return {"accuracy": correct / seen, "loss": total_loss / seen, "samples": seen}
+
+
+def _load_data(config: TrainConfig, split: str) -> ArrayDataset:
+    return load_dataset(
+        config.dataset, split, root=config.data_root, channels=config.channels,
+        image_size=config.image_size,
+    )
+
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch_"))
+
+
+def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
+    """The newest complete intermediate checkpoint of a run directory, if any."""
+    for path in reversed(_checkpoint_dirs(Path(out))):
+        if checkpoint.is_checkpoint(path) and (path / checkpoint.OPTIMIZER_FILE).is_file():
+            return path
+    return None
+
+
+def _data_meta(data: ArrayDataset, config: TrainConfig) -> dict[str, Any]:
+    return {
+        "dataset": config.dataset,
+        "data_root": config.data_root,
+        "channels": data.in_channels,
+        "image_size": data.image_size,
+        "classes": list(data.classes),
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+
+
+def train(
+    config: TrainConfig,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    train_data: ArrayDataset | None = None,
+    test_data: ArrayDataset | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset``; write a run directory to ``out`` if given.
+
+    With ``resume=True`` and an ``out`` holding intermediate checkpoints, training continues
+    from the newest one (same config required) and ends with the same weights as an
+    uninterrupted run.
+    """
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    train_data = train_data if train_data is not None else _load_data(config, "train")
+    test_data = test_data if test_data is not None else _load_data(config, "test")
+    out_path = Path(out) if out is not None else None
+
+    torch.manual_seed(config.seed)
+    model = make_model(config.model, train_data, **config.model_args)
+    optimizer = make_optimizer(
+        model, config.optimizer, config.lr, config.momentum, config.weight_decay
+    )
+    teacher = _load_teacher(config.teacher, train_data) if config.teacher else None
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if resume:
+        if out_path is None:
+            raise ValueError("resume needs the run directory (out) to resume from")
+        start_epoch, history = _resume(out_path, config, model, optimizer)
+    elif out_path is not None and (out_path / checkpoint.SPEC_FILE).exists():
+        raise FileExistsError(
+            f"{out_path} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if out_path is not None:
+        atomic_write_json(out_path / "config.json", asdict(config))
+
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    meta = _data_meta(train_data, config)
+    with _Progress(progress, config.epochs, steps_per_epoch, start_epoch) as bar:
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            stats = train_steps(
+                model, optimizer,
+                batches(train_data, config.batch_size, shuffle=True, seed=_epoch_seed(config, epoch)),
+                teacher=teacher, kd_alpha=config.kd_alpha, kd_temperature=config.kd_temperature,
+                lr_at=lambda step, e=epoch: _learning_rate(config, e, step, steps_per_epoch),
+                on_step=bar.step,
+            )
+            seconds = time.perf_counter() - started
+            test = evaluate(model, test_data)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": stats["loss"],
+                "train_accuracy": stats["accuracy"],
+                "test_loss": test["loss"],
+                "test_accuracy": test["accuracy"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": seconds,
+                "images_per_s": stats["samples"] / seconds,
+            }
+            history.append(record)
+            bar.epoch_done(record)
+            if out_path is not None:
+                _save_epoch(out_path, config, model, optimizer, history, meta, epoch)
+    return TrainResult(out=out_path, model=model, history=history)
+
+
+def _epoch_seed(config: TrainConfig, epoch: int) -> int:
+    return config.seed * 100_003 + epoch
+
+
+def _load_teacher(path: str, data: ArrayDataset) -> nn.Module:
+    teacher = checkpoint.load(path).model
+    check_input(teacher, tuple(data.x.shape[1:]))
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _save_epoch(
+    out: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+    history: list[dict[str, float]], meta: dict[str, Any], epoch: int,
+) -> None:
+    done = epoch + 1
+    info = meta | {"epoch": done, "epochs": config.epochs, "metrics": history[-1]}
+    last = done == config.epochs
+    if done % config.checkpoint_every == 0 or last:
+        ckpt_dir = out / "checkpoints" / f"epoch_{done:04d}"
+        checkpoint.save(model, ckpt_dir, optimizer=optimizer, history=history, **info)
+        for old in _checkpoint_dirs(out)[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    atomic_write_json(out / "history.json", history)
+    checkpoint.save(model, out, complete=last, **info)
+
+
+def _resume(
+    out: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[dict[str, float]]]:
+    saved_config = out / "config.json"
+    if saved_config.is_file():
+        previous = json.loads(saved_config.read_text())
+        differs = {
+            k: (previous.get(k), v) for k, v in asdict(config).items()
+            if k not in ("epochs", "threads") and previous.get(k) != v
+        }
+        if differs:
+            key, (old, new) = next(iter(differs.items()))
+            raise ValueError(
+                f"cannot resume {out}: its run used {key}={old!r}, this one {key}={new!r}; "
+                "resume with the same settings (only --epochs and --threads may change)"
+            )
+    path = latest_checkpoint(out)
+    if path is None:
+        raise checkpoint.CheckpointError(
+            f"{out} has no intermediate checkpoint to resume from; start a new run instead"
+        )
+    saved = checkpoint.load(path)
+    model.load_state_dict(saved.model.state_dict())
+    saved.load_optimizer_state(optimizer)
+    return int(saved.meta["epoch"]), list(saved.meta.get("history", []))
+
+
+class _Progress:
+    """A rich progress bar over all training steps, or nothing when disabled."""
+
+    def __init__(self, enabled: bool, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
+        self.enabled = enabled
+        self.total = epochs * steps_per_epoch
+        self.completed = start_epoch * steps_per_epoch
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(
+                "train", total=self.total, completed=self.completed, status=""
+            )
+        return self
+
+    def step(self, step: int, loss: float, batch: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, status=f"loss {loss:.3f}")
+
+    def epoch_done(self, record: dict[str, float]) -> None:
+        if self._progress is not None:
+            self._progress.update(
+                self._task,
+                status=f"epoch {record['epoch']:.0f}  test acc {record['test_accuracy']:.3f}",
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)

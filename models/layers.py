@@ -139,8 +139,17 @@ class BinaryConv2d(QuantizedLayer, nn.Conv2d):
         latent_clip: float | None = 1.0,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, device, dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
         )
         self._init_quantizers(input_quantizer, kernel_quantizer, latent_clip)
         if self.input_quantizer is not None and padding_mode != "zeros":
@@ -158,8 +167,13 @@ class BinaryConv2d(QuantizedLayer, nn.Conv2d):
         else:
             x = self.input_quantizer(x)
             if use_dense_path(
-                x.shape[-2], x.shape[-1], self.kernel_size, self.groups, self.stride,
-                self.one_padding, self.dilation,
+                x.shape[-2],
+                x.shape[-1],
+                self.kernel_size,
+                self.groups,
+                self.stride,
+                self.one_padding,
+                self.dilation,
             ):
                 out = dense_conv2d(
                     x, weight, bias, self.stride, self.one_padding, self.dilation, pad_value=1.0
@@ -175,7 +189,9 @@ class BinaryConv2d(QuantizedLayer, nn.Conv2d):
         return out
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", latent_clip={self.latent_clip}" if self.latent_clip else "")
+        return super().extra_repr() + (
+            f", latent_clip={self.latent_clip}" if self.latent_clip else ""
+        )
 
 
 class BinaryLinear(QuantizedLayer, nn.Linear):

@@ -53,7 +53,10 @@ class OpCount:
 
     def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "params": self.params, "flops": self.flops, "bops": self.bops, "ops": self.ops,
+            "params": self.params,
+            "flops": self.flops,
+            "bops": self.bops,
+            "ops": self.ops,
         }
         if per_layer:
             out["layers"] = [asdict(layer) for layer in self.layers]
@@ -64,9 +67,7 @@ def _is_binary(module: nn.Module) -> bool:
     return bool(getattr(module, "is_binary", False))
 
 
-def count_ops(
-    model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)
-) -> OpCount:
+def count_ops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> OpCount:
     """Count params, FLOPs and BOPs of ``model`` for one input of ``input_shape`` (batch 1).
 
     The leading batch dimension is divided out, so counts are per image.
@@ -87,8 +88,9 @@ def count_ops(
         macs = output.numel() // batch * per_output
         params = sum(p.numel() for p in module.parameters(recurse=False))
         layers.append(
-            LayerCost(names[module], kind, _is_binary(module), macs, params,
-                      tuple(output.shape[1:]))
+            LayerCost(
+                names[module], kind, _is_binary(module), macs, params, tuple(output.shape[1:])
+            )
         )
 
     names = {module: name for name, module in model.named_modules()}

@@ -67,9 +67,7 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(
-    fn: Callable[..., nn.Module] | None = None, *, family: str | None = None
-) -> Any:
+def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | None = None) -> Any:
     """Register a factory under its function name; usable bare or with ``family=``."""
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -56,8 +56,14 @@ class BiRealUnit(nn.Module):
     ) -> None:
         super().__init__()
         self.conv = BinaryConv2d(
-            in_channels, out_channels, 3, stride, padding=1, bias=False,
-            input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
+            in_channels,
+            out_channels,
+            3,
+            stride,
+            padding=1,
+            bias=False,
+            input_quantizer=input_quantizer,
+            kernel_quantizer=kernel_quantizer,
         )
         self.bn = nn.BatchNorm2d(out_channels)
         self.shortcut = _downsample(in_channels, out_channels, stride)
@@ -142,7 +148,9 @@ class ResNet(nn.Module):
                     units.append(BasicBlock(channels, out_channels, stride))
                 else:
                     units.append(
-                        BiRealUnit(channels, out_channels, stride, input_quantizer, kernel_quantizer)
+                        BiRealUnit(
+                            channels, out_channels, stride, input_quantizer, kernel_quantizer
+                        )
                     )
                     units.append(
                         BiRealUnit(out_channels, out_channels, 1, input_quantizer, kernel_quantizer)
@@ -181,8 +189,14 @@ def bireal18(
 ) -> ResNet:
     """Bi-Real ResNet-18: 16 binary 3x3 convs, each with a real shortcut (ImageNet 56.4%)."""
     return ResNet(
-        "bireal", (2, 2, 2, 2), num_classes=num_classes, stem=stem, width=width,
-        in_channels=in_channels, input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
+        "bireal",
+        (2, 2, 2, 2),
+        num_classes=num_classes,
+        stem=stem,
+        width=width,
+        in_channels=in_channels,
+        input_quantizer=input_quantizer,
+        kernel_quantizer=kernel_quantizer,
     )
 
 
@@ -197,8 +211,14 @@ def bireal34(
 ) -> ResNet:
     """Bi-Real ResNet-34: 32 binary 3x3 convs, each with a real shortcut (ImageNet 62.2%)."""
     return ResNet(
-        "bireal", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width,
-        in_channels=in_channels, input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
+        "bireal",
+        (3, 4, 6, 3),
+        num_classes=num_classes,
+        stem=stem,
+        width=width,
+        in_channels=in_channels,
+        input_quantizer=input_quantizer,
+        kernel_quantizer=kernel_quantizer,
     )
 
 
@@ -208,7 +228,11 @@ def resnet18(
 ) -> ResNet:
     """Float ResNet-18 in Bi-Real's layout (avg-pool downsampling shortcuts)."""
     return ResNet(
-        "basic", (2, 2, 2, 2), num_classes=num_classes, stem=stem, width=width,
+        "basic",
+        (2, 2, 2, 2),
+        num_classes=num_classes,
+        stem=stem,
+        width=width,
         in_channels=in_channels,
     )
 
@@ -219,6 +243,10 @@ def resnet34(
 ) -> ResNet:
     """Float ResNet-34 in Bi-Real's layout (avg-pool downsampling shortcuts)."""
     return ResNet(
-        "basic", (3, 4, 6, 3), num_classes=num_classes, stem=stem, width=width,
+        "basic",
+        (3, 4, 6, 3),
+        num_classes=num_classes,
+        stem=stem,
+        width=width,
         in_channels=in_channels,
     )

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 __all__ = ["use_dense_path", "dense_conv2d"]
 
 
-def _out_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
+def _out_size(
+    size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int
+) -> int:
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -45,8 +47,12 @@ class _Plan:
 
 @functools.lru_cache(maxsize=128)
 def _plan(
-    height: int, width: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-    padding: tuple[int, int, int, int], dilation: tuple[int, int],
+    height: int,
+    width: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
 ) -> _Plan | None:
     """The tap map, or None when some output pixel does not see every input pixel."""
     kh, kw = kernel_size
@@ -73,8 +79,12 @@ def _plan(
 
 
 def use_dense_path(
-    height: int, width: int, kernel_size: tuple[int, int], groups: int,
-    stride: tuple[int, int] = (1, 1), padding: tuple[int, int, int, int] = (1, 1, 1, 1),
+    height: int,
+    width: int,
+    kernel_size: tuple[int, int],
+    groups: int,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (1, 1, 1, 1),
     dilation: tuple[int, int] = (1, 1),
 ) -> bool:
     """Whether the per-pixel products do no more multiply-adds than the convolution.
@@ -84,7 +94,10 @@ def use_dense_path(
     """
     if groups != 1 or height * width > kernel_size[0] * kernel_size[1]:
         return False
-    return _plan(height, width, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)) is not None
+    return (
+        _plan(height, width, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+        is not None
+    )
 
 
 def dense_conv2d(

@@ -46,7 +46,10 @@ def test_bad_channels(channels):
 
 @pytest.mark.parametrize("name", ["cifar10", "mnist", "imagefolder"])
 def test_missing_root_says_which_layout(name):
-    with pytest.raises(DatasetError, match=rf"dataset '{name}' needs root=.*expected layout"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"dataset '{name}' needs its files: pass root=.*--data-root.*expected layout",
+    ):
         load_dataset(name)
 
 

@@ -20,8 +20,16 @@ def test_float_when_no_quantizers_matches_nn_conv():
 
 def test_binary_conv_equals_conv_of_signs_with_one_padding():
     torch.manual_seed(0)
-    conv = BinaryConv2d(5, 7, 3, stride=2, padding=1, bias=False,
-                        input_quantizer="ste_sign", kernel_quantizer="ste_sign")
+    conv = BinaryConv2d(
+        5,
+        7,
+        3,
+        stride=2,
+        padding=1,
+        bias=False,
+        input_quantizer="ste_sign",
+        kernel_quantizer="ste_sign",
+    )
     x = torch.randn(2, 5, 9, 9)
     sx = torch.where(x < 0, -1.0, 1.0)
     sw = torch.where(conv.weight < 0, -1.0, 1.0)
@@ -34,8 +42,15 @@ def test_binary_conv_equals_conv_of_signs_with_one_padding():
 def test_one_padding_border_equals_interior_on_all_ones_input(padding):
     torch.manual_seed(0)
     k = (5, 3) if padding == (2, 1) else 3
-    conv = BinaryConv2d(4, 3, k, padding=padding, bias=False,
-                        input_quantizer="approx_sign", kernel_quantizer="ste_sign")
+    conv = BinaryConv2d(
+        4,
+        3,
+        k,
+        padding=padding,
+        bias=False,
+        input_quantizer="approx_sign",
+        kernel_quantizer="ste_sign",
+    )
     out = conv(torch.ones(1, 4, 8, 8))
     # an all-+1 input padded with +1 is all +1 everywhere: every output position is the same
     assert out.shape[-2:] == (8, 8)
@@ -60,8 +75,11 @@ def test_binary_linear():
     layer = BinaryLinear(6, 3, input_quantizer="ste_sign", kernel_quantizer="magnitude_aware_sign")
     x = torch.randn(4, 6)
     w = layer.weight
-    expected = F.linear(torch.where(x < 0, -1.0, 1.0),
-                        w.abs().mean(1, keepdim=True) * torch.where(w < 0, -1.0, 1.0), layer.bias)
+    expected = F.linear(
+        torch.where(x < 0, -1.0, 1.0),
+        w.abs().mean(1, keepdim=True) * torch.where(w < 0, -1.0, 1.0),
+        layer.bias,
+    )
     assert torch.allclose(layer(x), expected)
 
 
@@ -81,7 +99,9 @@ def test_unknown_quantizer_name_in_layer():
 def test_latent_weights_stay_clipped_during_training():
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        BinaryConv2d(1, 8, 3, padding=1, input_quantizer="approx_sign", kernel_quantizer="ste_sign"),
+        BinaryConv2d(
+            1, 8, 3, padding=1, input_quantizer="approx_sign", kernel_quantizer="ste_sign"
+        ),
         torch.nn.Flatten(),
         BinaryLinear(8 * 4 * 4, 2, input_quantizer="ste_sign", kernel_quantizer="ste_sign"),
     )

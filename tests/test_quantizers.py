@@ -83,7 +83,9 @@ def test_non_default_config_serializes_as_dict():
     x = torch.tensor([0.05], requires_grad=True)
     q(x).sum().backward()
     bx = 10.0 * 0.05
-    assert math.isclose(float(x.grad), 10.0 * (2 - bx * math.tanh(bx / 2)) / (1 + math.cosh(bx)), rel_tol=1e-5)
+    assert math.isclose(
+        float(x.grad), 10.0 * (2 - bx * math.tanh(bx / 2)) / (1 + math.cosh(bx)), rel_tol=1e-5
+    )
 
 
 def test_get_none_and_callable():
@@ -93,7 +95,9 @@ def test_get_none_and_callable():
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(quantizers.UnknownQuantizerError, match="Did you mean 'ste_sign'.*approx_sign"):
+    with pytest.raises(
+        quantizers.UnknownQuantizerError, match="Did you mean 'ste_sign'.*approx_sign"
+    ):
         quantizers.get("ste_sgn")
     with pytest.raises(ValueError, match="has no 'name'"):
         quantizers.get({"beta": 1.0})

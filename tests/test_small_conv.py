@@ -54,4 +54,6 @@ def test_dense_path_chosen_only_for_tiny_maps():
 
 def test_dense_conv_refuses_geometry_with_structural_zeros():
     with pytest.raises(ValueError, match="whole input"):
-        dense_conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3), None, (1, 1), (1, 1, 1, 1), (1, 1))
+        dense_conv2d(
+            torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3), None, (1, 1), (1, 1, 1, 1), (1, 1)
+        )

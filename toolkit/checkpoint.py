@@ -67,7 +67,9 @@ class Checkpoint:
         """Restore an optimizer saved with the checkpoint (for resuming training)."""
         if not self.has_optimizer:
             raise CheckpointError(f"checkpoint {self.path} holds no optimizer state to resume from")
-        optimizer.load_state_dict(_optimizer_state_from_bytes((self.path / OPTIMIZER_FILE).read_bytes()))
+        optimizer.load_state_dict(
+            _optimizer_state_from_bytes((self.path / OPTIMIZER_FILE).read_bytes())
+        )
 
 
 def _state_bytes(model: nn.Module) -> bytes:
@@ -155,7 +157,9 @@ def read_spec_file(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a checkpoint's ``spec.json`` without loading any weights."""
     path = Path(directory)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a run directory or checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; give a run directory or checkpoint"
+        )
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a directory; give a run directory")
     spec_path = path / SPEC_FILE
@@ -166,7 +170,9 @@ def read_spec_file(directory: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         document = json.loads(spec_path.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{spec_path} is not valid JSON ({err}); the checkpoint is damaged") from None
+        raise CheckpointError(
+            f"{spec_path} is not valid JSON ({err}); the checkpoint is damaged"
+        ) from None
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         found = document.get("format") if isinstance(document, dict) else None
         raise CheckpointError(
@@ -185,7 +191,9 @@ def load(directory: str | os.PathLike[str], *, verify: bool = True) -> Checkpoin
     document = read_spec_file(path)
     model_path = path / MODEL_FILE
     if not model_path.is_file():
-        raise CheckpointError(f"{path} has a spec but no {MODEL_FILE}; the checkpoint is incomplete")
+        raise CheckpointError(
+            f"{path} has a spec but no {MODEL_FILE}; the checkpoint is incomplete"
+        )
     if verify:
         for name, expected in document.get("files", {}).items():
             file = path / name

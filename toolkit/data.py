@@ -204,7 +204,8 @@ def load_dataset(
     if info.needs_root:
         if root is None:
             raise DatasetError(
-                f"dataset {key!r} needs root=<folder>; expected layout: {info.layout}"
+                f"dataset {key!r} needs its files: pass root=<folder> (--data-root on the CLI); "
+                f"expected layout: {info.layout}"
             )
         root_path = Path(root).expanduser()
         if not root_path.exists():

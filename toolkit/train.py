@@ -93,9 +93,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"
+            )
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+            raise ValueError(
+                f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}"
+            )
         for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,7 +179,10 @@ def check_input(model: nn.Module, sample_shape: tuple[int, ...]) -> None:
 
 
 def make_optimizer(
-    model: nn.Module, name: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
+    model: nn.Module,
+    name: str = "adam",
+    lr: float = 1e-3,
+    momentum: float = 0.9,
     weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """Adam or SGD over the model's parameters.
@@ -206,7 +213,11 @@ def _learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: 
 
 
 def batches(
-    data: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+    data: ArrayDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
     indices: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images, labels) tensors; shuffled by a generator seeded with ``seed`` alone."""
@@ -221,15 +232,19 @@ def batches(
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-    alpha: float, temperature: float,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
 ) -> torch.Tensor:
     """Hinton et al.'s loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
     hard = F.cross_entropy(student_logits, labels)
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=1),
         F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean", log_target=True,
+        reduction="batchmean",
+        log_target=True,
     )
     return alpha * temperature * temperature * soft + (1.0 - alpha) * hard
 
@@ -281,7 +296,9 @@ def train_steps(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: ArrayDataset, batch_size: int = 256,
+    model: nn.Module,
+    data: ArrayDataset,
+    batch_size: int = 256,
     indices: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Test loss and accuracy of ``model`` (in eval mode) on ``data``."""
@@ -302,7 +319,10 @@ def evaluate(
 
 def _load_data(config: TrainConfig, split: str) -> ArrayDataset:
     return load_dataset(
-        config.dataset, split, root=config.data_root, channels=config.channels,
+        config.dataset,
+        split,
+        root=config.data_root,
+        channels=config.channels,
         image_size=config.image_size,
     )
 
@@ -381,9 +401,14 @@ def train(
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             stats = train_steps(
-                model, optimizer,
-                batches(train_data, config.batch_size, shuffle=True, seed=_epoch_seed(config, epoch)),
-                teacher=teacher, kd_alpha=config.kd_alpha, kd_temperature=config.kd_temperature,
+                model,
+                optimizer,
+                batches(
+                    train_data, config.batch_size, shuffle=True, seed=_epoch_seed(config, epoch)
+                ),
+                teacher=teacher,
+                kd_alpha=config.kd_alpha,
+                kd_temperature=config.kd_temperature,
                 lr_at=lambda step, e=epoch: _learning_rate(config, e, step, steps_per_epoch),
                 on_step=bar.step,
             )
@@ -420,8 +445,13 @@ def _load_teacher(path: str, data: ArrayDataset) -> nn.Module:
 
 
 def _save_epoch(
-    out: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-    history: list[dict[str, float]], meta: dict[str, Any], epoch: int,
+    out: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    history: list[dict[str, float]],
+    meta: dict[str, Any],
+    epoch: int,
 ) -> None:
     done = epoch + 1
     info = meta | {"epoch": done, "epochs": config.epochs, "metrics": history[-1]}
@@ -442,7 +472,8 @@ def _resume(
     if saved_config.is_file():
         previous = json.loads(saved_config.read_text())
         differs = {
-            k: (previous.get(k), v) for k, v in asdict(config).items()
+            k: (previous.get(k), v)
+            for k, v in asdict(config).items()
             if k not in ("epochs", "threads") and previous.get(k) != v
         }
         if differs:
@@ -475,12 +506,20 @@ class _Progress:
     def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
             )
 
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task(

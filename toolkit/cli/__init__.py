@@ -31,7 +31,7 @@ def _root(
     set_debug(debug)
 
 
-app.command("models")(models_cmd.models)
+app.command("models")(models_cmd.list_models_cmd)
 app.command("ops")(ops_cmd.ops)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_checkpoint)

@@ -33,7 +33,9 @@ def eval_checkpoint(
     root = data_root or (meta.get("data_root") if same_data else None)
     spec_args = loaded.spec.get("args", {})
     data = load_dataset(
-        name, split, root=root,
+        name,
+        split,
+        root=root,
         channels=spec_args.get("in_channels", meta.get("channels")),
         image_size=spec_args.get("image_size") or (meta.get("image_size") if same_data else None),
     )

@@ -48,6 +48,8 @@ def info(
     if "test_accuracy" in metrics:
         table.add_row("test accuracy", f"{metrics['test_accuracy']:.4f}")
     table.add_row("params", human(cost.params))
-    table.add_row("flops / bops / ops", f"{human(cost.flops)} / {human(cost.bops)} / {human(cost.ops)}")
+    table.add_row(
+        "flops / bops / ops", f"{human(cost.flops)} / {human(cost.bops)} / {human(cost.ops)}"
+    )
     table.add_row("files", ", ".join(f"{k} ({human(v)}B)" for k, v in files.items()))
     console.print(table)

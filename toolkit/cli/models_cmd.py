@@ -13,7 +13,7 @@ from ._common import cli_command, console, human, print_json
 
 
 @cli_command
-def models(
+def list_models_cmd(
     pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'bireal*'.")] = "*",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
@@ -23,13 +23,15 @@ def models(
         entry = models.model_entry(name)
         net = models.create(name)
         binary = any(getattr(m, "is_binary", False) for m in net.modules())
-        rows.append({
-            "name": name,
-            "family": entry.family,
-            "params": sum(p.numel() for p in net.parameters()),
-            "binary": binary,
-            "description": entry.description,
-        })
+        rows.append(
+            {
+                "name": name,
+                "family": entry.family,
+                "params": sum(p.numel() for p in net.parameters()),
+                "binary": binary,
+                "description": entry.description,
+            }
+        )
     if as_json:
         print_json(rows)
         return
@@ -37,6 +39,11 @@ def models(
     for column in ("name", "family", "params", "binary", "description"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["family"], human(row["params"]),
-                      "yes" if row["binary"] else "no", row["description"])
+        table.add_row(
+            row["name"],
+            row["family"],
+            human(row["params"]),
+            "yes" if row["binary"] else "no",
+            row["description"],
+        )
     console.print(table)

@@ -20,7 +20,8 @@ def ops(
         str | None, typer.Option(help="ResNet stem: 'cifar' or 'imagenet' (default: model's).")
     ] = None,
     input_size: Annotated[
-        int | None, typer.Option(help="Input height/width (default: 224 with the imagenet stem, else 32).")
+        int | None,
+        typer.Option(help="Input height/width (default: 224 with the imagenet stem, else 32)."),
     ] = None,
     in_channels: Annotated[int, typer.Option(help="Input channels.")] = 3,
     num_classes: Annotated[
@@ -46,7 +47,11 @@ def ops(
         args["image_size"] = size
     net = models.create(model, **args)
     count = models.count_ops(net, (1, in_channels, size, size))
-    result = {"model": model, "input_shape": [1, in_channels, size, size], **count.to_dict(per_layer)}
+    result = {
+        "model": model,
+        "input_shape": [1, in_channels, size, size],
+        **count.to_dict(per_layer),
+    }
     if as_json:
         print_json(result)
         return
@@ -61,6 +66,11 @@ def ops(
         for column in ("layer", "kind", "binary", "MACs", "output"):
             layers.add_column(column)
         for layer in count.layers:
-            layers.add_row(layer.name, layer.kind, "yes" if layer.binary else "",
-                           human(layer.macs), "x".join(map(str, layer.output_shape)))
+            layers.add_row(
+                layer.name,
+                layer.kind,
+                "yes" if layer.binary else "",
+                human(layer.macs),
+                "x".join(map(str, layer.output_shape)),
+            )
         console.print(layers)

@@ -12,7 +12,9 @@ from ._common import cli_command, console, print_json
 
 @cli_command
 def train(
-    model: Annotated[str, typer.Option(help="Registered model (see `bitfleet models`).")] = "bireal18",
+    model: Annotated[
+        str, typer.Option(help="Registered model (see `bitfleet models`).")
+    ] = "bireal18",
     dataset: Annotated[
         str, typer.Option(help="digits (bundled), cifar10, mnist or imagefolder.")
     ] = "digits",
@@ -24,7 +26,9 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     schedule: Annotated[str, typer.Option(help="cosine or constant.")] = "cosine",
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (float parameters only).")] = 0.0,
+    weight_decay: Annotated[
+        float, typer.Option(help="Weight decay (float parameters only).")
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 0,
     data_root: Annotated[
         Path | None, typer.Option(help="Folder with the dataset files (not needed for digits).")
@@ -40,10 +44,14 @@ def train(
     ] = None,
     kd_alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.9,
     kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: all cores).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads (default: all cores).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON document.")
+    ] = False,
 ) -> None:
     """Train a float or binary network; the run directory can be evaluated and exported as is."""
     from toolkit.train import TrainConfig
@@ -55,11 +63,23 @@ def train(
     if width is not None:
         model_args["width"] = width
     config = TrainConfig(
-        model=model, model_args=model_args, dataset=dataset,
-        data_root=str(data_root) if data_root else None, channels=channels, image_size=image_size,
-        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule,
-        weight_decay=weight_decay, seed=seed, threads=threads,
-        teacher=str(teacher) if teacher else None, kd_alpha=kd_alpha, kd_temperature=kd_temperature,
+        model=model,
+        model_args=model_args,
+        dataset=dataset,
+        data_root=str(data_root) if data_root else None,
+        channels=channels,
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        seed=seed,
+        threads=threads,
+        teacher=str(teacher) if teacher else None,
+        kd_alpha=kd_alpha,
+        kd_temperature=kd_temperature,
     )
     result = run_training(config, out, resume=resume, progress=progress and not as_json)
     final = result.final

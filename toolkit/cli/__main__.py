@@ -1,0 +1,5 @@
+"""`python -m toolkit.cli` is the `bitfleet` command."""
+
+from . import main
+
+main()

@@ -81,7 +81,7 @@ def unpack_bits(packed: np.ndarray, length: int, axis: int = -1) -> np.ndarray:
 
 
 def pack_conv_weight(weight: np.ndarray) -> np.ndarray:
-    """Pack a ``(Cout, Cin, kh, kw)`` weight to ``(Cout, nbytes)`` uint8, flat (kh, kw, Cin) order."""
+    """Pack a ``(Cout, Cin, kh, kw)`` weight to ``(Cout, nbytes)`` uint8 in (kh, kw, Cin) order."""
     weight = np.asarray(weight)
     if weight.ndim != 4:
         raise ValueError(f"conv weight must be (Cout, Cin, kh, kw), got shape {weight.shape}")

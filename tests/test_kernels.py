@@ -1,0 +1,211 @@
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from exporters import kernels  # noqa: E402
+from exporters.packing import pack_bits, pack_conv_weight, pack_linear_weight  # noqa: E402
+
+
+def sign(x):
+    return np.where(np.asarray(x) < 0, -1.0, 1.0)
+
+
+def reference_conv(x, w, stride, padding, dilation, multiplier=None, bias=None, residual=None):
+    """Float conv of sign(x) (padded with +1) and sign(w), by explicit taps, in float64."""
+    (sh, sw), (top, bottom, left, right), (dh, dw) = stride, padding, dilation
+    xs = np.pad(sign(x), ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=1)
+    ws = sign(w)
+    cout, _, kh, kw = w.shape
+    out_h = (xs.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (xs.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((x.shape[0], cout, out_h, out_w))
+    for ky in range(kh):
+        for kx in range(kw):
+            patch = xs[
+                :,
+                :,
+                ky * dh : ky * dh + sh * (out_h - 1) + 1 : sh,
+                kx * dw : kx * dw + sw * (out_w - 1) + 1 : sw,
+            ]
+            out += np.einsum("oc,nchw->nohw", ws[:, :, ky, kx], patch)
+    if multiplier is not None:
+        out = out * multiplier[None, :, None, None]
+    if bias is not None:
+        out = out + bias[None, :, None, None]
+    if residual is not None:
+        out = out + residual
+    return out
+
+
+# (batch, cin, cout, H, W, kernel, stride, padding, dilation)
+CASES = [
+    (1, 3, 5, 9, 7, 3, 1, 1, 1),
+    (2, 5, 8, 8, 8, 3, 2, 1, 1),
+    (1, 63, 17, 7, 9, 1, 1, 0, 1),
+    (3, 65, 70, 6, 6, 3, 1, 2, 2),
+    (1, 130, 64, 5, 6, 3, 2, 0, 1),
+    (2, 64, 129, 6, 5, 5, 1, 2, 1),
+    (1, 128, 3, 9, 9, 5, 2, 2, 2),
+    (1, 7, 11, 12, 10, 7, 2, 3, 1),
+    (1, 1, 1, 4, 4, 3, 1, (0, 1, 1, 0), 1),
+    (2, 200, 33, 3, 3, 3, 1, 1, 1),
+]
+
+
+def make_case(batch, cin, cout, height, width, k, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, cin, height, width)).astype(np.float32)
+    w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+    return x, w
+
+
+def as4(padding):
+    return (padding,) * 4 if np.isscalar(padding) else tuple(padding)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_conv_exact_against_reference(case):
+    batch, cin, cout, height, width, k, stride, padding, dilation = case
+    x, w = make_case(batch, cin, cout, height, width, k, seed=zlib.crc32(str(case).encode()))
+    prepared = kernels.prepare_conv_weight(
+        pack_conv_weight(w),
+        in_channels=cin,
+        kernel_size=k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    got = prepared(x)
+    want = reference_conv(x, w, (stride,) * 2, as4(padding), (dilation,) * 2)
+    assert got.dtype == np.float32
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)  # integers: exact
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=str)
+def test_conv_epilogue_with_residual(case):
+    batch, cin, cout, height, width, k, stride, padding, dilation = case
+    x, w = make_case(batch, cin, cout, height, width, k, seed=7)
+    rng = np.random.default_rng(8)
+    multiplier = rng.uniform(0.01, 2.0, cout).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    want_plain = reference_conv(
+        x, w, (stride,) * 2, as4(padding), (dilation,) * 2, multiplier, bias
+    )
+    residual = rng.standard_normal(want_plain.shape).astype(np.float32)
+    got = kernels.binary_conv2d(
+        x,
+        pack_conv_weight(w),
+        in_channels=cin,
+        kernel_size=k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        multiplier=multiplier,
+        bias=bias,
+        residual=residual,
+    )
+    np.testing.assert_allclose(got, want_plain + residual, rtol=1e-5, atol=1e-4)
+
+
+def test_residual_broadcasts_like_onnx_add():
+    x, w = make_case(2, 5, 4, 6, 6, 3, seed=3)
+    prepared = kernels.prepare_conv_weight(pack_conv_weight(w), in_channels=5, kernel_size=3)
+    residual = np.arange(4, dtype=np.float32).reshape(1, 4, 1, 1)
+    np.testing.assert_array_equal(prepared(x, residual), prepared(x) + residual)
+
+
+def test_zero_inputs_and_weights_are_plus_one():
+    x = np.zeros((1, 3, 4, 4), np.float32)
+    x[0, 0] = -0.0
+    w = np.zeros((2, 3, 3, 3), np.float32)
+    w[1] = -0.0
+    out = kernels.binary_conv2d(x, pack_conv_weight(w), in_channels=3, kernel_size=3, padding=1)
+    np.testing.assert_array_equal(out, np.full((1, 2, 4, 4), 27.0, np.float32))
+
+
+def test_one_and_two_threads_identical_and_setting_restored():
+    import numba
+
+    x, w = make_case(2, 65, 130, 10, 9, 3, seed=11)
+    prepared = kernels.prepare_conv_weight(
+        pack_conv_weight(w),
+        in_channels=65,
+        kernel_size=3,
+        padding=1,
+        multiplier=np.linspace(0.1, 1.0, 130),
+        bias=np.linspace(-1.0, 1.0, 130),
+    )
+    before = numba.get_num_threads()
+    one = prepared(x, threads=1)
+    two = prepared(x, threads=2)
+    assert numba.get_num_threads() == before
+    np.testing.assert_array_equal(one, two)
+
+
+def test_pack_activations_layout():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 70, 3, 4)).astype(np.float32)
+    words = kernels.pack_activations(x, padding=(1, 0, 2, 1))
+    assert words.shape == (2, 4, 7, 2) and words.dtype == np.uint64
+    inner = words[:, 1:, 2:6, :]
+    nhwc = np.transpose(x, (0, 2, 3, 1))
+    np.testing.assert_array_equal(inner, pack_bits(nhwc).view("<u8"))
+    border = words.copy()
+    border[:, 1:, 2:6, :] = 0
+    assert not border.any()  # spatial padding is +1 (bit 0)
+
+
+@pytest.mark.parametrize("features", [1, 63, 64, 65, 300])
+def test_linear_against_reference(features):
+    rng = np.random.default_rng(features)
+    x = rng.standard_normal((3, features)).astype(np.float32)
+    w = rng.standard_normal((70, features)).astype(np.float32)
+    dot = sign(x) @ sign(w).T
+    got = kernels.binary_linear(x, pack_linear_weight(w), in_features=features)
+    np.testing.assert_array_equal(got, dot)
+    multiplier = rng.uniform(0.1, 1.0, 70).astype(np.float32)
+    bias = rng.standard_normal(70).astype(np.float32)
+    prepared = kernels.prepare_linear_weight(
+        pack_linear_weight(w), in_features=features, multiplier=multiplier, bias=bias
+    )
+    np.testing.assert_allclose(
+        kernels.binary_linear(x, prepared, threads=2),
+        dot * multiplier + bias,
+        rtol=1e-5,
+        atol=1e-4,
+    )
+    residual = rng.standard_normal((3, 70)).astype(np.float32)
+    np.testing.assert_allclose(
+        prepared(x, residual), dot * multiplier + bias + residual, rtol=1e-5, atol=1e-4
+    )
+
+
+def test_argument_errors():
+    x, w = make_case(1, 5, 4, 6, 6, 3, seed=1)
+    packed = pack_conv_weight(w)
+    prepared = kernels.prepare_conv_weight(packed, in_channels=5, kernel_size=3)
+    with pytest.raises(TypeError):
+        kernels.binary_conv2d(x, prepared, in_channels=5)
+    with pytest.raises(TypeError):
+        kernels.binary_conv2d(x, packed)
+    with pytest.raises(ValueError):
+        kernels.prepare_conv_weight(packed, in_channels=30, kernel_size=3)
+    with pytest.raises(ValueError):
+        prepared(x[:, :4])
+    with pytest.raises(ValueError):
+        prepared(x[:, :, :2, :2])  # smaller than the kernel
+    with pytest.raises(ValueError):
+        prepared(x, np.zeros((1, 3, 4, 4), np.float32))  # residual of the wrong shape
+    with pytest.raises(ValueError):
+        prepared(x, threads=0)
+
+
+def test_kernels_import_no_torch():
+    code = "import sys, exporters.kernels; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

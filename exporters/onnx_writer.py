@@ -373,7 +373,7 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], flavour: str) -> onnx.
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            custom_opsets={CUSTOM_DOMAIN: CUSTOM_DOMAIN_VERSION},
+            custom_opsets={CUSTOM_DOMAIN: CUSTOM_DOMAIN_VERSION} if flavour == "onnx" else None,
             do_constant_folding=False,
         )
     proto = onnx.load_from_string(buffer.getvalue())

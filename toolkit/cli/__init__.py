@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import eval_cmd, info_cmd, models_cmd, ops_cmd, train_cmd
+from . import bench_cmd, eval_cmd, export_cmd, info_cmd, inspect_cmd, models_cmd, ops_cmd, train_cmd
 from ._common import set_debug
 
 app = typer.Typer(
@@ -36,6 +36,9 @@ app.command("ops")(ops_cmd.ops)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_checkpoint)
 app.command("info")(info_cmd.info)
+app.command("export")(export_cmd.export)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("bench")(bench_cmd.bench)
 
 
 def main() -> None:

@@ -1,0 +1,66 @@
+"""`bitfleet export`: a checkpoint (or run directory) as a packed-bit artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import cli_command, console, print_json
+
+
+def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(f"--input-shape must be C,H,W (e.g. 3,224,224), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+@cli_command
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run directory to export.")],
+    format: Annotated[  # noqa: A002
+        str, typer.Option("--format", "-f", help="onnx (fast, bitfleet runtime) or onnx-portable.")
+    ] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option(help="Artifact directory (default: CHECKPOINT/artifact-FORMAT).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Artifact name (default: model name).")] = None,
+    version: Annotated[str, typer.Option(help="Artifact version.")] = "1",
+    input_shape: Annotated[
+        str | None, typer.Option(help="C,H,W when the checkpoint does not record it.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Export a trained network as packed-bit ONNX with a verified manifest."""
+    import exporters
+    from exporters.artifact import read_manifest
+
+    target = out or checkpoint / f"artifact-{format}"
+    path = exporters.export(
+        checkpoint,
+        target,
+        format,
+        name=name,
+        version=version,
+        input_shape=_parse_shape(input_shape),
+        overwrite=overwrite,
+    )
+    manifest = read_manifest(path)
+    if as_json:
+        print_json({"artifact": str(path), **manifest})
+        return
+    size = sum(manifest["sizes"].values())
+    console.print(
+        f"wrote {path} ({manifest['format']}, {size / 1e6:.2f} MB, input "
+        f"{'x'.join(str(d) for d in manifest['input']['shape'][1:])})"
+    )

@@ -4,7 +4,10 @@ For each shape (batch 1, stride 1, pad 1) and thread count, runs ORT's FP32 Conv
 ONNX model, intra_op threads = threads, inter_op 1) and bitfleet's ``binary_conv2d`` full call
 (prepared weights; binarize+pack of the float input, XNOR-popcount conv and the fused
 batch-norm epilogue all included) alternately, and reports medians after warm-up. Alternating
-spreads any slow phase of a shared machine over both sides.
+spreads any slow phase of a shared machine over both sides. ORT's intra-op threads are told not
+to spin between runs (``--ort-spinning`` restores its default): spinning ORT threads and
+numba's spinning OpenMP workers starve each other on a 2-core machine, which would measure
+the contention (tens of ms), not the kernels.
 
 The numba first-call time (JIT compile with an empty cache, then a load from the on-disk
 cache) is measured separately, in fresh processes, so it does not touch the table.
@@ -178,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     print("Machine:")
     print(machine_info())
     print()
+    spin = "on" if args.ort_spinning else "off"
     print(
         f"binary_conv2d vs ORT FP32 Conv, 3x3 s1 p1, batch 1, median of {args.repeats} "
-        f"interleaved calls after {args.warmup} warm-up:"
+        f"interleaved calls after {args.warmup} warm-up (ORT intra-op spinning {spin}):"
     )
     print()
     print("| shape (HxWxCin->Cout) | threads | ORT FP32 ms | binary ms | speed-up |")

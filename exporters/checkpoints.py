@@ -33,6 +33,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import models
+
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 
 __all__ = [

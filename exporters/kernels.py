@@ -15,9 +15,16 @@ How a binary convolution runs, and why it is laid out this way:
    ``_BLOCK`` = 64 output channels, ``(blocks, taps * Cin_words, 64)`` uint64, word-aligned per
    tap (channel padding bits are 0 in both operands, so they never count). The innermost loop
    broadcasts one input word against 64 output channels' weight words, which LLVM unrolls and
-   vectorizes into VPXORQ + VPOPCNTQ + VPADDQ with the 64 accumulators held in registers.
+   vectorizes into VPXORQ + VPOPCNTQ + VPADDQ with the 64 accumulators (a stack array) held in
+   registers.
 4. The epilogue is fused: ``out = multiplier[c] * (K - 2 * popcount) + bias[c] (+ residual)``,
    so the exporter folds batch norm and the Bi-Real shortcut into the call.
+
+Threads: ``threads=`` (or ``numba.set_num_threads``) sets how many threads the parallel loops
+use. numba's OpenMP workers spin for a while after each call, and so do ONNX Runtime's
+intra-op threads by default; on a 2-core device running both with more than one thread they
+starve each other (a 0.2 ms conv took 30 ms in the benchmark), so such a runtime should set ORT's
+``session.intra_op.allow_spinning`` to ``"0"``.
 
 Environment set up before numba is imported (only where the user has not set it):
 
@@ -65,6 +72,7 @@ _configure_numba_environment()
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
@@ -106,6 +114,24 @@ def _popcount(typingctx, word):
         return builder.ctpop(args[0])
 
     return types.int64(types.uint64), codegen
+
+
+@intrinsic
+def _stack_block(typingctx):
+    """Pointer to a fresh ``_BLOCK``-long int64 array on the stack (for ``numba.carray``).
+
+    A stack array provably aliases none of the kernel's input arrays, so LLVM keeps the popcount
+    accumulators in registers across the tap loop. A heap array only gets that by luck of alias
+    analysis: small edits elsewhere in the kernel made it spill them on every step, 1.5-2x slower.
+    """
+    signature = types.CPointer(types.int64)()
+
+    def codegen(context, builder, sig, args):
+        with builder.goto_entry_block():  # entry-block allocas are promoted; loops don't regrow
+            block = builder.alloca(ir.ArrayType(ir.IntType(64), _BLOCK))
+        return builder.bitcast(block, ir.IntType(64).as_pointer())
+
+    return signature, codegen
 
 
 @njit(cache=True, parallel=True)
@@ -178,13 +204,18 @@ def _xnor_conv(  # pragma: no cover - jit
 ):
     """XNOR-popcount convolution over packed words with the fused affine/residual epilogue.
 
-    Work units are (image, output row, block of 64 output channels). For each output pixel the
-    64 popcount accumulators live in registers while the taps' words stream past; the block's
-    weights (taps * Cin_words * 64 words) are reused by every pixel of the row from L1.
+    Work units are (image, output row, block of 64 output channels); the block's weights
+    (taps * Cin_words * 64 words) are reused from L1 by every pixel of the row. Per pixel, the
+    64 popcount accumulators are a stack array that LLVM keeps in eight zmm registers while the
+    taps' words stream past, then ``multiplier * (K - 2 * popcount) + bias`` is computed on
+    them, vectorized over channels, into a pixel-major tile (``K - 2 * popcount`` is exact in
+    integers, so multiplier 1 and bias 0 give exact results). The tile is finally transposed
+    into the NCHW output row, adding the residual. ``multiplier``/``bias`` are padded to whole
+    blocks.
     """
     n_img, padded_h, padded_w, cin_words = xp.shape
     xf = xp.reshape(-1)
-    n_blocks, k_words, _ = w_blocks.shape
+    n_blocks = w_blocks.shape[0]
     n_taps = tap_offsets.shape[0]
     cout = out.shape[1]
     for unit in prange(n_img * out_h * n_blocks):
@@ -192,29 +223,33 @@ def _xnor_conv(  # pragma: no cover - jit
         row = unit // n_blocks
         img = row // out_h
         yo = row % out_h
-        acc = np.zeros((out_w, _BLOCK), np.int64)
+        co0 = blk * _BLOCK
+        weights = w_blocks[blk]
+        scale = multiplier[co0 : co0 + _BLOCK]
+        shift = bias[co0 : co0 + _BLOCK]
+        acc = numba.carray(_stack_block(), (_BLOCK,))
+        tile = np.empty((out_w, _BLOCK), np.float32)
         for xo in range(out_w):
+            for j in range(_BLOCK):
+                acc[j] = 0
             base = ((img * padded_h + yo * stride_h) * padded_w + xo * stride_w) * cin_words
             for t in range(n_taps):
                 off = base + tap_offsets[t]
                 for c in range(cin_words):
                     a = xf[off + c]
-                    k = t * cin_words + c
+                    w_row = weights[t * cin_words + c]
                     for j in range(_BLOCK):
-                        acc[xo, j] += _popcount(a ^ w_blocks[blk, k, j])
-        co0 = blk * _BLOCK
+                        acc[j] += _popcount(a ^ w_row[j])
+            for j in range(_BLOCK):
+                tile[xo, j] = scale[j] * np.float32(k_bits - 2 * acc[j]) + shift[j]
         for j in range(min(_BLOCK, cout - co0)):
             co = co0 + j
-            m = multiplier[co]
-            b = bias[co]
             if has_residual:
                 for xo in range(out_w):
-                    dot = np.float32(k_bits - 2 * acc[xo, j])
-                    out[img, co, yo, xo] = m * dot + b + residual[img, co, yo, xo]
+                    out[img, co, yo, xo] = tile[xo, j] + residual[img, co, yo, xo]
             else:
                 for xo in range(out_w):
-                    dot = np.float32(k_bits - 2 * acc[xo, j])
-                    out[img, co, yo, xo] = m * dot + b
+                    out[img, co, yo, xo] = tile[xo, j]
 
 
 # --------------------------------------------------------------------------- Python API
@@ -327,12 +362,13 @@ def _tap_words(w_packed: np.ndarray, cout: int, cin: int, kh: int, kw: int) -> n
     return packed.view("<u8").astype(np.uint64).reshape(cout, kh * kw * cin_words)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedConv:
     """A binary convolution with weights in the kernel's layout, ready to be called.
 
     Built once per layer by :func:`prepare_conv_weight` (at model load); calling it runs
-    binarize+pack of the input, the XNOR-popcount convolution and the fused epilogue.
+    binarize+pack of the input, the XNOR-popcount convolution and the fused epilogue. Equality
+    is identity (the fields hold arrays).
     """
 
     in_channels: int
@@ -344,10 +380,19 @@ class PreparedConv:
     multiplier: np.ndarray
     bias: np.ndarray
     w_blocks: np.ndarray = field(repr=False)
-
+    _epilogue: tuple[np.ndarray, np.ndarray] = field(init=False, repr=False, compare=False)
     _plans: dict[tuple[int, int, int], _ConvPlan] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+
+    def __post_init__(self) -> None:
+        # The kernel computes whole blocks of channels: pad multiplier/bias to match.
+        padded = self.w_blocks.shape[0] * _BLOCK
+        scale = np.zeros(padded, np.float32)
+        shift = np.zeros(padded, np.float32)
+        scale[: self.out_channels] = self.multiplier
+        shift[: self.out_channels] = self.bias
+        object.__setattr__(self, "_epilogue", (scale, shift))
 
     def plan(self, n: int, height: int, width: int) -> _ConvPlan:
         """Geometry for an (N, Cin, H, W) input, computed once per input size and cached."""
@@ -390,8 +435,7 @@ class PreparedConv:
                 sh,
                 sw,
                 plan.k_bits,
-                self.multiplier,
-                self.bias,
+                *self._epilogue,
                 res,
                 has_res,
                 out,
@@ -399,7 +443,7 @@ class PreparedConv:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _ConvPlan:
     """Per-input-size geometry of a :class:`PreparedConv`, cached so calls do no Python math."""
 
@@ -448,7 +492,12 @@ def prepare_conv_weight(
     ``multiplier``/``bias`` (per output channel, default 1 and 0) form the fused epilogue.
     """
     kh, kw = _pair(kernel_size, "kernel_size")
-    cout = int(np.shape(w_packed)[0])
+    cout = int(np.shape(w_packed)[0]) if np.ndim(w_packed) == 2 else 0
+    if cout < 1 or int(in_channels) < 1:
+        raise ValueError(
+            f"need a (Cout >= 1, nbytes) packed weight and in_channels >= 1, got shape "
+            f"{np.shape(w_packed)} and in_channels={in_channels}"
+        )
     words = _tap_words(w_packed, cout, int(in_channels), kh, kw)
     return PreparedConv(
         in_channels=int(in_channels),
@@ -479,9 +528,11 @@ def binary_conv2d(
 ) -> np.ndarray:
     """Binary conv of float32 NCHW ``x``: ``multiplier * (sign(x) * sign(w)) + bias (+ residual)``.
 
-    ``weight`` is either a :class:`PreparedConv` (the fast path: the geometry arguments must
-    then be left out) or the packed (Cout, nbytes) uint8 array of ``pack_conv_weight``, which
-    is prepared on the fly (convenient, but it repacks the weights on every call).
+    ``weight`` is either a :class:`PreparedConv` (the fast path: the geometry, multiplier and
+    bias arguments must then be left out) or the packed (Cout, nbytes) uint8 array of
+    ``pack_conv_weight``, which is prepared on the fly (convenient, but it repacks the weights
+    on every call); then stride, padding and dilation default to 1, 0 and 1, multiplier and
+    bias to 1 and 0. See :func:`prepare_conv_weight` for the argument forms.
     """
     if isinstance(weight, PreparedConv):
         given = (in_channels, kernel_size, stride, padding, dilation, multiplier, bias)
@@ -503,7 +554,7 @@ def binary_conv2d(
     return prepared(x, residual, threads=threads)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedLinear:
     """A binary dense layer in the kernel's layout: a 1x1 convolution over a 1x1 map."""
 

@@ -96,9 +96,11 @@ def fuse_binary_epilogues(proto: onnx.ModelProto) -> int:
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
-    """Reorder nodes so every input is produced before use (stable: keeps the original order
-    where it already works). Folding a shortcut into a node can make it read a tensor that
-    the exporter computed after it."""
+    """Reorder nodes so every input is produced before use.
+
+    Stable: keeps the original order where it already works. Folding a shortcut into a node
+    can make it read a tensor that the exporter computed after it.
+    """
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     pending = list(graph.node)
     ordered: list[onnx.NodeProto] = []

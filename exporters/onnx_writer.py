@@ -132,7 +132,7 @@ def _unpack_subgraph(g: Any, packed: Any, rows: int, length: int) -> Any:
 
 
 def _sign_subgraph(g: Any, x: Any) -> Any:
-    """sign with sign(0) = +1 as Where(x < 0, -1, 1)."""
+    """Sign with sign(0) = +1 as Where(x < 0, -1, 1)."""
     negative = g.op("Less", x, g.op("Constant", value_t=torch.tensor(0.0)))
     return g.op(
         "Where",
@@ -270,9 +270,7 @@ class _BinaryDenseFn(torch.autograd.Function):
 class _ExportedBinaryLayer(nn.Module):
     """Stand-in for a binary layer during export: packed weights as buffers."""
 
-    def __init__(
-        self, name: str, layer: BinaryConv2d | BinaryLinear, flavour: str
-    ) -> None:
+    def __init__(self, name: str, layer: BinaryConv2d | BinaryLinear, flavour: str) -> None:
         super().__init__()
         _check_quantizers(name, layer)
         scale, signs = _scale_and_signs(layer)
@@ -322,12 +320,19 @@ def _export_twin(model: nn.Module, flavour: str) -> nn.Module:
                                 "the writer exports only layers with binary weights"
                             )
                         base = nn.Conv2d(
-                            child.in_channels, child.out_channels, child.kernel_size,
-                            child.stride, child.padding, child.dilation, child.groups,
+                            child.in_channels,
+                            child.out_channels,
+                            child.kernel_size,
+                            child.stride,
+                            child.padding,
+                            child.dilation,
+                            child.groups,
                             child.bias is not None,
                         )
                     else:
-                        base = nn.Linear(child.in_features, child.out_features, child.bias is not None)
+                        base = nn.Linear(
+                            child.in_features, child.out_features, child.bias is not None
+                        )
                     base.load_state_dict(child.state_dict())
                     setattr(module, child_name, base)
                 else:
@@ -411,8 +416,11 @@ def _constants_to_initializers(proto: onnx.ModelProto) -> None:
 
 
 def _inline_initializer_identities(proto: onnx.ModelProto) -> None:
-    """Drop ``Identity`` nodes that only alias an initializer (the exporter deduplicates equal
-    tensors that way), so graph rewrites see each parameter as an initializer."""
+    """Drop ``Identity`` nodes that only alias an initializer.
+
+    The exporter deduplicates equal tensors that way; rewrites need each parameter to be an
+    initializer.
+    """
     graph = proto.graph
     inits = {init.name for init in graph.initializer}
     outputs = {o.name for o in graph.output}

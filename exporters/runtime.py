@@ -41,10 +41,14 @@ class RuntimeLoadError(ArtifactError):
     """An artifact the runtime cannot run (unknown custom op, bad graph, wrong input)."""
 
 
-def _session(model_bytes: bytes, threads: int | None) -> Any:
+def _session(model_bytes: bytes, threads: int | None, spinning: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spinning:
+        # Segments of the fast flavour alternate with numba kernels on the same cores: idle
+        # ORT workers must sleep, not spin, or they steal the cores the kernels run on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -54,8 +58,11 @@ def _session(model_bytes: bytes, threads: int | None) -> Any:
 
 
 class Predictor(ABC):
-    """A loaded artifact. ``predict`` takes a float32 (N, C, H, W) batch of model inputs
-    (already normalised as ``manifest['input']['normalisation']`` says) and returns logits."""
+    """A loaded artifact, ready to predict.
+
+    ``predict`` takes a float32 (N, C, H, W) batch of model inputs (already normalised as
+    ``manifest['input']['normalisation']`` says) and returns logits.
+    """
 
     def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
         self.root = root
@@ -140,9 +147,8 @@ class FastPredictor(Predictor):
             {
                 f"{n.domain}.{n.op_type}"
                 for n in model.graph.node
-                if n.domain not in ("", "ai.onnx") and (
-                    n.domain != CUSTOM_DOMAIN or n.op_type not in CUSTOM_OPS
-                )
+                if n.domain not in ("", "ai.onnx")
+                and (n.domain != CUSTOM_DOMAIN or n.op_type not in CUSTOM_OPS)
             }
         )
         if unknown:
@@ -191,7 +197,9 @@ def _attrs(node: Any) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _kernel_step(node: Any, inits: dict[str, np.ndarray], threads: int | None, kernels: Any) -> _Step:
+def _kernel_step(
+    node: Any, inits: dict[str, np.ndarray], threads: int | None, kernels: Any
+) -> _Step:
     attrs = _attrs(node)
     try:
         packed, multiplier, bias = (inits[name] for name in node.input[1:4])
@@ -258,21 +266,32 @@ def _segment_step(
     sub = helper.make_graph(
         nodes,
         f"segment_{nodes[0].name or nodes[0].output[0]}",
-        [helper.make_tensor_value_info(n, known.get(n, onnx.TensorProto.FLOAT), None) for n in inputs],
+        [
+            helper.make_tensor_value_info(n, known.get(n, onnx.TensorProto.FLOAT), None)
+            for n in inputs
+        ],
         [helper.make_empty_tensor_value_info(n) for n in outputs],
         initializer=used_inits,
     )
-    sub_model = helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")])
+    sub_model = helper.make_model(
+        sub, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    )
     sub_model.ir_version = model.ir_version
     inferred = onnx.shape_inference.infer_shapes(sub_model)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
-    types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.output if vi.type.tensor_type.elem_type})
+    types.update(
+        {
+            vi.name: vi.type.tensor_type.elem_type
+            for vi in inferred.graph.output
+            if vi.type.tensor_type.elem_type
+        }
+    )
     del sub_model.graph.output[:]
     for name in outputs:
         elem = types.get(name, onnx.TensorProto.FLOAT)
         known[name] = elem
         sub_model.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    session = _session(sub_model.SerializeToString(), threads)
+    session = _session(sub_model.SerializeToString(), threads, spinning=False)
 
     def run(args: list[np.ndarray]) -> list[np.ndarray]:
         return session.run(outputs, dict(zip(inputs, args, strict=True)))

@@ -62,7 +62,9 @@ def export(
             "the input shape is unknown: pass input_shape=(C, H, W) (--input-shape C,H,W)"
         )
     proto = to_onnx(model.eval(), shape, format)
-    custom_ops = sorted({f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain == CUSTOM_DOMAIN})
+    custom_ops = sorted(
+        {f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain == CUSTOM_DOMAIN}
+    )
     manifest = {
         "name": name or spec["name"],
         "version": str(version),
@@ -85,7 +87,9 @@ def export(
         "training": {k: meta[k] for k in ("dataset", "epoch", "metrics") if k in meta},
         "toolkit_version": toolkit_version(),
     }
-    return write_artifact(out_dir, {"model.onnx": proto.SerializeToString()}, manifest, overwrite=overwrite)
+    return write_artifact(
+        out_dir, {"model.onnx": proto.SerializeToString()}, manifest, overwrite=overwrite
+    )
 
 
 def _shape_from(meta: dict[str, Any], spec: dict[str, Any]) -> tuple[int, int, int] | None:

@@ -4,6 +4,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
@@ -85,6 +87,36 @@ def test_conv_exact_against_reference(case):
     assert got.dtype == np.float32
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)  # integers: exact
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    cin=st.integers(1, 140),
+    cout=st.integers(1, 70),
+    k=st.sampled_from([1, 3, 5]),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.tuples(*[st.integers(0, 2)] * 4),
+    extra=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_conv_random_geometry(batch, cin, cout, k, stride, dilation, padding, extra, seed):
+    span = dilation * (k - 1) + 1
+    height = max(1, span - padding[0] - padding[1]) + extra[0]
+    width = max(1, span - padding[2] - padding[3]) + extra[1]
+    x, w = make_case(batch, cin, cout, height, width, k, seed)
+    got = kernels.binary_conv2d(
+        x,
+        pack_conv_weight(w),
+        in_channels=cin,
+        kernel_size=k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    want = reference_conv(x, w, (stride,) * 2, padding, (dilation,) * 2)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("case", CASES[:6], ids=str)
@@ -209,3 +241,10 @@ def test_argument_errors():
 def test_kernels_import_no_torch():
     code = "import sys, exporters.kernels; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_accepts_float64_and_non_contiguous_input():
+    x, w = make_case(1, 9, 6, 7, 7, 3, seed=2)
+    prepared = kernels.prepare_conv_weight(pack_conv_weight(w), in_channels=9, kernel_size=3)
+    strided = np.asfortranarray(x.astype(np.float64))
+    np.testing.assert_array_equal(prepared(strided), prepared(x))

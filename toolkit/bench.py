@@ -3,15 +3,21 @@
 For one network, :func:`benchmark` exports three artifacts side by side: the fast packed-bit
 flavour, the portable flavour, and the FP32 baseline (the same architecture with its quantizers
 switched off, exported by ``torch.onnx.export`` and run in stock ONNX Runtime). It then times
-``predict`` on one random batch for each, *interleaved* (fast, portable, fp32, fast, ...) so a
-noisy neighbour slows all three alike, and reports medians after warm-up for each thread count,
-the ratio to FP32, artifact sizes, and the fast runtime's first-call latency (load + the first
-``predict``, where numba kernels are compiled or read from the on-disk cache).
+``predict`` on one random batch for each, each flavour in a fresh process that loads only it
+(so thread pools do not compete), the processes alternated (fast, portable, fp32, fast, ...)
+over ``rounds`` so a noisy neighbour slows all three alike. It reports, per thread count, the
+median over rounds of each process's median after warm-up, the ratio to FP32, artifact sizes,
+and the fast runtime's first-call latency (load + the first ``predict``, where numba kernels
+are compiled or read from the on-disk cache).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -67,6 +73,58 @@ class BenchResult:
         }
 
 
+_WORKER = r"""
+import json, statistics, sys, time
+import numpy as np
+from exporters import runtime
+path, threads, batch, repeats, warmup = sys.argv[1], *map(int, sys.argv[2:6])
+t0 = time.perf_counter()
+predictor = runtime.load(path, threads=threads)
+load_s = time.perf_counter() - t0
+x = np.random.default_rng(0).standard_normal((batch, *predictor.input_shape)).astype(np.float32)
+times = []
+for rep in range(warmup + repeats):
+    t0 = time.perf_counter()
+    predictor.predict(x)
+    if rep >= warmup:
+        times.append(time.perf_counter() - t0)
+print(json.dumps({"median_s": statistics.median(times), "load_s": load_s}))
+"""
+
+
+def _time_in_subprocess(
+    path: Path, threads: int, batch: int, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median ``predict`` time of one artifact in a fresh process that loads only it.
+
+    Separate processes keep one flavour's thread pools (ORT's spinning workers, numba's
+    OpenMP team) from stealing cores from another's; alternating the processes spreads any
+    slow phase of a shared machine over every flavour.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _WORKER,
+            str(path),
+            str(threads),
+            str(batch),
+            str(repeats),
+            str(warmup),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def float_twin(model: nn.Module) -> nn.Module:
     """The same architecture with every quantizer off (the FP32 baseline), same weights."""
     spec = models.spec_of(model)
@@ -90,6 +148,7 @@ def benchmark(
     repeats: int = 30,
     warmup: int = 3,
     per_layer: bool = False,
+    rounds: int = 3,
     workdir: str | Path | None = None,
 ) -> BenchResult:
     """Export ``model`` three ways and time ``predict`` interleaved; see the module docstring."""
@@ -117,23 +176,17 @@ def benchmark(
         result.first_call_s = time.perf_counter() - started
 
         for count in threads:
-            predictors = {}
-            for flavour, path in paths.items():
-                t0 = time.perf_counter()
-                predictors[flavour] = runtime.load(path, threads=count)
-                result.load_s[f"{flavour}@{count}"] = time.perf_counter() - t0
-            times: dict[str, list[float]] = {k: [] for k in predictors}
-            for rep in range(warmup + repeats):
-                for flavour, predictor in predictors.items():
-                    t0 = time.perf_counter()
-                    predictor.predict(x)
-                    if rep >= warmup:
-                        times[flavour].append(time.perf_counter() - t0)
-            result.latency_ms[count] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            if per_layer and count == threads[0]:
-                fast = predictors["onnx"]
-                samples = [fast.profile(x) for _ in range(max(3, repeats // 3))]  # type: ignore[attr-defined]
-                result.per_layer_ms = {
-                    step: statistics.median(s[step] for s in samples) * 1e3 for step in samples[0]
-                }
+            samples: dict[str, list[float]] = {k: [] for k in paths}
+            for _ in range(rounds):
+                for flavour, path in paths.items():
+                    timing = _time_in_subprocess(path, count, batch, repeats, warmup)
+                    samples[flavour].append(timing["median_s"])
+                    result.load_s[f"{flavour}@{count}"] = timing["load_s"]
+            result.latency_ms[count] = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+        if per_layer:
+            fast = runtime.load(paths["onnx"], threads=threads[0])
+            profiles = [fast.profile(x) for _ in range(max(3, repeats // 3))]  # type: ignore[attr-defined]
+            result.per_layer_ms = {
+                step: statistics.median(p[step] for p in profiles) * 1e3 for step in profiles[0]
+            }
     return result

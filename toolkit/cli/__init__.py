@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from . import bench_cmd, eval_cmd, export_cmd, info_cmd, inspect_cmd, models_cmd, ops_cmd, train_cmd
+from . import (
+    bench_cmd,
+    eval_cmd,
+    export_cmd,
+    info_cmd,
+    inspect_cmd,
+    models_cmd,
+    ops_cmd,
+    simulate_cmd,
+    train_cmd,
+)
 from ._common import set_debug
 
 app = typer.Typer(
@@ -39,6 +49,7 @@ app.command("info")(info_cmd.info)
 app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("bench")(bench_cmd.bench)
+app.command("simulate")(simulate_cmd.simulate)
 
 
 def main() -> None:

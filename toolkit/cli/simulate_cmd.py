@@ -1,0 +1,153 @@
+"""`bitfleet simulate`: gossip learning (VC or plain averaging) vs FedAvg on a simulated fleet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ._common import cli_command, console, err_console, print_json
+
+
+def _trigger(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--trigger must be 'all' or a positive integer, got {text!r}")
+    return value
+
+
+@cli_command
+def simulate(
+    nodes: Annotated[int, typer.Option(min=1, help="Number of simulated devices.")] = 50,
+    topology: Annotated[
+        str, typer.Option(help="rrg:D, ring, full, star or scale-free:M.")
+    ] = "rrg:8",
+    data: Annotated[str, typer.Option(help="iid, dirichlet:ALPHA or shards:K.")] = "dirichlet:0.5",
+    merge: Annotated[str, typer.Option(help="vc, avg or fedavg.")] = "vc",
+    model: Annotated[str, typer.Option(help="Registered model.")] = "lenet5",
+    dataset: Annotated[str, typer.Option(help="Dataset (digits is bundled).")] = "digits",
+    rounds: Annotated[int, typer.Option(min=1, help="Communication rounds.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed for data split, graph, init and messages.")] = 0,
+    local_steps: Annotated[int, typer.Option(min=1, help="Local SGD steps per round.")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Local batch size.")] = 32,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 0.05,
+    optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
+    self_weight: Annotated[
+        float, typer.Option(help="Weight of a node's own model in a merge.")
+    ] = 0.5,
+    variance: Annotated[
+        str, typer.Option(help="VC target: others, self or conservative.")
+    ] = "others",
+    peers: Annotated[int, typer.Option(min=0, help="Neighbours per push (0: all).")] = 0,
+    trigger: Annotated[
+        str, typer.Option(help="Models to buffer before merging: 'all' or K.")
+    ] = "all",
+    init: Annotated[
+        str, typer.Option(help="independent (gossip) or common (FL) initialisation.")
+    ] = "independent",
+    drop: Annotated[float, typer.Option(help="Probability a message is lost.")] = 0.0,
+    churn: Annotated[float, typer.Option(help="Probability a node is offline in a round.")] = 0.0,
+    delay: Annotated[int, typer.Option(min=0, help="Rounds a message takes to arrive.")] = 0,
+    codec: Annotated[str, typer.Option(help="Wire format: fp32, fp16, int8 or sign.")] = "fp32",
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Run vc, avg and fedavg on this setup.")
+    ] = False,
+    target: Annotated[
+        float | None, typer.Option(help="Target accuracy (default: 90% of FedAvg's final).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for histories, summary and plot.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Parallel simulations (default: cores).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Simulate a fleet learning together: rounds to a target accuracy, per method."""
+    from toolkit.sim_report import compare as run_methods
+    from toolkit.sim_report import summarise, write_results
+    from toolkit.simulate import SimulationConfig
+
+    config = SimulationConfig(
+        nodes=nodes,
+        topology=topology,
+        data=data,
+        dataset=dataset,
+        model=model,
+        merge=merge,
+        rounds=rounds,
+        local_steps=local_steps,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        self_weight=self_weight,
+        variance=variance,
+        peers=peers,
+        trigger=_trigger(trigger),
+        init=init,
+        drop=drop,
+        churn=churn,
+        delay=delay,
+        codec=codec,
+        seed=seed,
+    )
+    methods = ("vc", "avg", "fedavg") if compare else (merge,)
+    show = progress and not as_json
+    if show:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+        )
+        tasks = {m: bar.add_task(m, total=rounds) for m in methods}
+        with bar:
+            results = run_methods(
+                config,
+                methods,
+                workers=workers,
+                on_round=lambda m, r: bar.update(tasks[m], completed=r),
+            )
+    else:
+        results = run_methods(config, methods, workers=workers)
+    summary = summarise(results, target)
+    if out is not None:
+        write_results(out, results, summary)
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title=f"{model}, {nodes} nodes, {topology}, {data}, init {init}, seed {seed}")
+    for column in ("method", "final mean acc", "min", "max", "rounds to target", "MB sent"):
+        table.add_column(column, justify="right")
+    for method, row in summary["methods"].items():
+        reached = row["rounds_to_target"]
+        table.add_row(
+            method,
+            f"{row['final_accuracy']:.4f}",
+            f"{row['final_min_accuracy']:.4f}",
+            f"{row['final_max_accuracy']:.4f}",
+            "-" if reached is None else str(reached),
+            f"{row['bytes_sent'] / 1e6:.1f}",
+        )
+    console.print(table)
+    if summary["target_accuracy"] is not None:
+        console.print(f"target accuracy {summary['target_accuracy']:.4f}")
+    if out is not None:
+        console.print(f"histories, summary.json and curves.png written to {out}")

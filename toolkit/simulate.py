@@ -1,0 +1,325 @@
+"""A discrete-time simulator of gossip learning (and its FedAvg baseline) on one machine.
+
+Every round, each online node trains its own model for ``local_steps`` steps on its shard of
+the data, pushes the model to ``peers`` random neighbours (all of them by default) through a
+wire codec, and merges what it has received once its :class:`edge_agent.merge.Merger` buffer
+holds as many models as the trigger asks. The real MQTT agent runs the same training
+(:func:`toolkit.train.train_steps`), the same codecs and the same ``Merger``; only the transport
+differs (here: in-process queues with optional drops, delays and node churn).
+
+FedAvg (McMahan et al. 2017) is the baseline: a server holds one model; each round every
+online node starts from it, trains the same ``local_steps`` steps, and the server replaces it
+with the sample-weighted average of what comes back.
+
+Initialisation is ``independent`` (each node draws its own weights: the gossip case, where
+plain averaging collapses the weight variance) or ``common`` (one draw for all: the FL case).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_agent import codecs
+from edge_agent.merge import Merger, tensor_variance
+
+from .data import ArrayDataset, load_dataset
+from .partition import partition
+from .topology import Topology, parse_topology
+from .train import make_model, make_optimizer, train_steps
+
+__all__ = ["SimulationConfig", "SimulationResult", "simulate", "METHODS", "fedavg_average"]
+
+METHODS = ("vc", "avg", "fedavg")
+INITS = ("independent", "common")
+
+Model = dict[str, np.ndarray]
+
+
+@dataclass
+class SimulationConfig:
+    """One simulated fleet and learning method (saved with every result)."""
+
+    nodes: int = 50
+    topology: str = "rrg:8"
+    data: str = "dirichlet:0.5"
+    dataset: str = "digits"
+    data_root: str | None = None
+    model: str = "lenet5"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    merge: str = "vc"
+    rounds: int = 50
+    local_steps: int = 10
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    self_weight: float = 0.5
+    variance: str = "others"
+    peers: int = 0
+    trigger: int | str = "all"
+    init: str = "independent"
+    drop: float = 0.0
+    churn: float = 0.0
+    delay: int = 0
+    codec: str = "fp32"
+    seed: int = 0
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.merge not in METHODS:
+            raise ValueError(
+                f"unknown merge method {self.merge!r}; use one of {', '.join(METHODS)}"
+            )
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
+        if self.codec not in codecs.CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; use one of {', '.join(codecs.CODECS)}")
+        for name in ("nodes", "rounds", "local_steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("drop", "churn"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.delay < 0 or self.peers < 0:
+            raise ValueError("delay and peers must be >= 0 (peers 0 means all neighbours)")
+        if not (self.trigger == "all" or (isinstance(self.trigger, int) and self.trigger >= 1)):
+            raise ValueError(f"trigger must be 'all' or a positive integer, got {self.trigger!r}")
+
+
+@dataclass
+class SimulationResult:
+    """Per-round metrics of one run: accuracy across nodes, weight variance, bytes sent."""
+
+    config: SimulationConfig
+    history: list[dict[str, Any]]
+    final_states: list[Model] | None = field(default=None, repr=False)
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.history[-1]["mean_accuracy"])
+
+    def rounds_to(self, target: float) -> int | None:
+        """First round whose mean accuracy across nodes reaches ``target`` (None if never)."""
+        for record in self.history[1:]:  # round 0 is the initial state
+            if record["mean_accuracy"] >= target:
+                return int(record["round"])
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "history": self.history}
+
+
+def _state(model: nn.Module) -> Model:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _load(model: nn.Module, state: Model) -> None:
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def _binary_weight_names(model: nn.Module) -> tuple[str, ...]:
+    return tuple(
+        f"{name}.weight" for name, m in model.named_modules() if getattr(m, "is_binary", False)
+    )
+
+
+def _batch_stream(
+    data: ArrayDataset, indices: np.ndarray, batch_size: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled mini-batches over one node's shard (reshuffled every pass)."""
+    x = torch.from_numpy(np.ascontiguousarray(data.x))
+    y = torch.from_numpy(np.ascontiguousarray(data.y))
+    rng = np.random.default_rng(seed)
+    size = min(batch_size, len(indices))
+    while True:
+        order = indices[rng.permutation(len(indices))]
+        for start in range(0, len(order) - size + 1, size):
+            chunk = torch.from_numpy(order[start : start + size])
+            yield x[chunk], y[chunk]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = sum(
+        int((model(xb).argmax(1) == yb).sum())
+        for xb, yb in zip(x.split(512), y.split(512), strict=True)
+    )
+    model.train()
+    return correct / len(y)
+
+
+def _mean_variance(states: list[Model]) -> dict[str, float]:
+    per_node = [tensor_variance(s) for s in states]
+    return {name: float(np.mean([v[name] for v in per_node])) for name in per_node[0]}
+
+
+def fedavg_average(states: list[Model], weights: list[float]) -> Model:
+    """Sample-weighted average of every tensor (batch-norm statistics included), as FedAvg.
+
+    Integer tensors (counters) are averaged and rounded back to their dtype.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    out: Model = {}
+    for name in states[0]:
+        mean = sum(wi * s[name].astype(np.float64) for wi, s in zip(w, states, strict=True))
+        dtype = states[0][name].dtype
+        out[name] = (np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
+    return out
+
+
+class _Fleet:
+    """The simulated nodes: models, optimizers, data streams and (for gossip) merge buffers."""
+
+    def __init__(
+        self, config: SimulationConfig, train: ArrayDataset, shards: list[np.ndarray]
+    ) -> None:
+        self.config = config
+        self.models: list[nn.Module] = []
+        for node in range(config.nodes):
+            seed = config.seed if config.init == "common" else config.seed * 100_003 + node + 1
+            torch.manual_seed(seed)
+            self.models.append(make_model(config.model, train, **config.model_args))
+        self.optimizers = [
+            make_optimizer(m, config.optimizer, config.lr, config.momentum) for m in self.models
+        ]
+        self.streams = [
+            _batch_stream(train, shard, config.batch_size, config.seed * 7_919 + node)
+            for node, shard in enumerate(shards)
+        ]
+        self.binary_names = _binary_weight_names(self.models[0])
+
+    def train(self, node: int) -> None:
+        steps = itertools.islice(self.streams[node], self.config.local_steps)
+        train_steps(self.models[node], self.optimizers[node], steps)
+
+
+def simulate(
+    config: SimulationConfig,
+    *,
+    progress: Callable[[int, dict[str, Any]], None] | None = None,
+    train_data: ArrayDataset | None = None,
+    test_data: ArrayDataset | None = None,
+) -> SimulationResult:
+    """Run one simulation; ``progress(round, record)`` is called after every evaluated round."""
+    train = train_data or load_dataset(config.dataset, "train", root=config.data_root)
+    test = test_data or load_dataset(config.dataset, "test", root=config.data_root)
+    shards = partition(config.data, train.y, config.nodes, seed=config.seed)
+    rng = np.random.default_rng(config.seed)
+    fleet = _Fleet(config, train, shards)
+    test_x = torch.from_numpy(np.ascontiguousarray(test.x))
+    test_y = torch.from_numpy(np.ascontiguousarray(test.y))
+    if config.merge == "fedavg":
+        step = _fedavg_round(config, fleet, shards, rng)
+    else:
+        topology = parse_topology(config.topology, config.nodes, seed=config.seed)
+        step = _gossip_round(config, fleet, topology, rng)
+    history: list[dict[str, Any]] = []
+    sent = 0
+    for round_index in range(0, config.rounds + 1):
+        # round 0 records the initial models, before any training or merging
+        sent += step(round_index) if round_index else 0
+        if round_index % config.eval_every and round_index != config.rounds:
+            continue
+        if config.merge == "fedavg" and round_index:  # one global model: evaluate it once
+            accuracies = [_accuracy(fleet.models[0], test_x, test_y)]
+        else:
+            accuracies = [_accuracy(m, test_x, test_y) for m in fleet.models]
+        record = {
+            "round": round_index,
+            "mean_accuracy": float(np.mean(accuracies)),
+            "min_accuracy": float(np.min(accuracies)),
+            "max_accuracy": float(np.max(accuracies)),
+            "bytes_sent": sent,
+            "variance": _mean_variance([_state(m) for m in fleet.models]),
+        }
+        history.append(record)
+        if progress is not None:
+            progress(round_index, record)
+    return SimulationResult(config, history, [_state(m) for m in fleet.models])
+
+
+def _gossip_round(
+    config: SimulationConfig, fleet: _Fleet, topology: Topology, rng: np.random.Generator
+) -> Callable[[int], int]:
+    mergers = [
+        Merger(
+            method=config.merge,
+            self_weight=config.self_weight,
+            variance=config.variance,
+            trigger=config.trigger,
+            neighbours=[str(p) for p in topology.neighbours[node]],
+        )
+        for node in range(config.nodes)
+    ]
+    in_flight: dict[int, list[tuple[int, int, bytes]]] = defaultdict(list)
+
+    def run(round_index: int) -> int:
+        online = rng.random(config.nodes) >= config.churn
+        sent = 0
+        for node in np.flatnonzero(online):
+            fleet.train(node)
+        for node in np.flatnonzero(online):
+            neighbours = topology.neighbours[node]
+            if config.peers and config.peers < len(neighbours):
+                targets = rng.choice(neighbours, size=config.peers, replace=False)
+            else:
+                targets = neighbours
+            payload = codecs.encode(_state(fleet.models[node]), config.codec, fleet.binary_names)
+            for target in targets:
+                sent += len(payload)
+                if rng.random() >= config.drop:
+                    in_flight[round_index + config.delay].append((node, int(target), payload))
+        for sender, target, payload in in_flight.pop(round_index, []):
+            if online[target]:  # a message to an offline node is lost
+                mergers[target].add(str(sender), codecs.decode(payload))
+        for node in np.flatnonzero(online):
+            merged = mergers[node].merge_into(_state(fleet.models[node]))
+            if merged is not None:
+                _load(fleet.models[node], merged)
+        return sent
+
+    return run
+
+
+def _fedavg_round(
+    config: SimulationConfig, fleet: _Fleet, shards: list[np.ndarray], rng: np.random.Generator
+) -> Callable[[int], int]:
+    server = _state(fleet.models[0])
+    sizes = [len(s) for s in shards]
+
+    def run(round_index: int) -> int:
+        online = np.flatnonzero(rng.random(config.nodes) >= config.churn)
+        if len(online) == 0:
+            return 0
+        states, weights, sent = [], [], 0
+        for node in online:
+            _load(fleet.models[node], server)
+            fleet.train(node)
+            payload = codecs.encode(_state(fleet.models[node]), config.codec, fleet.binary_names)
+            sent += 2 * len(payload)  # model down, update up
+            if rng.random() >= config.drop:
+                states.append(codecs.decode(payload))
+                weights.append(sizes[node])
+        if states:
+            server.update(fedavg_average(states, weights))
+        for model in fleet.models:  # every node now holds the global model
+            _load(model, server)
+        return sent
+
+    return run
+
+
+def default_target(fedavg_final: float, fraction: float = 0.9) -> float:
+    """The comparison's target accuracy: ``fraction`` of FedAvg's final mean accuracy."""
+    return math.floor(fraction * fedavg_final * 1e6) / 1e6

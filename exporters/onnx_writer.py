@@ -28,15 +28,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper, numpy_helper
 from torch import nn
 
 from models.layers import BinaryConv2d, BinaryLinear
-from models.quantizers import ApproxSign, MagnitudeAwareSign, SteSign, SwishSign
+from models.quantizers import ApproxSign, MagnitudeAwareSign, Quantizer, SteSign, SwishSign
 
 from .packing import pack_conv_weight, pack_linear_weight
 
@@ -345,8 +343,8 @@ def _check_known_leaves(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, _ExportedBinaryLayer) or next(module.children(), None) is not None:
             continue
-        if getattr(module, "name", None) and not list(module.parameters(recurse=False)):
-            continue  # quantizer modules: parameter-free, handled by their layer
+        if isinstance(module, Quantizer):
+            continue  # quantizers of float layers: parameter-free, nothing to export
         if not isinstance(module, _KNOWN_LEAVES):
             raise ExportError(
                 f"cannot export layer '{name}' of type {type(module).__name__}: the ONNX writer "
@@ -451,15 +449,3 @@ def _prune_unused_initializers(proto: onnx.ModelProto) -> None:
     del graph.input[:]
     graph.input.extend(inputs)
 
-
-def initializer_array(proto: onnx.ModelProto, name: str) -> np.ndarray:
-    """The numpy value of an initializer (helper for tests and fusion)."""
-    for init in proto.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    raise KeyError(name)
-
-
-def make_value_info(name: str) -> onnx.ValueInfoProto:
-    """Float tensor value info of unknown shape."""
-    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)

@@ -18,7 +18,6 @@ plain averaging collapses the weight variance) or ``common`` (one draw for all: 
 from __future__ import annotations
 
 import itertools
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -319,7 +318,3 @@ def _fedavg_round(
 
     return run
 
-
-def default_target(fedavg_final: float, fraction: float = 0.9) -> float:
-    """The comparison's target accuracy: ``fraction`` of FedAvg's final mean accuracy."""
-    return math.floor(fraction * fedavg_final * 1e6) / 1e6

@@ -123,3 +123,21 @@ def test_cli_compare_json(tmp_path):
 def test_cli_bad_topology():
     result = CliRunner().invoke(app, ["simulate", "--topology", "hypercube", "--rounds", "1"])
     assert result.exit_code == 1 and "hypercube" in result.output
+
+
+def test_binary_network_gossips_with_sign_codec():
+    config = SimulationConfig(
+        nodes=3,
+        topology="full",
+        rounds=1,
+        local_steps=1,
+        batch_size=8,
+        model="bireal18",
+        model_args={"width": 0.125, "stem": "imagenet"},
+        codec="sign",
+    )
+    result = simulate(config)
+    fp32 = simulate(SimulationConfig(**{**config.__dict__, "codec": "fp32"}))
+    # latent weights of binary layers travel as 1 bit + scale
+    assert result.history[-1]["bytes_sent"] < 0.2 * fp32.history[-1]["bytes_sent"]
+    assert 0.0 <= result.final_accuracy <= 1.0

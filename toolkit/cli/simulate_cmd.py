@@ -33,6 +33,8 @@ def simulate(
     merge: Annotated[str, typer.Option(help="vc, avg or fedavg.")] = "vc",
     model: Annotated[str, typer.Option(help="Registered model.")] = "lenet5",
     dataset: Annotated[str, typer.Option(help="Dataset (digits is bundled).")] = "digits",
+    width: Annotated[float | None, typer.Option(help="ResNet width multiplier.")] = None,
+    stem: Annotated[str | None, typer.Option(help="ResNet stem: cifar or imagenet.")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Communication rounds.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed for data split, graph, init and messages.")] = 0,
     local_steps: Annotated[int, typer.Option(min=1, help="Local SGD steps per round.")] = 10,
@@ -76,7 +78,13 @@ def simulate(
     from toolkit.sim_report import summarise, write_results
     from toolkit.simulate import SimulationConfig
 
+    model_args: dict[str, object] = {}
+    if width is not None:
+        model_args["width"] = width
+    if stem is not None:
+        model_args["stem"] = stem
     config = SimulationConfig(
+        model_args=model_args,
         nodes=nodes,
         topology=topology,
         data=data,

@@ -60,6 +60,12 @@ def _default(obj: Any) -> Any:
     return str(obj)
 
 
+def resnet_args(stem: str | None, width: float | None) -> dict[str, object]:
+    """Model arguments from the ``--stem`` / ``--width`` flags that were given."""
+    given = {"stem": stem, "width": width}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def human(n: float) -> str:
     """1234567 -> '1.23M' for tables."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):

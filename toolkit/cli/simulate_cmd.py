@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import cli_command, console, err_console, print_json
+from ._common import cli_command, console, err_console, print_json, resnet_args
 
 
 def _trigger(text: str) -> int | str:
@@ -78,13 +78,8 @@ def simulate(
     from toolkit.sim_report import summarise, write_results
     from toolkit.simulate import SimulationConfig
 
-    model_args: dict[str, object] = {}
-    if width is not None:
-        model_args["width"] = width
-    if stem is not None:
-        model_args["stem"] = stem
     config = SimulationConfig(
-        model_args=model_args,
+        model_args=resnet_args(stem, width),
         nodes=nodes,
         topology=topology,
         data=data,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import cli_command, console, print_json
+from ._common import cli_command, console, print_json, resnet_args
 
 
 @cli_command
@@ -57,14 +57,9 @@ def train(
     from toolkit.train import TrainConfig
     from toolkit.train import train as run_training
 
-    model_args: dict[str, object] = {}
-    if stem is not None:
-        model_args["stem"] = stem
-    if width is not None:
-        model_args["width"] = width
     config = TrainConfig(
         model=model,
-        model_args=model_args,
+        model_args=resnet_args(stem, width),
         dataset=dataset,
         data_root=str(data_root) if data_root else None,
         channels=channels,

@@ -448,4 +448,3 @@ def _prune_unused_initializers(proto: onnx.ModelProto) -> None:
     inputs = [i for i in graph.input if i.name in used or i.name == "input"]
     del graph.input[:]
     graph.input.extend(inputs)
-

@@ -29,11 +29,12 @@ from torch import nn
 
 from edge_agent import codecs
 from edge_agent.merge import Merger, tensor_variance
+from models.training import accuracy, make_optimizer, train_steps
 
 from .data import ArrayDataset, load_dataset
 from .partition import partition
 from .topology import Topology, parse_topology
-from .train import make_model, make_optimizer, train_steps
+from .train import make_model
 
 __all__ = ["SimulationConfig", "SimulationResult", "simulate", "METHODS", "fedavg_average"]
 
@@ -146,17 +147,6 @@ def _batch_stream(
             yield x[chunk], y[chunk]
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    correct = sum(
-        int((model(xb).argmax(1) == yb).sum())
-        for xb, yb in zip(x.split(512), y.split(512), strict=True)
-    )
-    model.train()
-    return correct / len(y)
-
-
 def _mean_variance(states: list[Model]) -> dict[str, float]:
     per_node = [tensor_variance(s) for s in states]
     return {name: float(np.mean([v[name] for v in per_node])) for name in per_node[0]}
@@ -231,9 +221,9 @@ def simulate(
         if round_index % config.eval_every and round_index != config.rounds:
             continue
         if config.merge == "fedavg" and round_index:  # one global model: evaluate it once
-            accuracies = [_accuracy(fleet.models[0], test_x, test_y)]
+            accuracies = [accuracy(fleet.models[0], test_x, test_y)]
         else:
-            accuracies = [_accuracy(m, test_x, test_y) for m in fleet.models]
+            accuracies = [accuracy(m, test_x, test_y) for m in fleet.models]
         record = {
             "round": round_index,
             "mean_accuracy": float(np.mean(accuracies)),
@@ -317,4 +307,3 @@ def _fedavg_round(
         return sent
 
     return run
-

@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,12 @@ from torch import nn
 
 import models
 from exporters.fsutil import atomic_write_json
+from models.training import (
+    OPTIMIZERS,
+    distillation_loss,
+    make_optimizer,
+    train_steps,
+)
 
 from . import checkpoint
 from .data import ArrayDataset, load_dataset
@@ -58,7 +64,6 @@ __all__ = [
     "check_input",
 ]
 
-OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -178,33 +183,6 @@ def check_input(model: nn.Module, sample_shape: tuple[int, ...]) -> None:
         model.train(was_training)
 
 
-def make_optimizer(
-    model: nn.Module,
-    name: str = "adam",
-    lr: float = 1e-3,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-) -> torch.optim.Optimizer:
-    """Adam or SGD over the model's parameters.
-
-    Weight decay is applied to float parameters only: decaying binary layers' latent weights
-    pulls them toward zero, where their sign flips on noise (Bi-Real and Larq train them
-    without decay).
-    """
-    latent = {id(p) for p, _ in models.constraints.latent_weight_parameters(model)}
-    params = list(model.parameters())
-    groups = [
-        {"params": [p for p in params if id(p) not in latent], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) in latent], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, fused=True)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, fused=True)
-    raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-
-
 def _learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
     if config.schedule == "constant":
         return config.lr
@@ -229,69 +207,6 @@ def batches(
     for start in range(0, len(index), batch_size):
         chunk = torch.from_numpy(index[start : start + batch_size])
         yield x[chunk], y[chunk]
-
-
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    temperature: float,
-) -> torch.Tensor:
-    """Hinton et al.'s loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
-    hard = F.cross_entropy(student_logits, labels)
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return alpha * temperature * temperature * soft + (1.0 - alpha) * hard
-
-
-def train_steps(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data_iter: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    teacher: nn.Module | None = None,
-    kd_alpha: float = 0.9,
-    kd_temperature: float = 4.0,
-    lr_at: Callable[[int], float] | None = None,
-    on_step: Callable[[int, float, int], None] | None = None,
-) -> dict[str, float]:
-    """Run one optimizer step per batch of ``data_iter``; return mean loss and train accuracy.
-
-    Latent weights of binary layers are clipped after every step. ``lr_at(step)`` sets the
-    learning rate before each step; ``on_step(step, loss, batch_size)`` reports progress.
-    """
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for step, (x, y) in enumerate(data_iter):
-        if lr_at is not None:
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        logits = model(x)
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            loss = distillation_loss(logits, teacher_logits, y, kd_alpha, kd_temperature)
-        else:
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        models.clip_latent_weights(model)
-        value = float(loss.detach())
-        total_loss += value * len(y)
-        correct += int((logits.detach().argmax(1) == y).sum())
-        seen += len(y)
-        if on_step is not None:
-            on_step(step, value, len(y))
-    if seen == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "samples": 0}
-    return {"loss": total_loss / seen, "accuracy": correct / seen, "samples": seen}
 
 
 @torch.no_grad()

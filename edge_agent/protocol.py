@@ -1,0 +1,1016 @@
+"""The MQTT protocol of a bitfleet fleet: topics, signed frames, and the checks receivers make.
+
+This module is the one definition of what travels between devices, the broker and the laptop
+(DESIGN.md section 5). It is pure Python plus numpy and :mod:`edge_agent.codecs`: it builds and
+checks bytes, and never touches the network, so the agent, the CLI and the tests share it.
+
+Topics live under ``bitfleet/<fleet>/`` (:class:`Topics`)::
+
+    bitfleet/<fleet>/dev/<id>/state       retained JSON; the last will says offline
+    bitfleet/<fleet>/dev/<id>/telemetry   periodic JSON: resources, model, latency, drop counts
+    bitfleet/<fleet>/dev/<id>/cmd         commands to one device ...
+    bitfleet/<fleet>/dev/<id>/reply       ... answered here, with the command id
+    bitfleet/<fleet>/dev/<id>/gossip      models pushed by peers (binary frames)
+    bitfleet/<fleet>/dev/<id>/infer       inference requests and replies
+    bitfleet/<fleet>/artifacts/<name>/<version>   manifests and chunks for rollout
+
+Every frame carries an envelope: schema version ``v`` (:data:`SCHEMA_VERSION`), ``type``,
+``sender``, ``ts`` (unix seconds) and a random ``nonce`` (16 bytes, 32 hex characters), and is
+signed with HMAC-SHA256 under :meth:`Keyring.key_for` of its sender. Two encodings:
+
+- **JSON frames** (commands, replies, state, telemetry, inference) are one UTF-8 JSON object
+  ``{"v", "type", "sender", "ts", "nonce", "body": {...}, "sig": "<hex>"}``; the signature is
+  over the canonical JSON (sorted keys, no spaces, UTF-8) of the object without ``"sig"``.
+- **Binary frames** (gossip tensors, chunks, artifact chunks) are laid out as::
+
+      b"BFF1" | header length (uint32, big-endian) | header (canonical JSON) | body | HMAC (32)
+
+  where the header holds the envelope plus type-specific fields (``codec`` for gossip) and the
+  HMAC covers every byte before it. Tensors travel as :mod:`edge_agent.codecs` payloads
+  (safetensors, never pickle).
+
+A receiver trusts nothing it has not checked. :meth:`FrameVerifier.open` drops a frame with
+:class:`FrameRejected`, whose ``reason`` is one of :data:`DROP_REASONS`, checked in this order:
+``oversized`` (before parsing anything), ``malformed``, ``version``, ``unsigned``, ``forged``,
+``stale``, ``future``, ``replayed``. The signature is checked before the nonce is recorded, so a
+forged frame cannot poison the replay cache; :meth:`FrameVerifier.open_tensors` adds
+``bad_tensor`` (names, shapes, dtype kinds, NaN/Inf). The verifier counts every drop in its
+:class:`DropCounter`, which the agent reports in telemetry::
+
+    from edge_agent.protocol import FrameVerifier, Keyring, Topics, seal_tensors
+
+    keys = Keyring.from_file("fleet.key")
+    topics = Topics("lab")
+    data = seal_tensors(model, codec="sign", binary_names=binary, sender="pi-2", keyring=keys,
+                        extra={"round": 3, "samples": 120, "model": "lenet5"})
+    # client.publish(topics.gossip("pi-7"), data) ... and on pi-7, with the payload received:
+    verifier = FrameVerifier(keys)
+    frame, tensors = verifier.open_tensors(payload, expected=shapes_and_dtypes)
+    verifier.drops.snapshot()   # {"oversized": 0, "malformed": 0, ...}
+
+Payloads larger than a chunk (:data:`DEFAULT_CHUNK_BYTES`; brokers such as EMQX refuse packets
+over 1 MB by default) are cut by :func:`split_chunks` into signed ``"chunk"`` frames and put
+back together by a :class:`Reassembler`; :meth:`FrameVerifier.receive` does both sides of that
+for the agent: it returns the inner frame once every chunk has arrived, and ``None`` before.
+
+Keys are symmetric (HMAC, standard library only): whoever can verify a sender's frames can also
+sign as that sender. Per-device keys therefore protect a device from peers that do not hold its
+key (for example, only the device and the laptop hold it), not from those that do. Nor is the
+topic part of the signature: a frame that matters to one device only (a command) should name
+that device in its body, and the device should check it, or the same frame could be replayed
+to a peer whose replay cache has never seen it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.codecs import CODECS, CodecError, decode, encode
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DROP_REASONS",
+    "KINDS",
+    "MAGIC",
+    "MIN_KEY_BYTES",
+    "SCHEMA_VERSION",
+    "DropCounter",
+    "Frame",
+    "FrameRejected",
+    "FrameVerifier",
+    "Keyring",
+    "Reassembler",
+    "Topics",
+    "check_tensors",
+    "seal_binary",
+    "seal_json",
+    "seal_tensors",
+    "split_chunks",
+    "validate_name",
+]
+
+SCHEMA_VERSION = 1
+"""The envelope version every frame carries as ``v``; receivers drop any other."""
+
+MAGIC = b"BFF1"
+"""The first four bytes of a binary frame (bitfleet frame, layout 1)."""
+
+MIN_KEY_BYTES = 32
+"""Shortest key accepted: 256 bits, the output size of SHA-256."""
+
+DEFAULT_CHUNK_BYTES = 256 * 1024
+"""Largest payload sent as one message; bigger ones are split into chunk frames."""
+
+KINDS: tuple[str, ...] = ("state", "telemetry", "cmd", "reply", "gossip", "infer")
+"""The per-device topic kinds, ``bitfleet/<fleet>/dev/<id>/<kind>``."""
+
+DROP_REASONS: tuple[str, ...] = (
+    "oversized",
+    "malformed",
+    "version",
+    "unsigned",
+    "forged",
+    "stale",
+    "future",
+    "replayed",
+    "bad_tensor",
+)
+"""Why a frame was dropped, in the order :meth:`FrameVerifier.open` checks (then tensors).
+
+The reassembler adds ``"chunk_overflow"`` and ``"chunk_timeout"``.
+"""
+
+_ROOT = "bitfleet"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HEX_RE = re.compile(r"[0-9a-f]*")
+_NONCE_BYTES = 16
+_MAC_BYTES = 32
+_LEN = struct.Struct(">I")
+_ENVELOPE = ("v", "type", "sender", "ts", "nonce")
+_JSON_KEYS = frozenset([*_ENVELOPE, "body", "sig"])
+_CHUNK = "chunk"
+_GOSSIP = "gossip"
+_CHUNK_OVERHEAD = 1024  # header + signature bytes a chunk frame may add to its slice
+
+
+# --------------------------------------------------------------------------- names and topics
+
+
+def validate_name(text: str, what: str = "name") -> str:
+    """Return ``text`` if it is a valid fleet, device or artifact name, else raise ValueError.
+
+    Valid names are 1 to 64 characters of ``A-Z a-z 0-9 _ . -``: no MQTT separators or
+    wildcards (``/ + #``), nothing a shell or a file path would read specially. ``"."`` and
+    ``".."`` are refused too, since artifact names also become directory names.
+    """
+    if not isinstance(text, str) or not _NAME_RE.fullmatch(text) or text in (".", ".."):
+        shown = _one_line(repr(text), 80)
+        raise ValueError(f"invalid {what} {shown}: use 1-64 characters of A-Z a-z 0-9 _ . -")
+    return text
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names of one fleet, all under ``bitfleet/<fleet>/``.
+
+    >>> Topics("lab").gossip("pi-2")
+    'bitfleet/lab/dev/pi-2/gossip'
+    >>> Topics("lab").parse("bitfleet/lab/dev/pi-2/gossip")
+    ('pi-2', 'gossip')
+    """
+
+    fleet: str
+
+    def __post_init__(self) -> None:
+        validate_name(self.fleet, "fleet name")
+
+    @property
+    def root(self) -> str:
+        """``bitfleet/<fleet>``, without a trailing slash."""
+        return f"{_ROOT}/{self.fleet}"
+
+    def _dev(self, device: str, kind: str) -> str:
+        return f"{self.root}/dev/{validate_name(device, 'device id')}/{kind}"
+
+    def state(self, device: str) -> str:
+        """Retained JSON state of ``device``; its last will publishes ``offline`` here."""
+        return self._dev(device, "state")
+
+    def telemetry(self, device: str) -> str:
+        """Periodic JSON telemetry of ``device``."""
+        return self._dev(device, "telemetry")
+
+    def cmd(self, device: str) -> str:
+        """Commands to ``device``."""
+        return self._dev(device, "cmd")
+
+    def reply(self, device: str) -> str:
+        """Answers of ``device`` to its commands."""
+        return self._dev(device, "reply")
+
+    def gossip(self, device: str) -> str:
+        """Models pushed to ``device`` by its peers."""
+        return self._dev(device, "gossip")
+
+    def infer(self, device: str) -> str:
+        """Inference requests to ``device``."""
+        return self._dev(device, "infer")
+
+    def artifact(self, name: str, version: str) -> str:
+        """Base topic of one artifact version (manifests and chunks go below it)."""
+        name = validate_name(name, "artifact name")
+        version = validate_name(version, "artifact version")
+        return f"{self.root}/artifacts/{name}/{version}"
+
+    def all_states(self) -> str:
+        """Wildcard subscription to every device's state: how peers are discovered."""
+        return f"{self.root}/dev/+/state"
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """``(device, kind)`` for a device topic of this fleet, else ``None``."""
+        if not isinstance(topic, str):
+            return None
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[:3] != [_ROOT, self.fleet, "dev"] or parts[4] not in KINDS:
+            return None
+        if not _NAME_RE.fullmatch(parts[3]) or parts[3] in (".", ".."):
+            return None
+        return parts[3], parts[4]
+
+
+# ----------------------------------------------------------------------------------------- keys
+
+
+class Keyring:
+    """The fleet key and optional per-device keys; :meth:`key_for` picks the signing key.
+
+    A sender with its own key in ``device_keys`` signs (and is verified) with that key only, so
+    holders of the fleet key alone cannot impersonate it; every other sender uses the fleet key.
+    Keys are raw bytes of at least :data:`MIN_KEY_BYTES`. ``repr`` never shows them.
+
+    Args:
+        fleet_key: the shared fleet key.
+        device_keys: optional ``device id -> key``.
+    """
+
+    def __init__(self, fleet_key: bytes, device_keys: Mapping[str, bytes] | None = None) -> None:
+        self._fleet_key = _check_key(fleet_key, "fleet key")
+        self._device_keys: dict[str, bytes] = {}
+        for device, key in (device_keys or {}).items():
+            validate_name(device, "device id")
+            self._device_keys[device] = _check_key(key, f"key of device {device!r}")
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str], device_keys: Mapping[str, bytes] | None = None
+    ) -> Keyring:
+        """A keyring whose fleet key is the raw bytes of the file at ``path`` (nothing stripped).
+
+        Raises ``ValueError`` if the file holds fewer than :data:`MIN_KEY_BYTES` bytes, and
+        ``OSError`` if it cannot be read.
+        """
+        with open(path, "rb") as handle:
+            key = handle.read()
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"key file {os.fspath(path)!r} holds {len(key)} bytes, need at least "
+                f"{MIN_KEY_BYTES}; generate one with: head -c 32 /dev/urandom > fleet.key"
+            )
+        return cls(key, device_keys)
+
+    def key_for(self, sender: str) -> bytes:
+        """The key for frames from ``sender``: its own key if it has one, else the fleet key."""
+        return self._device_keys.get(sender, self._fleet_key)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices that have their own key."""
+        return tuple(self._device_keys)
+
+    def __repr__(self) -> str:
+        return f"Keyring(fleet key, {len(self._device_keys)} device keys)"
+
+
+def _check_key(key: bytes, what: str) -> bytes:
+    if not isinstance(key, (bytes, bytearray)):
+        raise ValueError(f"{what} must be bytes, got {type(key).__name__}")
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"{what} is too short: {len(key)} bytes, need at least {MIN_KEY_BYTES}")
+    return bytes(key)
+
+
+# --------------------------------------------------------------------------------------- frames
+
+
+class FrameRejected(Exception):
+    """A frame a receiver drops; ``reason`` names why (see :data:`DROP_REASONS`).
+
+    Args:
+        reason: a short machine-readable reason, the key of the drop counter.
+        detail: a human-readable explanation, shortened to one line.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = _one_line(detail)
+        super().__init__(f"{reason}: {self.detail}" if self.detail else reason)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A frame that passed every check of :meth:`FrameVerifier.open`.
+
+    Attributes:
+        version: the schema version (:data:`SCHEMA_VERSION`).
+        type: the frame type, e.g. ``"cmd"``, ``"gossip"``, ``"chunk"``.
+        sender: who signed it.
+        ts: when it was sealed, unix seconds.
+        nonce: 32 hex characters, unique per frame.
+        header: the JSON body of a JSON frame; the type-specific header fields of a binary
+            frame (the envelope fields ``v type sender ts nonce`` are not repeated here).
+        body: the bytes of a binary frame; ``b""`` for a JSON frame.
+        binary: whether it came as a binary frame.
+    """
+
+    version: int
+    type: str
+    sender: str
+    ts: float
+    nonce: str
+    header: dict[str, Any]
+    body: bytes = field(default=b"", repr=False)
+    binary: bool = False
+
+    @property
+    def json(self) -> dict[str, Any]:
+        """The body of a JSON frame (``ValueError`` for a binary frame)."""
+        if self.binary:
+            raise ValueError(f"{self.type!r} frame is binary: read .header and .body")
+        return self.header
+
+
+def _canonical(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN/Inf. The bytes that get signed."""
+    text = json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return text.encode("utf-8")
+
+
+def _envelope(type: str, sender: str, now: float | None) -> dict[str, Any]:
+    validate_name(type, "frame type")
+    validate_name(sender, "sender")
+    ts = time.time() if now is None else float(now)
+    if not math.isfinite(ts):
+        raise ValueError(f"timestamp must be finite, got {ts}")
+    return {
+        "v": SCHEMA_VERSION,
+        "type": type,
+        "sender": sender,
+        "ts": ts,
+        "nonce": secrets.token_hex(_NONCE_BYTES),
+    }
+
+
+def seal_json(
+    type: str,
+    body: Mapping[str, Any],
+    *,
+    sender: str,
+    keyring: Keyring,
+    now: float | None = None,
+) -> bytes:
+    """A signed JSON frame of ``type`` carrying ``body`` (a JSON object with string keys).
+
+    ``now`` overrides the timestamp (unix seconds). Raises ``ValueError`` for an invalid type
+    or sender, or a body that does not survive a JSON round trip unchanged (non-string keys,
+    NaN/Inf, objects JSON cannot hold).
+    """
+    if not isinstance(body, Mapping):
+        raise ValueError(f"body must be a JSON object, got {body.__class__.__name__}")
+    obj = _envelope(type, sender, now)
+    obj["body"] = dict(body)
+    try:
+        signed = _canonical(obj)
+        stable = _canonical(json.loads(signed)) == signed
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"body is not JSON: {_one_line(exc)}") from None
+    if not stable:
+        raise ValueError("body does not survive a JSON round trip (non-string keys?)")
+    obj["sig"] = hmac.new(keyring.key_for(sender), signed, hashlib.sha256).hexdigest()
+    return _canonical(obj)
+
+
+def seal_binary(
+    type: str,
+    header: Mapping[str, Any],
+    body: bytes,
+    *,
+    sender: str,
+    keyring: Keyring,
+    now: float | None = None,
+) -> bytes:
+    """A signed binary frame of ``type``: type-specific ``header`` fields plus ``body`` bytes.
+
+    ``header`` may not use the envelope names ``v type sender ts nonce``. Raises ``ValueError``
+    for those, an invalid type or sender, or a header that is not JSON.
+    """
+    clash = sorted(set(header) & set(_ENVELOPE))
+    if clash:
+        raise ValueError(f"header fields {clash} are reserved for the envelope")
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise ValueError(f"body must be bytes, got {body.__class__.__name__}")
+    full = {**header, **_envelope(type, sender, now)}
+    try:
+        head = _canonical(full)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"header is not JSON: {_one_line(exc)}") from None
+    signed = b"".join([MAGIC, _LEN.pack(len(head)), head, bytes(body)])
+    return signed + hmac.new(keyring.key_for(sender), signed, hashlib.sha256).digest()
+
+
+def seal_tensors(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    codec: str = "fp32",
+    binary_names: Iterable[str] = (),
+    sender: str,
+    keyring: Keyring,
+    extra: Mapping[str, Any] | None = None,
+    now: float | None = None,
+) -> bytes:
+    """A signed ``"gossip"`` frame: ``tensors`` encoded with ``codec`` (see :func:`codecs.encode`).
+
+    The header holds ``codec`` and every field of ``extra`` (e.g. ``{"round": 3, "samples":
+    120, "model": "lenet5"}``); ``extra`` may not use ``codec`` or the envelope names.
+    """
+    extra = dict(extra or {})
+    if "codec" in extra:
+        raise ValueError("extra may not set 'codec'; pass codec= instead")
+    payload = encode(tensors, codec=codec, binary_names=binary_names)
+    return seal_binary(
+        _GOSSIP, {**extra, "codec": codec}, payload, sender=sender, keyring=keyring, now=now
+    )
+
+
+# ------------------------------------------------------------------------------------ counters
+
+
+class DropCounter:
+    """Thread-safe counts of dropped frames by reason, for telemetry."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def count(self, reason: str, n: int = 1) -> None:
+        """Add ``n`` drops for ``reason``."""
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        """Every reason of :data:`DROP_REASONS` (zero if none) plus any other reason counted."""
+        with self._lock:
+            return {**dict.fromkeys(DROP_REASONS, 0), **self._counts}
+
+    @property
+    def total(self) -> int:
+        """All drops, whatever the reason."""
+        with self._lock:
+            return sum(self._counts.values())
+
+
+# ------------------------------------------------------------------------------------- tensors
+
+
+def check_tensors(
+    tensors: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[tuple[int, ...], npt.DTypeLike]] | None = None,
+) -> None:
+    """Raise ``FrameRejected("bad_tensor")`` unless ``tensors`` fit the model and are finite.
+
+    With ``expected`` (``name -> (shape, dtype)``) the names must match exactly, every shape
+    must match, and every dtype must be of the same kind (float, integer or boolean: the codecs
+    decode every float tensor as float32, so widths are not compared). Float tensors may never
+    hold NaN or Inf, with or without ``expected``.
+    """
+    if expected is not None:
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise FrameRejected(
+                "bad_tensor", f"names differ: missing {_few(missing)}, extra {_few(extra)}"
+            )
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        if expected is not None:
+            shape, dtype = expected[name]
+            if tuple(array.shape) != tuple(shape):
+                raise FrameRejected(
+                    "bad_tensor", f"tensor {name!r}: shape {array.shape}, expected {tuple(shape)}"
+                )
+            want = np.dtype(dtype)
+            if _kind(array.dtype) != _kind(want):
+                raise FrameRejected(
+                    "bad_tensor", f"tensor {name!r}: dtype {array.dtype}, expected {want}"
+                )
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise FrameRejected("bad_tensor", f"tensor {name!r} holds NaN or Inf")
+
+
+def _kind(dtype: np.dtype) -> str:
+    """``"float"``, ``"int"`` (signed or unsigned), ``"bool"``, or numpy's kind letter."""
+    return {"f": "float", "i": "int", "u": "int", "b": "bool"}.get(dtype.kind, dtype.kind)
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"[{shown}{more}]"
+
+
+# ------------------------------------------------------------------------------------- chunking
+
+
+def split_chunks(
+    payload: bytes,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    sender: str,
+    keyring: Keyring,
+    transfer_id: str | None = None,
+    now: float | None = None,
+) -> list[bytes]:
+    """Cut ``payload`` (a sealed frame) into signed ``"chunk"`` frames of at most ``chunk_bytes``.
+
+    A payload that fits is returned unchanged as ``[payload]``. Otherwise piece ``i`` of ``n``
+    becomes a binary frame whose header is ``{"transfer", "index", "total", "size", "sha256"}``
+    (the transfer id, random unless given; the size and SHA-256 of the whole payload) and whose
+    body is the slice; each frame is at most ``chunk_bytes + 1024`` bytes.
+    """
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+    payload = bytes(payload)
+    if len(payload) <= chunk_bytes:
+        return [payload]
+    transfer = secrets.token_hex(16) if transfer_id is None else transfer_id
+    validate_name(transfer, "transfer id")
+    total = -(-len(payload) // chunk_bytes)
+    digest = hashlib.sha256(payload).hexdigest()
+    frames = []
+    for index in range(total):
+        piece = payload[index * chunk_bytes : (index + 1) * chunk_bytes]
+        header = {
+            "transfer": transfer,
+            "index": index,
+            "total": total,
+            "size": len(payload),
+            "sha256": digest,
+        }
+        frame = seal_binary(_CHUNK, header, piece, sender=sender, keyring=keyring, now=now)
+        if len(frame) > chunk_bytes + _CHUNK_OVERHEAD:  # only a huge sender name could do this
+            raise ValueError(f"chunk frame of {len(frame)} bytes exceeds its budget")
+        frames.append(frame)
+    return frames
+
+
+@dataclass
+class _Transfer:
+    sender: str
+    total: int
+    size: int
+    sha256: str
+    last_seen: float
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+def _chunk_fields(frame: Frame) -> tuple[str, int, int, int, str]:
+    """``(transfer, index, total, size, sha256)`` of a chunk frame, checked for type and range."""
+    if frame.type != _CHUNK or not frame.binary:
+        raise FrameRejected("malformed", f"not a chunk frame: {frame.type!r}")
+    h = frame.header
+    transfer, index, total, size, digest = (
+        h.get(k) for k in ("transfer", "index", "total", "size", "sha256")
+    )
+    if not isinstance(transfer, str) or not _NAME_RE.fullmatch(transfer):
+        raise FrameRejected("malformed", "chunk: bad transfer id")
+    if not all(_is_int(x) for x in (index, total, size)):
+        raise FrameRejected("malformed", "chunk: index, total and size must be integers")
+    if not isinstance(digest, str) or len(digest) != 64 or not _HEX_RE.fullmatch(digest):
+        raise FrameRejected("malformed", "chunk: sha256 must be 64 lowercase hex characters")
+    if not (size >= 1 and 1 <= total <= size and 0 <= index < total):
+        raise FrameRejected("malformed", f"chunk: index {index} of {total}, size {size}")
+    if not frame.body:
+        raise FrameRejected("malformed", "chunk: empty body")
+    return transfer, index, total, size, digest
+
+
+class Reassembler:
+    """Puts chunked payloads back together, within a memory and time budget.
+
+    Transfers are keyed by ``(sender, transfer id)``. Every chunk must repeat the transfer's
+    ``total``, ``size`` and ``sha256``; a repeated index is ignored, and so is a late chunk of a
+    transfer that completed recently (a sender's retry). The completed payload is checked
+    against ``size`` and ``sha256`` before it is returned.
+
+    Args:
+        timeout_s: a transfer idle for longer is dropped by :meth:`expire`.
+        max_bytes: most payload bytes held across all transfers, and the largest transfer.
+        max_transfers: most transfers in progress at once.
+        clock: monotonic seconds.
+        drops: if given, every expired transfer is counted there as ``"chunk_timeout"``
+            (including those :meth:`add` expires), so callers need not count them again.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 30.0,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_transfers: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+        drops: DropCounter | None = None,
+    ) -> None:
+        self.timeout_s = float(timeout_s)
+        self.max_bytes = int(max_bytes)
+        self.max_transfers = int(max_transfers)
+        self._clock = clock
+        self._drops = drops
+        self._lock = threading.Lock()
+        self._transfers: dict[tuple[str, str], _Transfer] = {}
+        self._pending = 0
+        # Recently completed (sender, transfer, sha256): late duplicates of their chunks are
+        # ignored instead of starting a transfer that could only time out.
+        self._done: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._done_capacity = max(16, 4 * self.max_transfers)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Payload bytes held by incomplete transfers."""
+        with self._lock:
+            return self._pending
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._transfers)
+
+    def expire(self) -> int:
+        """Drop transfers idle for longer than ``timeout_s``; returns how many."""
+        with self._lock:
+            return self._expire(self._clock())
+
+    def _expire(self, now: float) -> int:
+        old = [k for k, t in self._transfers.items() if now - t.last_seen > self.timeout_s]
+        for key in old:
+            self._drop(key)
+        if old and self._drops is not None:
+            self._drops.count("chunk_timeout", len(old))
+        return len(old)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        transfer = self._transfers.pop(key, None)
+        if transfer is not None:
+            self._pending -= transfer.nbytes
+
+    def add(self, frame: Frame) -> bytes | None:
+        """Take one verified chunk frame; the whole payload once complete, else ``None``.
+
+        Raises ``FrameRejected("chunk_overflow")`` when the chunk would exceed ``max_bytes`` or
+        ``max_transfers`` (or declares a bigger payload than ``max_bytes``), and
+        ``FrameRejected("malformed")`` for a chunk that contradicts its transfer or a payload
+        whose size or SHA-256 does not match; both drop the transfer concerned.
+        """
+        tid, index, total, size, digest = _chunk_fields(frame)
+        key = (frame.sender, tid)
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            if (frame.sender, tid, digest) in self._done:
+                return None
+            if size > self.max_bytes:
+                self._drop(key)
+                raise FrameRejected(
+                    "chunk_overflow", f"transfer of {size} bytes exceeds {self.max_bytes}"
+                )
+            transfer = self._transfers.get(key)
+            if transfer is None:
+                if len(self._transfers) >= self.max_transfers:
+                    raise FrameRejected(
+                        "chunk_overflow", f"{self.max_transfers} transfers already in progress"
+                    )
+                transfer = _Transfer(frame.sender, total, size, digest, now)
+            elif (transfer.sender, transfer.total, transfer.size, transfer.sha256) != (
+                frame.sender,
+                total,
+                size,
+                digest,
+            ):
+                self._drop(key)
+                raise FrameRejected("malformed", f"chunk {index} contradicts transfer {tid!r}")
+            transfer.last_seen = now
+            if index in transfer.chunks:
+                return None
+            if transfer.nbytes + len(frame.body) > size:
+                self._drop(key)
+                raise FrameRejected("malformed", f"transfer {tid!r} holds more than {size} bytes")
+            if self._pending + len(frame.body) > self.max_bytes:
+                self._drop(key)
+                raise FrameRejected(
+                    "chunk_overflow", f"reassembly buffer full ({self._pending} bytes pending)"
+                )
+            self._transfers[key] = transfer
+            transfer.chunks[index] = frame.body
+            transfer.nbytes += len(frame.body)
+            self._pending += len(frame.body)
+            if len(transfer.chunks) < total:
+                return None
+            self._drop(key)
+            self._done[(frame.sender, tid, digest)] = None
+            while len(self._done) > self._done_capacity:
+                self._done.popitem(last=False)
+        payload = b"".join(transfer.chunks[i] for i in range(total))
+        if len(payload) != size or hashlib.sha256(payload).hexdigest() != digest:
+            raise FrameRejected("malformed", f"transfer {tid!r}: size or sha256 mismatch")
+        return payload
+
+
+# ------------------------------------------------------------------------------------ verifying
+
+
+class _NonceCache:
+    """Nonces of accepted frames, forgotten once their frames would be stale anyway.
+
+    Bounded: when full it forgets the nonce of the oldest frame and raises a floor, so any frame
+    at least that old is treated as replayed from then on (it cannot be proven fresh). Not
+    locked; :class:`FrameVerifier` holds the lock.
+    """
+
+    def __init__(self, capacity: int, max_age_s: float) -> None:
+        self.capacity = max(1, int(capacity))
+        self.max_age_s = max_age_s
+        self._seen: set[tuple[str, str]] = set()
+        self._heap: list[tuple[float, tuple[str, str]]] = []
+        self._floor = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, key: tuple[str, str], ts: float, now: float) -> bool:
+        """Record ``key``; False if it was seen (or cannot be told apart from a replay)."""
+        cutoff = now - self.max_age_s
+        while self._heap and self._heap[0][0] < cutoff:
+            self._seen.discard(heapq.heappop(self._heap)[1])
+        if key in self._seen or ts <= self._floor:
+            return False
+        while len(self._seen) >= self.capacity:
+            oldest, forgotten = heapq.heappop(self._heap)
+            self._seen.discard(forgotten)
+            self._floor = max(self._floor, oldest)
+        self._seen.add(key)
+        heapq.heappush(self._heap, (ts, key))
+        return True
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from UTF-8 bytes (NaN/Infinity refused), or ``FrameRejected("malformed")``."""
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FrameRejected("malformed", f"{what}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise FrameRejected("malformed", f"{what} is not a JSON object")
+    return obj
+
+
+def _check_envelope(obj: dict[str, Any]) -> tuple[str, str, float, str]:
+    """Version, then the envelope fields' types: ``(type, sender, ts, nonce)``."""
+    v = obj.get("v")
+    if not _is_int(v):
+        raise FrameRejected("malformed", "missing or non-integer schema version 'v'")
+    if v != SCHEMA_VERSION:
+        raise FrameRejected("version", f"schema version {v}, this receiver speaks {SCHEMA_VERSION}")
+    ftype, sender, ts, nonce = (obj.get(k) for k in ("type", "sender", "ts", "nonce"))
+    if not isinstance(ftype, str) or not _NAME_RE.fullmatch(ftype):
+        raise FrameRejected("malformed", "missing or invalid 'type'")
+    if not isinstance(sender, str) or not _NAME_RE.fullmatch(sender):
+        raise FrameRejected("malformed", "missing or invalid 'sender'")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        raise FrameRejected("malformed", "missing or non-numeric timestamp 'ts'")
+    if not isinstance(nonce, str) or len(nonce) != 2 * _NONCE_BYTES or not _HEX_RE.fullmatch(nonce):
+        raise FrameRejected("malformed", "nonce must be 32 lowercase hex characters")
+    return ftype, sender, float(ts), nonce
+
+
+class FrameVerifier:
+    """Opens frames from the network: parses, authenticates and dates them, and drops replays.
+
+    One verifier per receiving process: it owns the replay cache, the reassembler of chunked
+    transfers and the :attr:`drops` counter. Every ``FrameRejected`` its methods raise is counted
+    in :attr:`drops` before it propagates, so callers must not count it again. It is
+    thread-safe: paho calls back from its network thread.
+
+    Args:
+        keyring: keys to verify signatures with.
+        max_age_s: frames older than this are ``"stale"``; also how long nonces are kept.
+        max_future_s: frames dated further ahead than this are ``"future"`` (clock skew).
+        max_frame_bytes: bigger frames are ``"oversized"``, checked before parsing.
+        nonce_capacity: most nonces remembered; see the note on the replay cache below.
+        clock: wall-clock unix seconds, the time frames are dated against.
+        reassembly_timeout_s: chunked transfers idle longer are dropped (``"chunk_timeout"``).
+        reassembly_max_bytes: memory for chunked transfers, and the largest reassembled frame.
+
+    The replay cache forgets a nonce once its frame is older than ``max_age_s`` (a replay of it
+    would be stale). If ``nonce_capacity`` frames arrive within ``max_age_s`` it forgets the
+    oldest one early and from then on drops every frame at least that old as ``"replayed"``,
+    since it can no longer tell.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        max_age_s: float = 120.0,
+        max_future_s: float = 30.0,
+        max_frame_bytes: int = 2 * 1024 * 1024,
+        nonce_capacity: int = 100_000,
+        clock: Callable[[], float] = time.time,
+        reassembly_timeout_s: float = 30.0,
+        reassembly_max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.keyring = keyring
+        self.max_age_s = float(max_age_s)
+        self.max_future_s = float(max_future_s)
+        self.max_frame_bytes = int(max_frame_bytes)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._nonces = _NonceCache(nonce_capacity, self.max_age_s)
+        self.drops = DropCounter()
+        self.reassembler = Reassembler(
+            timeout_s=reassembly_timeout_s, max_bytes=reassembly_max_bytes, drops=self.drops
+        )
+
+    def open(self, payload: bytes, *, retained: bool = False) -> Frame:
+        """Parse and verify one frame; raises :class:`FrameRejected` if it must be dropped.
+
+        ``retained=True`` is for retained messages (MQTT ``msg.retain``, e.g. ``state`` and its
+        last will), which the broker hands out again, long after they were sealed: their age and
+        nonce are not checked (everything else is), so compare ``ts`` with the newest frame seen
+        from that sender before acting on one.
+        """
+        try:
+            return self._open(payload, self.max_frame_bytes, fresh=not retained)
+        except FrameRejected as exc:
+            self.drops.count(exc.reason)
+            raise
+
+    def open_tensors(
+        self,
+        payload: bytes | Frame,
+        expected: Mapping[str, tuple[tuple[int, ...], npt.DTypeLike]] | None = None,
+    ) -> tuple[Frame, dict[str, np.ndarray]]:
+        """Open a ``"gossip"`` frame and decode its tensors, checked with :func:`check_tensors`.
+
+        ``payload`` is raw bytes, or a gossip :class:`Frame` that :meth:`receive` already
+        opened (a model big enough to be chunked). Returns the frame and the tensors.
+        """
+        try:
+            frame = payload if isinstance(payload, Frame) else self._open(payload)
+            return frame, self._tensors(frame, expected)
+        except FrameRejected as exc:
+            self.drops.count(exc.reason)
+            raise
+
+    def receive(self, payload: bytes) -> Frame | None:
+        """Open a frame, reassembling chunked ones: the frame, or ``None`` while incomplete.
+
+        A chunk frame feeds :attr:`reassembler`; when its transfer completes, the payload (a
+        complete signed frame of its own, up to ``reassembly_max_bytes``) is opened like any
+        other frame and returned. Every other frame is returned as :meth:`open` returns it.
+        """
+        try:
+            frame = self._open(payload)
+            if frame.type != _CHUNK:
+                return frame
+            whole = self.reassembler.add(frame)
+            if whole is None:
+                return None
+            inner = self._open(whole, self.reassembler.max_bytes)
+            if inner.type == _CHUNK:
+                raise FrameRejected("malformed", "a chunked transfer holds another chunk")
+            return inner
+        except FrameRejected as exc:
+            self.drops.count(exc.reason)
+            raise
+
+    # The checks themselves; they raise FrameRejected and count nothing.
+
+    def _tensors(
+        self,
+        frame: Frame,
+        expected: Mapping[str, tuple[tuple[int, ...], npt.DTypeLike]] | None,
+    ) -> dict[str, np.ndarray]:
+        if frame.type != _GOSSIP or not frame.binary:
+            raise FrameRejected("malformed", f"expected a binary gossip frame, got {frame.type!r}")
+        if frame.header.get("codec") not in CODECS:
+            raise FrameRejected("malformed", f"unknown codec {frame.header.get('codec')!r}")
+        try:
+            tensors = decode(frame.body)
+        except CodecError as exc:
+            raise FrameRejected("malformed", str(exc)) from None
+        check_tensors(tensors, expected)
+        return tensors
+
+    def _open(self, payload: bytes, limit: int | None = None, fresh: bool = True) -> Frame:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise FrameRejected("malformed", f"payload must be bytes, got {type(payload).__name__}")
+        limit = self.max_frame_bytes if limit is None else limit
+        if len(payload) > limit:
+            raise FrameRejected("oversized", f"{len(payload)} bytes, limit {limit}")
+        payload = bytes(payload)
+        if payload[:4] == MAGIC:
+            frame, signed, sig, expected_sig = self._parse_binary(payload)
+        elif payload[:1] == b"{":
+            frame, signed, sig, expected_sig = self._parse_json(payload)
+        else:
+            raise FrameRejected("malformed", f"unknown frame start {payload[:4]!r}")
+        if not sig:
+            raise FrameRejected("unsigned", f"{frame.type!r} frame from {frame.sender!r}")
+        if not hmac.compare_digest(sig, expected_sig(self.keyring.key_for(frame.sender), signed)):
+            raise FrameRejected(
+                "forged", f"bad signature on {frame.type!r} frame from {frame.sender!r}"
+            )
+        now = self._clock()
+        if fresh and frame.ts < now - self.max_age_s:
+            raise FrameRejected("stale", f"{now - frame.ts:.1f} s old")
+        if frame.ts > now + self.max_future_s:
+            raise FrameRejected("future", f"dated {frame.ts - now:.1f} s ahead")
+        if fresh:
+            with self._lock:
+                if not self._nonces.add((frame.sender, frame.nonce), frame.ts, now):
+                    raise FrameRejected(
+                        "replayed", f"nonce {frame.nonce} from {frame.sender!r} seen before"
+                    )
+        return frame
+
+    @staticmethod
+    def _parse_json(payload: bytes) -> tuple[Frame, bytes, Any, Callable[[bytes, bytes], Any]]:
+        obj = _loads(payload, "JSON frame")
+        ftype, sender, ts, nonce = _check_envelope(obj)
+        unknown = sorted(set(obj) - _JSON_KEYS)
+        if unknown:
+            raise FrameRejected("malformed", f"unknown fields {_few(unknown)}")
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            raise FrameRejected("malformed", "'body' must be a JSON object")
+        sig = obj.pop("sig", None)
+        if sig is not None and not isinstance(sig, str):
+            raise FrameRejected("malformed", "'sig' must be a hex string")
+        if sig and (len(sig) != 2 * _MAC_BYTES or not _HEX_RE.fullmatch(sig)):
+            raise FrameRejected("malformed", "'sig' must be 64 lowercase hex characters")
+        try:
+            signed = _canonical(obj)
+        except (ValueError, UnicodeEncodeError, RecursionError) as exc:  # lone surrogates etc.
+            raise FrameRejected("malformed", f"not canonical JSON: {exc}") from None
+        frame = Frame(SCHEMA_VERSION, ftype, sender, ts, nonce, body)
+        return frame, signed, sig, _hex_mac
+
+    @staticmethod
+    def _parse_binary(payload: bytes) -> tuple[Frame, bytes, Any, Callable[[bytes, bytes], Any]]:
+        if len(payload) < len(MAGIC) + _LEN.size + _MAC_BYTES:
+            raise FrameRejected("malformed", f"binary frame of {len(payload)} bytes is too short")
+        (hlen,) = _LEN.unpack_from(payload, len(MAGIC))
+        start = len(MAGIC) + _LEN.size
+        end = start + hlen
+        if end > len(payload) - _MAC_BYTES:
+            raise FrameRejected(
+                "malformed", f"header length {hlen} overruns a {len(payload)}-byte frame"
+            )
+        header = _loads(payload[start:end], "binary frame header")
+        ftype, sender, ts, nonce = _check_envelope(header)
+        fields = {k: v for k, v in header.items() if k not in _ENVELOPE}
+        signed, sig = payload[:-_MAC_BYTES], payload[-_MAC_BYTES:]
+        if sig == bytes(_MAC_BYTES):
+            sig = b""  # an all-zero MAC is how an unsigned binary frame looks
+        frame = Frame(
+            SCHEMA_VERSION, ftype, sender, ts, nonce, fields, payload[end:-_MAC_BYTES], True
+        )
+        return frame, signed, sig, _raw_mac
+
+
+def _raw_mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def _hex_mac(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

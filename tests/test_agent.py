@@ -1,0 +1,576 @@
+"""The edge agent against real brokers: presence, inference, deploy, learning, crashes, fuzz.
+
+No mocks: every test starts Mosquitto (or the embedded amqtt broker) on a free loopback port,
+runs agents in this process (or as ``bitfleet-agent`` subprocesses where a test kills them),
+and talks to them through :class:`toolkit.fleet.FleetClient`, the laptop's real client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import exporters
+import models
+from edge_agent.agent import Agent
+from edge_agent.broker import free_port
+from edge_agent.config import AgentConfig, ConfigError, LearnSettings, load_config
+from edge_agent.protocol import Keyring, Topics, seal_binary, seal_json, split_chunks
+from exporters import runtime
+from toolkit.data import load_dataset
+from toolkit.fleet import FleetClient, FleetError
+from toolkit.partition import partition
+
+FLEET = "lab"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "fleet.key"
+    path.write_bytes(bytes(range(32)) * 2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> list[Path]:
+    """Two LeNet-5 artifacts (versions 1 and 2) for 32x32 digits, portable flavour."""
+    root = tmp_path_factory.mktemp("art")
+    made = []
+    for version in ("1", "2"):
+        model = models.create("lenet5").eval()
+        made.append(
+            exporters.export(
+                model,
+                root / f"v{version}",
+                "onnx-portable",
+                name="digits",
+                version=version,
+                input_shape=(1, 32, 32),
+            )
+        )
+    return made
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def _config(broker_url: str, key_file: Path, state: Path, **kw) -> AgentConfig:
+    base = dict(
+        broker=broker_url,
+        fleet=FLEET,
+        id=kw.pop("id", "pi-01"),
+        state_dir=str(state),
+        key_file=str(key_file),
+        http_port=0,
+        heartbeat_s=0.5,
+    )
+    base.update(kw)
+    return AgentConfig(**base)
+
+
+@pytest.fixture
+def fleet(mosquitto, key_file):
+    with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
+        yield client
+
+
+@pytest.fixture
+def agents():
+    made: list[Agent] = []
+
+    def start(config: AgentConfig) -> Agent:
+        agent = Agent(config)
+        agent.transport._client.reconnect_delay_set(0.05, 0.5)
+        agent.start(connect_timeout=10)
+        made.append(agent)
+        return agent
+
+    yield start
+    for agent in made:
+        if not agent.stopping.is_set():
+            agent.shutdown()
+
+
+def _online(device: str):
+    return lambda devices: devices.get(device, {}).get("status") == "online"
+
+
+# ------------------------------------------------------------------------------- presence
+def test_presence_retained_state_and_clean_offline(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path
+):
+    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(_online("pi-01"))
+    state = fleet.devices()["pi-01"]
+    assert (state["model"], state["version"]) == ("digits", "1")
+    assert state["capabilities"] == ["infer", "deploy", "learn"] and state["agent_version"]
+    # a late subscriber gets the retained state
+    with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as late:
+        assert late.wait_for(_online("pi-01"))
+    agent.shutdown()
+    assert fleet.wait_for(lambda d: d["pi-01"]["status"] == "offline")
+
+
+def test_presence_on_the_embedded_broker(amqtt_broker, key_file, artifacts, agents, tmp_path):
+    agents(_config(amqtt_broker.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    with FleetClient(amqtt_broker.url, fleet=FLEET, key_file=key_file) as client:
+        assert client.wait_for(_online("pi-01"))
+        reply = client.command("pi-01", "ping", timeout=10)
+        assert reply["ok"] and reply["result"]["pong"]
+
+
+# ------------------------------------------------------------------------------ inference
+def test_inference_over_mqtt_and_http_matches_the_artifact(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
+):
+    port = free_port()
+    agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), http_port=port))
+    batch = digits[1].x[:4]
+    direct = runtime.load(artifacts[0]).predict(batch)
+    reply = fleet.infer("pi-01", batch)
+    assert reply["ok"], reply
+    np.testing.assert_allclose(np.asarray(reply["result"]["logits"]), direct, rtol=1e-5, atol=1e-5)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/infer",
+        data=json.dumps({"inputs": batch.tolist()}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        over_http = json.loads(response.read())
+    np.testing.assert_allclose(np.asarray(over_http["logits"]), direct, rtol=1e-5, atol=1e-5)
+    assert over_http["top1"] == direct.argmax(1).tolist()
+    # bad input: one clear error, over both paths
+    bad = fleet.infer("pi-01", np.zeros((1, 3, 32, 32), np.float32))
+    assert not bad["ok"] and "does not fit this model" in bad["error"]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/infer",
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 400
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        assert json.loads(response.read())["status"] == "ok"
+
+
+# --------------------------------------------------------------------------------- deploy
+def _tampered_tar(artifact: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for file in sorted(artifact.iterdir()):
+            data = file.read_bytes()
+            if file.name == "model.onnx":
+                data = data[:-10] + bytes(b ^ 0xFF for b in data[-10:])
+            info = tarfile.TarInfo(f"a/{file.name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_deploy_rollback_and_a_corrupted_artifact_is_refused(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
+):
+    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(_online("pi-01"))
+    # a corrupted artifact, correctly signed and with the SHA-256 the command names
+    data = _tampered_tar(artifacts[1])
+    digest = hashlib.sha256(data).hexdigest()
+    keys = Keyring.from_file(key_file)
+    frame = seal_binary(
+        "artifact",
+        {"name": "digits", "version": "9", "sha256": digest},
+        data,
+        sender="laptop",
+        keyring=keys,
+    )
+    topic = Topics(FLEET).artifact("digits", "9")
+    for i, chunk in enumerate(split_chunks(frame, sender="laptop", keyring=keys)):
+        fleet.transport.publish_and_wait(f"{topic}/{i}", chunk, retain=True)
+    reply = fleet.command("pi-01", "deploy", {"name": "digits", "version": "9", "sha256": digest})
+    assert not reply["ok"] and "SHA-256" in reply["error"]
+    assert agent.artifact.version == "1"
+    assert fleet.infer("pi-01", digits[1].x[:1])["ok"]  # the old model keeps serving
+    # a wrong digest in the command is refused before anything is installed
+    args = fleet.publish_artifact(artifacts[1])
+    reply = fleet.command("pi-01", "deploy", {**args, "sha256": "0" * 64})
+    assert not reply["ok"] and "expects" in reply["error"]
+    # the real one deploys, and the fleet sees the new version
+    reply = fleet.command("pi-01", "deploy", args)
+    assert reply["ok"], reply
+    assert fleet.wait_for(lambda d: d["pi-01"]["version"] == "2")
+    assert agent.store.last_good().version == "1"
+    reply = fleet.command("pi-01", "rollback")
+    assert reply["ok"] and reply["result"]["version"] == "1"
+    assert fleet.wait_for(lambda d: d["pi-01"]["version"] == "1")
+
+
+def test_commands_status_config_and_errors(mosquitto, fleet, agents, key_file, artifacts, tmp_path):
+    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(_online("pi-01"))
+    status = fleet.command("pi-01", "status")
+    assert status["ok"] and status["result"]["config"]["id"] == "pi-01"
+    assert "drops" in status["result"]["telemetry"]
+    reply = fleet.command("pi-01", "config.set", {"heartbeat_s": 0.25, "learn_peers": 3})
+    assert reply["ok"], reply
+    assert agent.config.heartbeat_s == 0.25 and agent.config.learning.peers == 3
+    assert agent.store.config_overrides() == {"heartbeat_s": 0.25, "learn_peers": 3}
+    for args, message in (
+        ({"broker": "mqtt://x:1"}, "cannot change broker"),
+        ({"heartbeat_s": -1}, "heartbeat_s must be > 0"),
+        ({"learn_merge": "median"}, "merge must be"),
+    ):
+        reply = fleet.command("pi-01", "config.set", args)
+        assert not reply["ok"] and message in reply["error"], reply
+    assert fleet.command("pi-01", "reboot")["error"].startswith("unknown command")
+    assert "no last-good" in fleet.command("pi-01", "rollback")["error"]
+    assert "data_dir" in fleet.command("pi-01", "learn.start")["error"]
+    telemetry_seen = fleet.wait_for(lambda _d: fleet.telemetry("pi-01") is not None, timeout=5)
+    assert telemetry_seen
+    body = fleet.telemetry("pi-01")
+    assert body["rss_mb"] > 0 and body["model"] == "digits" and "p95" in body["latency_ms"]
+
+
+# ---------------------------------------------------------------------------------- fuzz
+def test_fuzzed_frames_are_dropped_and_counted(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
+):
+    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(_online("pi-01"))
+    rng = np.random.default_rng(0)
+    good = Keyring.from_file(key_file)
+    evil = Keyring(b"x" * 32)
+    topics = Topics(FLEET)
+    valid_cmd = seal_json(
+        "cmd",
+        {"id": "1", "target": "pi-01", "name": "ping", "args": {}},
+        sender="laptop",
+        keyring=good,
+    )
+    sent = 0
+    for i in range(2000):
+        kind = i % 5
+        if kind == 0:
+            payload = rng.bytes(int(rng.integers(0, 300)))
+        elif kind == 1:  # forged: another key
+            payload = seal_json(
+                "cmd",
+                {"id": str(i), "target": "pi-01", "name": "deploy", "args": {}},
+                sender="laptop",
+                keyring=evil,
+            )
+        elif kind == 2:  # replay of one valid command
+            payload = valid_cmd
+        elif kind == 3:  # bit flips in a valid frame
+            raw = bytearray(valid_cmd)
+            raw[int(rng.integers(0, len(raw)))] ^= 1 << int(rng.integers(0, 8))
+            payload = bytes(raw)
+        else:  # well-signed gossip while not learning, or garbage tensors
+            payload = seal_binary(
+                "gossip", {"codec": "fp32"}, rng.bytes(64), sender="pi-02", keyring=good
+            )
+        topic = topics.cmd("pi-01") if i % 2 else topics.gossip("pi-01")
+        fleet.transport.publish(topic, payload, qos=0)
+        sent += 1
+    fleet.transport.publish_and_wait(topics.cmd("pi-01"), b"{}", qos=1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(agent.drop_counts().values()) < sent * 0.9:
+        time.sleep(0.1)
+    drops = agent.drop_counts()
+    assert drops["forged"] > 0 and drops["malformed"] > 0 and drops["replayed"] > 0
+    assert sum(drops.values()) >= sent * 0.9  # QoS 0 may lose a few on loopback; none crash
+    assert fleet.infer("pi-01", digits[1].x[:2])["ok"]
+    assert fleet.command("pi-01", "ping")["ok"]
+
+
+# ------------------------------------------------------------------------------ learning
+def _write_shards(tmp_path: Path, digits, nodes: int) -> list[Path]:
+    train, test = digits
+    dirs = []
+    for node, index in enumerate(partition("shards:2", train.y, nodes, seed=0)):
+        folder = tmp_path / f"data{node}"
+        folder.mkdir()
+        save_file({"x": train.x[index], "y": train.y[index]}, str(folder / "train.safetensors"))
+        save_file({"x": test.x, "y": test.y}, str(folder / "test.safetensors"))
+        dirs.append(folder)
+    return dirs
+
+
+@pytest.mark.slow
+def test_four_agents_gossip_learn_and_every_accuracy_rises(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
+):
+    data = _write_shards(tmp_path, digits, 4)
+    learning = LearnSettings(
+        peers=2, trigger=1, local_steps=10, lr=0.05, rounds=12, round_interval_s=0.2
+    )
+    fleet_agents = [
+        agents(
+            _config(
+                mosquitto.url,
+                key_file,
+                tmp_path / f"s{i}",
+                id=f"pi-0{i}",
+                artifact=str(artifacts[0]),
+                data_dir=str(data[i]),
+                learning=learning,
+            )
+        )
+        for i in range(4)
+    ]
+    assert fleet.wait_for(lambda d: all(_online(f"pi-0{i}")(d) for i in range(4)))
+    for i in range(4):
+        assert fleet.command(f"pi-0{i}", "learn.start")["ok"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(a.learning for a in fleet_agents):
+        time.sleep(0.2)
+    for agent in fleet_agents:
+        learner = agent.learner
+        assert learner.round == 12
+        assert learner.merges > 0, "no peer model was ever merged"
+        assert learner.metrics["accuracy"] > learner.initial_accuracy + 0.2, (
+            agent.config.id,
+            learner.initial_accuracy,
+            learner.metrics,
+        )
+    assert all(a.drop_counts().get("forged", 0) == 0 for a in fleet_agents)
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_learning(mosquitto, key_file, artifacts, agents, tmp_path, digits):
+    data = _write_shards(tmp_path, digits, 2)
+    learning = LearnSettings(peers=1, local_steps=5, rounds=0, round_interval_s=0.1)
+    pair = [
+        agents(
+            _config(
+                mosquitto.url,
+                key_file,
+                tmp_path / f"s{i}",
+                id=f"pi-0{i}",
+                artifact=str(artifacts[0]),
+                data_dir=str(data[i]),
+                learn=True,
+                learning=learning,
+            )
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 30
+    while (
+        time.monotonic() < deadline and min(a.learner.merges if a.learner else 0 for a in pair) < 2
+    ):
+        time.sleep(0.1)
+    before = [a.learner.round for a in pair]
+    mosquitto.restart()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and min(a.transport.connect_count for a in pair) < 2:
+        time.sleep(0.1)
+    assert all(a.transport.connect_count >= 2 for a in pair)
+    merges = [a.learner.merges for a in pair]
+    with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
+        # the broker lost its retained messages: the agents announced themselves again
+        assert client.wait_for(lambda d: _online("pi-00")(d) and _online("pi-01")(d))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        a.learner.merges <= m for a, m in zip(pair, merges, strict=True)
+    ):
+        time.sleep(0.1)
+    assert all(a.learner.round > r for a, r in zip(pair, before, strict=True))
+    assert all(a.learner.merges > m for a, m in zip(pair, merges, strict=True))
+
+
+# --------------------------------------------------------------------- the real daemon
+def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+def _run_args(url: str, key_file: Path, state: Path, artifact: Path, *extra: str) -> list[str]:
+    return [
+        "--broker",
+        url,
+        "--fleet",
+        FLEET,
+        "--id",
+        "pi-09",
+        "--state-dir",
+        str(state),
+        "--artifact",
+        str(artifact),
+        "--key-file",
+        str(key_file),
+        "--http-port",
+        "0",
+        "--heartbeat-s",
+        "0.5",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
+    mosquitto, fleet, key_file, artifacts, tmp_path, digits
+):
+    data = _write_shards(tmp_path, digits, 1)[0]
+    args = _run_args(
+        mosquitto.url,
+        key_file,
+        tmp_path / "state",
+        artifacts[0],
+        "--learn",
+        "--data-dir",
+        str(data),
+    )
+    env = {"BITFLEET_LEARN_ROUND_INTERVAL_S": "0.05", "BITFLEET_LEARN_LOCAL_STEPS": "3"}
+    process = _spawn(args, env)
+    try:
+        assert fleet.wait_for(_online("pi-09"), timeout=60)
+        deadline = time.monotonic() + 60
+        meta = tmp_path / "state" / "learning" / "meta.json"
+        while time.monotonic() < deadline and (
+            not meta.exists() or json.loads(meta.read_text())["round"] < 3
+        ):
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        assert fleet.wait_for(lambda d: d["pi-09"]["status"] == "offline", timeout=10)
+        saved = json.loads(meta.read_text())["round"]
+        assert saved >= 3
+    finally:
+        process.kill()
+    process = _spawn(args, env)
+    try:
+        assert fleet.wait_for(_online("pi-09"), timeout=60)
+        deadline = time.monotonic() + 60
+        learning = {"round": None}
+        while time.monotonic() < deadline and learning["round"] is None:
+            reply = fleet.command("pi-09", "status", timeout=30)
+            learning = reply["result"]["telemetry"]["learning"]
+            time.sleep(0.2)
+        assert learning["round"] >= saved  # resumed, not restarted from zero
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert fleet.wait_for(lambda d: d["pi-09"]["status"] == "offline", timeout=10)
+        assert json.loads(meta.read_text())["round"] >= saved
+    finally:
+        process.kill()
+
+
+@pytest.mark.slow
+def test_daemon_serving_only_never_loads_torch_and_stops_cleanly(
+    mosquitto, fleet, key_file, artifacts, tmp_path
+):
+    process = _spawn(_run_args(mosquitto.url, key_file, tmp_path / "state", artifacts[0]))
+    try:
+        assert fleet.wait_for(_online("pi-09"), timeout=60)
+        telemetry = fleet.command("pi-09", "status", timeout=30)["result"]["telemetry"]
+        assert telemetry["torch_loaded"] is False and telemetry["learning"]["on"] is False
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert fleet.wait_for(lambda d: d["pi-09"]["status"] == "offline", timeout=10)
+    finally:
+        process.kill()
+
+
+def test_daemon_bad_input_is_one_clear_line(key_file, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "run",
+            "--state-dir",
+            str(tmp_path),
+            "--key-file",
+            str(key_file),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stderr.strip() == (
+        "error: no device id: pass --id DEVICE (or set id in the config file)"
+    )
+    short = tmp_path / "short.key"
+    short.write_bytes(b"abc")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "run",
+            "--id",
+            "pi",
+            "--state-dir",
+            str(tmp_path),
+            "--key-file",
+            str(short),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "head -c 32 /dev/urandom" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------- config
+def test_config_precedence_file_env_flags(tmp_path):
+    file = tmp_path / "agent.toml"
+    file.write_text('id = "from-file"\nheartbeat_s = 3\nfleet = "f"\n[learn]\npeers = 4\n')
+    config = load_config(
+        file,
+        environ={
+            "BITFLEET_HEARTBEAT_S": "5",
+            "BITFLEET_NUMBA_ZMM": "1",
+            "BITFLEET_LEARN_LR": "0.2",
+        },
+        flags={"fleet": "flag", "id": None},
+    )
+    assert (config.id, config.heartbeat_s, config.fleet) == ("from-file", 5.0, "flag")
+    assert config.learning.peers == 4 and config.learning.lr == 0.2
+    with pytest.raises(ConfigError, match="unknown setting 'colour'"):
+        load_config(None, flags={"colour": "red"})
+    with pytest.raises(ConfigError, match="heartbeat_s must be a number"):
+        load_config(None, environ={"BITFLEET_HEARTBEAT_S": "soon"})
+    shipped = load_config(ROOT / "ops" / "agent.toml", environ={})
+    assert shipped.id == "pi-01" and shipped.check() is shipped
+
+
+def test_unreachable_broker_is_a_clear_error(key_file, artifacts, tmp_path):
+    config = _config(
+        f"mqtt://127.0.0.1:{free_port()}", key_file, tmp_path, artifact=str(artifacts[0])
+    )
+    agent = Agent(config)
+    with pytest.raises(Exception, match="127.0.0.1"):
+        agent.start(connect_timeout=1)
+    agent.shutdown()
+
+
+def test_fleet_client_times_out_clearly(mosquitto, fleet):
+    with pytest.raises(FleetError, match="did not answer 'ping'"):
+        fleet.command("nobody", "ping", timeout=0.5)

@@ -1,0 +1,232 @@
+"""The laptop's side of the fleet protocol: find devices, send commands, publish artifacts.
+
+:class:`FleetClient` speaks exactly what :mod:`edge_agent.agent` understands, through the same
+protocol module (signed frames) and transport (one paho client)::
+
+    from toolkit.fleet import FleetClient
+
+    with FleetClient("mqtt://127.0.0.1:1883", fleet="lab", key_file="fleet.key") as fleet:
+        fleet.devices()                                  # {"pi-01": {"status": "online", ...}}
+        fleet.publish_artifact("runs/art")               # retained, chunked, signed
+        fleet.command("pi-01", "deploy", {"name": ..., "version": ..., "sha256": ...})
+        fleet.infer("pi-01", batch)                      # logits from the device
+
+A command returns the device's reply body (``{"id", "name", "ok", "result" | "error"}``);
+:class:`FleetError` is raised when no reply comes within the timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import queue
+import secrets
+import tarfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.protocol import (
+    FrameRejected,
+    FrameVerifier,
+    Keyring,
+    Topics,
+    seal_binary,
+    seal_json,
+    split_chunks,
+)
+from edge_agent.transport import MqttTransport
+from exporters.artifact import open_artifact
+
+__all__ = ["FleetClient", "FleetError", "artifact_tar"]
+
+
+class FleetError(RuntimeError):
+    """A device that did not answer, or an artifact that cannot be published."""
+
+
+def artifact_tar(path: str | os.PathLike[str]) -> tuple[bytes, dict[str, Any]]:
+    """The verified artifact at ``path`` as deterministic .tar bytes, and its manifest."""
+    root, manifest = open_artifact(path)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            info = tarfile.TarInfo(f"artifact/{file.relative_to(root).as_posix()}")
+            data = file.read_bytes()
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue(), manifest
+
+
+class FleetClient:
+    """One operator connection to a fleet (the ``laptop`` sender by default)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        fleet: str,
+        key_file: str | os.PathLike[str] | None = None,
+        keyring: Keyring | None = None,
+        sender: str = "laptop",
+        username: str | None = None,
+        password: str | None = None,
+        chunk_bytes: int = 256 * 1024,
+    ) -> None:
+        if keyring is None:
+            if key_file is None:
+                raise ValueError("pass key_file= (the fleet key) or keyring=")
+            keyring = Keyring.from_file(key_file)
+        self.keyring = keyring
+        self.sender = sender
+        self.topics = Topics(fleet)
+        self.chunk_bytes = chunk_bytes
+        self.verifier = FrameVerifier(keyring)
+        self.transport = MqttTransport(
+            url=url,
+            client_id=f"{sender}-{secrets.token_hex(4)}",
+            username=username,
+            password=password,
+        )
+        self._states: dict[str, dict[str, Any]] = {}
+        self._telemetry: dict[str, dict[str, Any]] = {}
+        self._replies: dict[str, queue.Queue[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> FleetClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        root = self.topics.root
+        self.transport.subscribe(f"{root}/dev/+/state", self._on_state)
+        self.transport.subscribe(f"{root}/dev/+/reply", self._on_reply)
+        self.transport.subscribe(f"{root}/dev/+/telemetry", self._on_telemetry)
+        self.transport.connect(timeout=timeout)
+        self.transport.wait_subscribed(timeout)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # ------------------------------------------------------------------------------ incoming
+    def _on_state(self, topic: str, payload: bytes) -> None:
+        parsed = self.topics.parse(topic)
+        if parsed is None or not payload:
+            return
+        try:
+            frame = self.verifier.open(payload, retained=True)
+        except FrameRejected:
+            return
+        if frame.sender == parsed[0]:
+            # the latest arrival wins, not the latest timestamp: a last will is sealed when
+            # the device connects but published by the broker when it dies, after its online
+            # states; MQTT keeps messages on one topic in order
+            with self._lock:
+                self._states[frame.sender] = {**frame.json, "ts": frame.ts}
+
+    def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        try:
+            frame = self.verifier.open(payload)
+        except FrameRejected:
+            return
+        with self._lock:
+            self._telemetry[frame.sender] = frame.json
+
+    def _on_reply(self, topic: str, payload: bytes) -> None:
+        try:
+            frame = self.verifier.open(payload)
+        except FrameRejected:
+            return
+        body = frame.json
+        with self._lock:
+            waiting = self._replies.get(str(body.get("id")))
+        if waiting is not None:
+            waiting.put({**body, "device": frame.sender})
+
+    # ------------------------------------------------------------------------------- queries
+    def devices(self) -> dict[str, dict[str, Any]]:
+        """Every device's latest retained state (online or offline)."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._states.items()}
+
+    def telemetry(self, device: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._telemetry.get(device)
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
+        """Poll ``predicate(devices())`` until true or ``timeout`` (for scripts and tests)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.devices()):
+                return True
+            time.sleep(interval)
+        return bool(predicate(self.devices()))
+
+    # ------------------------------------------------------------------------------ requests
+    def _request(
+        self, device: str, topic: str, kind: str, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        request_id = secrets.token_hex(8)
+        inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        with self._lock:
+            self._replies[request_id] = inbox
+        try:
+            frame = seal_json(
+                kind, {**body, "id": request_id}, sender=self.sender, keyring=self.keyring
+            )
+            self.transport.publish(topic, frame, qos=1)
+            try:
+                return inbox.get(timeout=timeout)
+            except queue.Empty:
+                raise FleetError(
+                    f"{device} did not answer {body.get('name', kind)!r} within {timeout:.0f} s "
+                    "(is it online? `bitfleet fleet ls`)"
+                ) from None
+        finally:
+            with self._lock:
+                self._replies.pop(request_id, None)
+
+    def command(
+        self, device: str, name: str, args: Mapping[str, Any] | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Send a command to ``device``; its reply body."""
+        body = {"target": device, "name": name, "args": dict(args or {})}
+        return self._request(device, self.topics.cmd(device), "cmd", body, timeout)
+
+    def infer(self, device: str, batch: np.ndarray, timeout: float = 30.0) -> dict[str, Any]:
+        """Run a batch on ``device`` over MQTT; the reply (``result`` holds the logits)."""
+        inputs = np.asarray(batch, dtype=np.float32).tolist()
+        return self._request(
+            device, self.topics.infer(device), "infer", {"inputs": inputs}, timeout
+        )
+
+    def publish_artifact(
+        self, path: str | os.PathLike[str], *, name: str | None = None, version: str | None = None
+    ) -> dict[str, str]:
+        """Publish an artifact as retained, signed chunks; the ``deploy`` args that fetch it."""
+        data, manifest = artifact_tar(path)
+        name = name or str(manifest.get("name") or Path(path).name)
+        version = version or str(manifest.get("version") or "1")
+        digest = hashlib.sha256(data).hexdigest()
+        frame = seal_binary(
+            "artifact",
+            {"name": name, "version": version, "sha256": digest},
+            data,
+            sender=self.sender,
+            keyring=self.keyring,
+        )
+        chunks = split_chunks(
+            frame, chunk_bytes=self.chunk_bytes, sender=self.sender, keyring=self.keyring
+        )
+        base = self.topics.artifact(name, version)
+        for index, chunk in enumerate(chunks):
+            self.transport.publish_and_wait(f"{base}/{index}", chunk, qos=1, retain=True)
+        return {"name": name, "version": version, "sha256": digest}

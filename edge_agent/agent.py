@@ -130,6 +130,7 @@ class Agent:
     def start(self, connect_timeout: float | None = 30.0) -> None:
         """Load the model, connect, subscribe, and start the worker and heartbeat threads."""
         self._load_initial_artifact()
+        self.transport.set_will(self.topics.state(self.config.id), self._state_frame("offline"))
         t = self.topics
         me = self.config.id
         self.transport.subscribe(t.cmd(me), self._on_cmd)
@@ -221,7 +222,11 @@ class Agent:
         )
 
     def _announce(self) -> None:
-        """Re-publish the retained online state (runs after every (re)connect)."""
+        """Re-publish the retained online state (after every (re)connect and model change).
+
+        The last will for the next reconnect is re-sealed too, so it names the serving model.
+        """
+        self.transport.set_will(self.topics.state(self.config.id), self._state_frame("offline"))
         self.transport.publish(
             self.topics.state(self.config.id), self._state_frame("online"), qos=1, retain=True
         )

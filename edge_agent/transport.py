@@ -286,12 +286,6 @@ class MqttTransport:
                 cert_reqs=ssl.CERT_REQUIRED,
             )
             client.tls_insecure_set(insecure_tls)
-        if will is not None:
-            topic, payload, qos, retain = will
-            if not isinstance(payload, (bytes, bytearray)):
-                raise TypeError(f"will payload must be bytes, got {type(payload).__name__}")
-            _check_qos(qos)
-            client.will_set(topic, bytes(payload), qos=qos, retain=bool(retain))
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -299,6 +293,8 @@ class MqttTransport:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         self._client = client
+        if will is not None:
+            self.set_will(*will)
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -398,6 +394,17 @@ class MqttTransport:
             self._early_acks.clear()
             self.last_error = why
             self._cond.notify_all()
+
+    def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = True) -> None:
+        """Set the last will sent with the *next* CONNECT (this one's will is already set).
+
+        The agent re-seals its ``offline`` state before every (re)connect, so the will the
+        broker holds names the model that is serving, with a fresh timestamp.
+        """
+        if not isinstance(payload, (bytes, bytearray)):
+            raise TypeError(f"will payload must be bytes, got {type(payload).__name__}")
+        _check_qos(qos)
+        self._client.will_set(topic, bytes(payload), qos=qos, retain=bool(retain))
 
     def add_connect_hook(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` after every successful (re)connect, once subscriptions are re-sent.

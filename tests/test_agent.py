@@ -135,6 +135,12 @@ def test_presence_on_the_embedded_broker(amqtt_broker, key_file, artifacts, agen
         assert reply["ok"] and reply["result"]["pong"]
 
 
+def test_agent_speaks_mqtt5(mosquitto, fleet, agents, key_file, artifacts, tmp_path):
+    agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), protocol="5"))
+    assert fleet.wait_for(_online("pi-01"))
+    assert fleet.command("pi-01", "ping")["ok"]
+
+
 # ------------------------------------------------------------------------------ inference
 def test_inference_over_mqtt_and_http_matches_the_artifact(
     mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
@@ -456,6 +462,7 @@ def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         assert fleet.wait_for(lambda d: d["pi-09"]["status"] == "offline", timeout=10)
+        assert fleet.devices()["pi-09"]["model"] == "digits"  # the will names the model
         saved = json.loads(meta.read_text())["round"]
         assert saved >= 3
     finally:

@@ -90,10 +90,7 @@ class Agent:
         self.config = config.check()
         self.store = StateStore(config.state_dir)
         apply(self.config, self.store.config_overrides(), "the state directory's config.json")
-        try:
-            self.keyring = Keyring.from_file(config.key_file)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"cannot use key file {config.key_file}: {err}") from None
+        self.keyring = load_keyring(config)
         self.topics = Topics(config.fleet)
         self.verifier = FrameVerifier(self.keyring)
         self.drops = DropCounter()  # agent-level reasons; the verifier counts its own
@@ -640,6 +637,22 @@ class Agent:
             self.store.save_counters(self.drop_counts())
         except OSError as err:
             log.warning("cannot save counters: %s", err)
+
+
+def load_keyring(config: AgentConfig) -> Keyring:
+    """The fleet key, plus per-device keys from ``device_keys_dir`` (``<device>.key`` files).
+
+    With per-device keys a device signs with its own key and verifies each peer with that
+    peer's key, so a device that leaks its key lets an attacker impersonate it alone.
+    """
+    device_keys: dict[str, bytes] = {}
+    try:
+        if config.device_keys_dir:
+            for file in sorted(Path(config.device_keys_dir).glob("*.key")):
+                device_keys[file.stem] = file.read_bytes()
+        return Keyring.from_file(config.key_file, device_keys)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot use the keys ({err})") from None
 
 
 def _manifest_spec(path: Path) -> dict[str, Any] | None:

@@ -46,6 +46,12 @@ KeyOpt = Annotated[
     str | None,
     typer.Option(help="Fleet HMAC key file (>= 32 bytes: head -c 32 /dev/urandom)."),
 ]
+DeviceKeysOpt = Annotated[
+    str | None, typer.Option(help="Directory of per-device keys (<device>.key), optional.")
+]
+ChunkOpt = Annotated[
+    int | None, typer.Option(help="Largest MQTT payload (bigger: chunked).")
+]
 DataOpt = Annotated[
     str | None, typer.Option(help="Local training data (train.safetensors with x and y).")
 ]
@@ -86,6 +92,8 @@ def run(
     state_dir: StateOpt = None,
     artifact: ArtifactOpt = None,
     key_file: KeyOpt = None,
+    device_keys_dir: DeviceKeysOpt = None,
+    chunk_bytes: ChunkOpt = None,
     data_dir: DataOpt = None,
     learn: LearnOpt = None,
     http_port: HttpOpt = None,
@@ -110,6 +118,8 @@ def run(
         state_dir=state_dir,
         artifact=artifact,
         key_file=key_file,
+        device_keys_dir=device_keys_dir,
+        chunk_bytes=chunk_bytes,
         data_dir=data_dir,
         learn=learn,
         http_port=http_port,

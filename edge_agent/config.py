@@ -100,6 +100,7 @@ class AgentConfig:
     state_dir: str = ""
     artifact: str = ""
     key_file: str = ""
+    device_keys_dir: str = ""
     username: str = ""
     password: str = ""
     protocol: str = "3.1.1"

@@ -135,6 +135,30 @@ def test_presence_on_the_embedded_broker(amqtt_broker, key_file, artifacts, agen
         assert reply["ok"] and reply["result"]["pong"]
 
 
+def test_per_device_keys(mosquitto, agents, key_file, artifacts, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "pi-01.key").write_bytes(b"1" * 32)
+    (keys / "laptop.key").write_bytes(b"L" * 32)
+    agents(
+        _config(
+            mosquitto.url,
+            key_file,
+            tmp_path / "s",
+            artifact=str(artifacts[0]),
+            device_keys_dir=str(keys),
+        )
+    )
+    own = Keyring(key_file.read_bytes(), {"pi-01": b"1" * 32, "laptop": b"L" * 32})
+    with FleetClient(mosquitto.url, fleet=FLEET, keyring=own) as client:
+        assert client.wait_for(_online("pi-01"))  # its state verifies under its own key
+        assert client.command("pi-01", "ping")["ok"]
+    # the fleet key alone can no longer command it as "laptop": the frame is forged
+    with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
+        with pytest.raises(FleetError):
+            client.command("pi-01", "ping", timeout=1.5)
+
+
 def test_agent_speaks_mqtt5(mosquitto, fleet, agents, key_file, artifacts, tmp_path):
     agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), protocol="5"))
     assert fleet.wait_for(_online("pi-01"))

@@ -196,6 +196,7 @@ AGENT_KEYS = {
     "state_dir": str,
     "artifact": str,
     "key_file": str,
+    "device_keys_dir": str,
     "username": str,
     "password": str,
     "ca_file": str,
@@ -214,6 +215,12 @@ AGENT_KEYS = {
 def test_agent_toml_has_exactly_the_documented_keys():
     config = tomllib.loads((OPS / "agent.toml").read_text())
     assert set(config) == set(AGENT_KEYS)
+    # ... which are exactly the settings the agent's loader knows (learning ones aside)
+    from dataclasses import fields
+
+    from edge_agent.config import AgentConfig
+
+    assert set(AGENT_KEYS) == {f.name for f in fields(AgentConfig)} - {"learning"}
     for key, kind in AGENT_KEYS.items():
         assert type(config[key]) is kind, key
     assert parse_broker_url(config["broker"]) == ("127.0.0.1", 1883, False)

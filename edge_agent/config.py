@@ -40,9 +40,10 @@ class ConfigError(ValueError):
 class LearnSettings:
     """How the device learns: the gossip simulator's settings, for one real node.
 
-    The defaults follow the simulator's reproduction (docs/reproductions/vanishing_variance.md)
-    except ``peers`` and ``trigger``: a real fleet has no fixed neighbour list, so a device
-    pushes to ``peers`` random online peers and merges once ``trigger`` models are buffered.
+    The simulator's defaults merge a node with all its 8 neighbours at once (self weight 0.1).
+    A real fleet has no fixed neighbour list: a device pushes to ``peers`` random online peers
+    and merges as soon as ``trigger`` models are buffered, often a single one, so its own
+    model keeps half the weight (0.5, the paper's code's choice) rather than being replaced.
     """
 
     peers: int = 2

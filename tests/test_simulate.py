@@ -68,7 +68,7 @@ def test_fedavg_average_weights_by_samples():
 
 def test_vc_beats_plain_averaging_at_independent_init():
     # the vanishing-variance effect in miniature: 8 nodes, independent initialisation
-    setup = dict(nodes=8, topology="rrg:3", rounds=5, seed=0)
+    setup = dict(nodes=8, topology="rrg:3", rounds=5, seed=0, local_steps=10, self_weight=0.5)
     vc = simulate(SimulationConfig(merge="vc", **setup))
     avg = simulate(SimulationConfig(merge="avg", **setup))
     assert vc.final_accuracy > avg.final_accuracy + 0.05

@@ -57,12 +57,13 @@ class SimulationConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     merge: str = "vc"
     rounds: int = 50
-    local_steps: int = 10
+    # defaults: the best shared setting of docs/reproductions/vanishing_variance.md's sweep
+    local_steps: int = 20
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.0
-    self_weight: float = 0.5
+    self_weight: float = 0.1
     variance: str = "others"
     peers: int = 0
     trigger: int | str = "all"

@@ -37,13 +37,13 @@ def simulate(
     stem: Annotated[str | None, typer.Option(help="ResNet stem: cifar or imagenet.")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Communication rounds.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed for data split, graph, init and messages.")] = 0,
-    local_steps: Annotated[int, typer.Option(min=1, help="Local SGD steps per round.")] = 10,
+    local_steps: Annotated[int, typer.Option(min=1, help="Local SGD steps per round.")] = 20,
     batch_size: Annotated[int, typer.Option(min=1, help="Local batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Local learning rate.")] = 0.05,
     optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
     self_weight: Annotated[
         float, typer.Option(help="Weight of a node's own model in a merge.")
-    ] = 0.5,
+    ] = 0.1,
     variance: Annotated[
         str, typer.Option(help="VC target: others, self or conservative.")
     ] = "others",

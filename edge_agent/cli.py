@@ -49,9 +49,7 @@ KeyOpt = Annotated[
 DeviceKeysOpt = Annotated[
     str | None, typer.Option(help="Directory of per-device keys (<device>.key), optional.")
 ]
-ChunkOpt = Annotated[
-    int | None, typer.Option(help="Largest MQTT payload (bigger: chunked).")
-]
+ChunkOpt = Annotated[int | None, typer.Option(help="Largest MQTT payload (bigger: chunked).")]
 DataOpt = Annotated[
     str | None, typer.Option(help="Local training data (train.safetensors with x and y).")
 ]

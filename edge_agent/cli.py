@@ -132,13 +132,15 @@ def run(
     )
     from edge_agent.agent import Agent
     from edge_agent.state import StateError
+    from edge_agent.transport import TransportError
     from exporters.artifact import ArtifactError
 
     try:
         agent = Agent(load_config(config, flags=flags))
-    except (ConfigError, StateError, ArtifactError, ValueError) as err:
-        _fail(str(err))
-    raise typer.Exit(agent.run())
+        code = agent.run()
+    except (ConfigError, StateError, ArtifactError, TransportError, ValueError, OSError) as err:
+        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    raise typer.Exit(code)
 
 
 @app.command("config")

@@ -567,6 +567,28 @@ def test_daemon_bad_input_is_one_clear_line(key_file, tmp_path):
     )
     assert done.returncode == 1 and "head -c 32 /dev/urandom" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "run",
+            "--id",
+            "pi",
+            "--state-dir",
+            str(tmp_path),
+            "--key-file",
+            str(key_file),
+            "--artifact",
+            str(tmp_path / "nope"),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stderr.startswith("error: artifact ")
+    assert "does not exist" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------- config

@@ -57,7 +57,7 @@ from edge_agent.protocol import (
     split_chunks,
 )
 from edge_agent.state import StateError, StateStore
-from edge_agent.transport import MqttTransport
+from edge_agent.transport import MqttTransport, TransportError
 from exporters import runtime
 from exporters.artifact import ArtifactError
 
@@ -106,6 +106,7 @@ class Agent:
         self._learn_thread: threading.Thread | None = None
         self._learn_stop = threading.Event()
         self._learn_error: str | None = None
+        self.push_failures = 0  # gossip pushes not acknowledged in time (broker gone, timeout)
         self._work: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._artifact_inbox: dict[str, queue.Queue[Frame]] = {}
         self._started = time.time()
@@ -469,7 +470,9 @@ class Agent:
     # ------------------------------------------------------------------------------ learning
     @property
     def learning(self) -> bool:
-        return self._learn_thread is not None and self._learn_thread.is_alive()
+        """Learning is on: the thread runs and nobody asked it to stop (it may finish a round)."""
+        thread = self._learn_thread
+        return thread is not None and thread.is_alive() and not self._learn_stop.is_set()
 
     def _spec(self) -> dict[str, Any] | None:
         return self.artifact and _manifest_spec(self.artifact.path)
@@ -491,6 +494,8 @@ class Agent:
         """Build the learner (importing torch) and start the learning thread."""
         if self.learning:
             raise CommandError("learning is already on; send learn.stop first")
+        if self._learn_thread is not None:
+            self._learn_thread.join()  # a stopped run may still be finishing its round
         spec = self._spec()
         if spec is None:
             raise CommandError("no model with a network spec is deployed; deploy one first")
@@ -533,6 +538,10 @@ class Agent:
             self._learn_error = f"{type(err).__name__}: {err}"
         finally:
             self._learn_stop.set()
+            if not self.stopping.is_set():
+                # a run that ended by itself (rounds reached, error) tells the fleet, so peers
+                # stop sending models this device would drop
+                self._announce()
 
     def _push(self, learner: Any) -> None:
         peers = learner.choose_peers(self.online_peers(learning_only=True))
@@ -553,9 +562,13 @@ class Agent:
         chunks = split_chunks(
             frame, chunk_bytes=self.config.chunk_bytes, sender=self.config.id, keyring=self.keyring
         )
-        for peer in peers:
-            for chunk in chunks:
-                self.transport.publish(self.topics.gossip(peer), chunk, qos=1)
+        messages = [(self.topics.gossip(peer), chunk) for peer in peers for chunk in chunks]
+        try:
+            # flow-controlled: a model of more chunks than the transport's queue still arrives
+            self.transport.publish_many(messages, qos=1, cancel=self._learn_stop)
+        except TransportError as err:
+            self.push_failures += 1
+            log.warning("round %d: push to %s incomplete: %s", learner.round, peers, err)
 
     def _on_gossip(self, topic: str, payload: bytes) -> None:
         try:
@@ -616,6 +629,7 @@ class Agent:
                 "merges": learner.merges if learner else None,
                 "pending": learner.pending if learner else None,
                 "error": self._learn_error,
+                "push_failures": self.push_failures,
             },
             "drops": self.drop_counts(),
             "connects": self.transport.connect_count,

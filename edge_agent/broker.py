@@ -324,6 +324,8 @@ class MosquittoBroker(_BrokerProcess):
             f"listener {self.port} {_HOST}",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "persistence false",
+            # small frames (replies, acks) go out at once instead of waiting ~40 ms for Nagle
+            "set_tcp_nodelay true",
             "log_dest stderr",
             "log_type error",
             "log_type warning",

@@ -382,6 +382,52 @@ def test_four_agents_gossip_learn_and_every_accuracy_rises(
     assert all(a.drop_counts().get("forged", 0) == 0 for a in fleet_agents)
 
 
+def test_many_chunk_pushes_arrive_and_a_finished_run_is_announced(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
+):
+    """4 KiB chunks: each push is ~120 chunks to 2 peers, beyond the 100-message queue.
+
+    The push is flow-controlled, so nothing is dropped; when the run reaches its rounds, the
+    retained state says ``learning: false`` so that peers stop sending models.
+    """
+    data = _write_shards(tmp_path, digits, 3)
+    learning = LearnSettings(peers=2, trigger=1, local_steps=2, rounds=3, round_interval_s=0.3)
+    trio = [
+        agents(
+            _config(
+                mosquitto.url,
+                key_file,
+                tmp_path / f"s{i}",
+                id=f"pi-0{i}",
+                artifact=str(artifacts[0]),
+                data_dir=str(data[i]),
+                learning=learning,
+                chunk_bytes=4096,
+            )
+        )
+        for i in range(3)
+    ]
+    assert fleet.wait_for(lambda d: all(_online(f"pi-0{i}")(d) for i in range(3)))
+    for i in range(3):
+        assert fleet.command(f"pi-0{i}", "learn.start")["ok"]
+    assert fleet.wait_for(lambda d: all(d[f"pi-0{i}"]["learning"] for i in range(3)))
+    assert fleet.wait_for(
+        lambda d: not any(d[f"pi-0{i}"]["learning"] for i in range(3)), timeout=60
+    ), "a run that reached its rounds still announces learning: true"
+    for agent in trio:
+        assert agent.learner.round == 3 and not agent.learning
+        assert agent.transport.dropped_publishes == 0 and agent.push_failures == 0
+        assert agent.drop_counts().get("chunk_timeout", 0) == 0
+    assert sum(agent.learner.merges for agent in trio) > 0
+
+
+def test_fleet_client_refuses_a_batch_over_one_packet(mosquitto, fleet):
+    with pytest.raises(ValueError, match="send at most 18[0-9] per call"):
+        fleet.infer("pi-01", np.zeros((500, 1, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        fleet.infer("pi-01", np.zeros((0, 1, 32, 32), np.float32))
+
+
 @pytest.mark.slow
 def test_broker_restart_mid_learning(mosquitto, key_file, artifacts, agents, tmp_path, digits):
     data = _write_shards(tmp_path, digits, 2)

@@ -258,6 +258,68 @@ def test_offline_publishes_are_queued_or_dropped(mosquitto, transports):
     assert inbox.items == [("bitfleet/o/state", b"queued while offline")]
 
 
+def test_publish_many_keeps_a_burst_within_the_queue(mosquitto, transports):
+    """A burst far beyond ``max_queued`` arrives whole: publish() would drop the excess."""
+    sub, pub, inbox = connected_pair(transports, mosquitto.url, "bitfleet/burst/#", max_queued=8)
+    messages = [(f"bitfleet/burst/{i}", bytes([i]) * 1000) for i in range(60)]
+    assert pub.publish_many(messages, qos=1) == 60
+    assert inbox.wait(60, timeout=10)
+    assert sorted(inbox.items) == sorted(messages)
+    assert pub.dropped_publishes == 0
+    with pytest.raises(ValueError, match="QoS 1 or 2"):
+        pub.publish_many(messages, qos=0)
+    with pytest.raises(ValueError, match="window"):
+        pub.publish_many(messages, window=9)
+
+
+def test_publish_many_gives_up_when_cancelled_or_timed_out(mosquitto, transports):
+    device = transports(mosquitto.url, max_queued=4)
+    device.connect(3)
+    mosquitto.stop()
+    assert wait_for(lambda: not device.connected)
+    cancel = threading.Event()
+    cancel.set()
+    messages = [(f"bitfleet/c/{i}", b"x") for i in range(10)]
+    with pytest.raises(TransportError, match="cancelled"):
+        device.publish_many(messages, cancel=cancel)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="did not acknowledge|queue"):
+        device.publish_many(messages, timeout=0.3)
+    assert time.monotonic() - started < 3
+
+
+def test_publish_many_resumes_after_a_reconnect(mosquitto, transports):
+    """Messages handed over while offline count once the broker acknowledges them later."""
+    device = transports(mosquitto.url, max_queued=4)
+    device.connect(3)
+    mosquitto.stop()
+    assert wait_for(lambda: not device.connected)
+    result: list[object] = []
+    burst = [(f"bitfleet/r/{i}", b"x") for i in range(10)]
+    worker = threading.Thread(target=lambda: result.append(device.publish_many(burst, timeout=20)))
+    worker.start()
+    time.sleep(0.3)
+    assert worker.is_alive() and not result  # waiting for acks that cannot come yet
+    mosquitto.start()
+    worker.join(20)
+    assert result == [10]
+    assert device.dropped_publishes == 0
+
+
+def test_sockets_disable_nagle(mosquitto, transports):
+    """Small publishes go out at once (TCP_NODELAY) instead of waiting ~40 ms for an ACK."""
+    import socket
+
+    fast = transports(mosquitto.url)
+    fast.connect(3)
+    sock = fast._client.socket()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    plain = transports(mosquitto.url, tcp_nodelay=False)
+    plain.connect(3)
+    assert plain._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    assert "set_tcp_nodelay true" in mosquitto.config_text()
+
+
 # -- failures stay contained -------------------------------------------------------------------
 
 

@@ -5,7 +5,8 @@ talks to real agents through the real protocol (signed frames, :class:`MqttTrans
 :class:`toolkit.fleet.FleetClient`). Parts, each runnable alone with ``--part``:
 
 - ``rss``: import-only baselines (python, numpy, onnxruntime, paho, numba, the agent module),
-  RSS after each step of the daemon's start-up, then ``python -m edge_agent.cli run`` as a
+  RSS after each step of the daemon's start-up, then ``python -m edge_agent.cli run`` (which
+  execs ``python -m edge_agent.daemon``, leaving typer behind) as a
   subprocess serving (a) LeNet-5 digits in the ``onnx-portable`` flavour (also with
   ``MALLOC_ARENA_MAX=2``), (b) Bi-Real-18 width 0.125 (ImageNet stem, 1x32x32) in the
   portable and the fast ``onnx`` flavour and, unless ``--no-full-width``, (c) full-width
@@ -20,11 +21,13 @@ talks to real agents through the real protocol (signed frames, :class:`MqttTrans
   ``FrameVerifier.receive`` + ``open_tensors`` in its MQTT callback, as the agent does. The
   receiver stamps CLOCK_MONOTONIC (shared by both processes) when the tensors are decoded;
   p50/p95 of first-publish -> decoded, one transfer at a time. Plus a one-chunk 1 KiB frame.
-  Latency and throughput run twice: as shipped (Nagle on), and with ``set_tcp_nodelay true``
-  in Mosquitto plus TCP_NODELAY on both clients' sockets (``--no-nodelay-variant`` skips it).
+  Latency and throughput run twice: as shipped (``set_tcp_nodelay true`` in Mosquitto,
+  TCP_NODELAY on both clients' sockets), and with Nagle's algorithm left on everywhere, as
+  before the fix (``--no-nodelay-variant`` skips that one).
 - ``throughput``: a 16 MiB signed ``artifact`` frame cut into 256 KiB signed chunks,
   reassembled, verified (HMAC per chunk, SHA-256 and HMAC of the whole) at the receiver: MiB/s.
-  Also one burst of ``--burst-mb`` (default 32 MiB) published fire-and-forget, to show the
+  Also one burst of ``--burst-mb`` (default 32 MiB) published fire-and-forget and one with
+  ``publish_many`` (flow-controlled, as the agent pushes models), to show the
   transport's 100-message QoS 1 queue limit.
 - ``fleet``: 100 inference-only :class:`Agent` objects (``--fleet-workers`` processes of
   in-process agents; LeNet portable artifact, http off, heartbeat 5 s) all online, then a
@@ -210,18 +213,11 @@ exporters.export(m.eval(), {str(out)!r}, fmt, name=name, version="1", input_shap
         return dirs
 
 
-def mosquitto(nodelay: bool = False):
-    """Mosquitto as the tests start it; ``nodelay`` adds ``set_tcp_nodelay true``."""
+def mosquitto(nodelay: bool = True):
+    """Mosquitto as the tests start it (``set_tcp_nodelay true``); ``nodelay=False`` undoes it."""
     from edge_agent.broker import MosquittoBroker
 
-    return MosquittoBroker(extra_config="set_tcp_nodelay true" if nodelay else "").start()
-
-
-def set_nodelay(transport) -> None:
-    """TCP_NODELAY on a connected transport's socket (paho leaves Nagle on)."""
-    import socket
-
-    transport._client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return MosquittoBroker(extra_config="" if nodelay else "set_tcp_nodelay false").start()
 
 
 # -------------------------------------------------------------------------- part 1: RSS
@@ -231,8 +227,11 @@ _IMPORT_PROBES = {
     "numpy + onnxruntime + paho": "import numpy, onnxruntime, paho.mqtt.client",
     "numpy + onnxruntime + paho + psutil": "import numpy, onnxruntime, paho.mqtt.client, psutil",
     "numpy + onnxruntime + paho + numba": "import numpy, onnxruntime, paho.mqtt.client, numba",
-    "edge_agent.agent + edge_agent.cli (what the daemon imports)": (
-        "import edge_agent.agent, edge_agent.cli, psutil"
+    "edge_agent.daemon + edge_agent.agent (what the daemon imports)": (
+        "import edge_agent.daemon, edge_agent.agent, psutil"
+    ),
+    "edge_agent.cli (typer, click, pydantic: the CLI, left behind by the exec)": (
+        "import edge_agent.cli, typer._adapters"
     ),
 }
 
@@ -266,7 +265,7 @@ def rss(label):
     print(json.dumps({"stage": label, "VmRSS_mb": g("VmRSS"), "RssAnon_mb": g("RssAnon"),
                       "RssFile_mb": g("RssFile"), "threads": int(f["Threads"])}))
 rss("python, nothing imported")
-import edge_agent.cli; rss("+ edge_agent.cli (typer)")
+import edge_agent.daemon; rss("+ edge_agent.daemon (after the CLI's exec)")
 import edge_agent.agent; rss("+ edge_agent.agent (numpy, paho, protocol)")
 import onnxruntime; rss("+ onnxruntime")
 import numpy as np
@@ -548,7 +547,7 @@ def worker_receiver(args: argparse.Namespace) -> int:
         model: {k: (tuple(v), "float32") for k, v in shapes.items()}
         for model, shapes in json.loads(Path(args.expected).read_text()).items()
     }
-    rx = MqttTransport(url=args.broker, client_id="bench-rx")
+    rx = MqttTransport(url=args.broker, client_id="bench-rx", tcp_nodelay=args.nodelay)
 
     def ack(body: dict[str, Any]) -> None:
         rx.publish(args.ack_topic, json.dumps(body).encode(), qos=1)
@@ -575,8 +574,6 @@ def worker_receiver(args: argparse.Namespace) -> int:
     rx.subscribe(args.topic, on_message, qos=1)
     rx.connect(timeout=10)
     rx.wait_subscribed(10)
-    if args.nodelay:
-        set_nodelay(rx)
     print(json.dumps({"event": "ready", "pid": os.getpid()}), flush=True)
     sys.stdin.read()  # until the parent closes the pipe
     print(json.dumps({"event": "drops", "drops": verifier.drops.snapshot()}), flush=True)
@@ -588,7 +585,7 @@ class Link:
     """Sender transport in this process + receiver process, through one Mosquitto."""
 
     def __init__(
-        self, env: Env, expected: dict[str, dict[str, list[int]]], nodelay: bool = False
+        self, env: Env, expected: dict[str, dict[str, list[int]]], nodelay: bool = True
     ) -> None:
         from edge_agent.protocol import Keyring, Topics
         from edge_agent.transport import MqttTransport
@@ -627,12 +624,10 @@ class Link:
         ready = json.loads(self.rx.stdout.readline())
         assert ready["event"] == "ready", ready
         self.acks: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.tx = MqttTransport(url=self.broker.url, client_id="bench-tx")
+        self.tx = MqttTransport(url=self.broker.url, client_id="bench-tx", tcp_nodelay=nodelay)
         self.tx.subscribe(ack_topic, lambda _t, p: self.acks.put(json.loads(p)), qos=1)
         self.tx.connect(timeout=10)
         self.tx.wait_subscribed(10)
-        if nodelay:
-            set_nodelay(self.tx)
 
     def send(self, chunks: list[bytes], timeout: float = 60.0) -> tuple[float, dict[str, Any]]:
         """Publish chunks QoS 1; (monotonic time of the first publish, the receiver's ack)."""
@@ -662,7 +657,7 @@ def _model(total_bytes: int, n_tensors: int = 4) -> dict[str, Any]:
 
 def part_latency(env: Env, args: argparse.Namespace) -> None:
 
-    for nodelay in [False, True] if args.nodelay_variant else [False]:
+    for nodelay in [False, True] if args.nodelay_variant else [True]:
         _latency(env, args, nodelay)
 
 
@@ -729,11 +724,61 @@ def _latency(env: Env, args: argparse.Namespace, nodelay: bool) -> None:
     )
 
 
-TCP_LABEL = {False: "as shipped (Nagle on)", True: "TCP_NODELAY on broker + clients"}
+TCP_LABEL = {
+    False: "Nagle on (before the fix)",
+    True: "as shipped: TCP_NODELAY on broker + clients",
+}
+
+
+def _burst(link: Link, args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """One frame of more chunks than the transport's QoS 1 queue (``max_queued`` = 100, in
+    flight included): ``publish`` fire-and-forget (what ``Agent._push`` did before), or
+    ``publish_many`` (flow-controlled, what it does now)."""
+    from edge_agent.protocol import seal_binary, split_chunks
+
+    size = int(args.burst_mb * MB)
+    data = os.urandom(size)
+    seq = -1 if method == "publish" else -2
+    frame = seal_binary(
+        "artifact",
+        {
+            "name": "burst",
+            "version": method,
+            "seq": seq,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+        data,
+        sender="bench-tx",
+        keyring=link.keyring,
+    )
+    chunks = split_chunks(
+        frame, chunk_bytes=args.chunk_bytes, sender="bench-tx", keyring=link.keyring
+    )
+    before = link.tx.dropped_publishes
+    t0 = time.monotonic()
+    try:
+        if method == "publish":
+            _, ack = link.send(chunks, timeout=20)
+        else:
+            link.tx.publish_many([(link.topic, chunk) for chunk in chunks], qos=1)
+            ack = link.acks.get(timeout=20)
+        completed = "error" not in ack and ack.get("seq") == seq
+        seconds = ack["t_done"] - t0 if completed else None
+    except queue.Empty:
+        completed, seconds = False, None
+    return {
+        "part": "throughput",
+        "what": f"burst via {method}",
+        "payload_mib": args.burst_mb,
+        "chunks": len(chunks),
+        "dropped_publishes": link.tx.dropped_publishes - before,
+        "completed": completed,
+        "mib_per_s": round(args.burst_mb / seconds, 1) if seconds else None,
+    }
 
 
 def part_throughput(env: Env, args: argparse.Namespace) -> None:
-    for nodelay in [False, True] if args.nodelay_variant else [False]:
+    for nodelay in [False, True] if args.nodelay_variant else [True]:
         _throughput(env, args, nodelay)
 
 
@@ -781,42 +826,9 @@ def _throughput(env: Env, args: argparse.Namespace, nodelay: bool) -> None:
                 "seal_split_ms_p50": round(pct(seal_ms, 50), 1),
             }
         )
-        if args.burst_mb and not nodelay:
-            # One burst larger than the transport's QoS 1 queue (max_queued=100 messages,
-            # in flight included), published fire-and-forget as Agent._push does.
-            size = int(args.burst_mb * MB)
-            data = os.urandom(size)
-            frame = seal_binary(
-                "artifact",
-                {
-                    "name": "burst",
-                    "version": "1",
-                    "seq": -1,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                },
-                data,
-                sender="bench-tx",
-                keyring=link.keyring,
-            )
-            chunks = split_chunks(
-                frame, chunk_bytes=args.chunk_bytes, sender="bench-tx", keyring=link.keyring
-            )
-            before = link.tx.dropped_publishes
-            try:
-                _, ack = link.send(chunks, timeout=20)
-                completed = "error" not in ack
-            except queue.Empty:
-                completed = False
-            emit(
-                {
-                    "part": "throughput",
-                    "what": "fire-and-forget burst",
-                    "payload_mib": args.burst_mb,
-                    "chunks": len(chunks),
-                    "dropped_publishes": link.tx.dropped_publishes - before,
-                    "completed": completed,
-                }
-            )
+        if args.burst_mb and nodelay:
+            for method in ("publish", "publish_many"):
+                emit(_burst(link, args, method))
     finally:
         drops = link.close()
     emit(
@@ -1311,9 +1323,9 @@ def summary() -> None:
                 f"{r['mib_per_s_publish_to_verified']['median']} MiB/s publish->verified, "
                 f"{r['mib_per_s_incl_seal_split']} MiB/s incl. seal+split"
             )
-        elif part == "throughput" and what == "fire-and-forget burst":
+        elif part == "throughput" and what.startswith("burst via"):
             print(
-                f"throughput  burst {r['payload_mib']} MiB ({r['chunks']} chunks): dropped "
+                f"throughput  {what} {r['payload_mib']} MiB ({r['chunks']} chunks): dropped "
                 f"{r['dropped_publishes']} publishes, completed={r['completed']}"
             )
         elif part == "fleet" and what == "gossip storm":

@@ -13,7 +13,6 @@ file is enough::
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from edge_agent.config import ConfigError, load_config
+from edge_agent.daemon import exec_daemon, serve
 
 app = typer.Typer(
     name="bitfleet-agent",
@@ -106,9 +106,6 @@ def run(
     log_level: LogOpt = "info",
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C (then: checkpoint, publish offline, exit 0)."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     flags = _flags(
         broker=broker,
         fleet=fleet,
@@ -130,17 +127,11 @@ def run(
         client_key_file=client_key_file,
         threads=threads,
     )
-    from edge_agent.agent import Agent
-    from edge_agent.state import StateError
-    from edge_agent.transport import TransportError
-    from exporters.artifact import ArtifactError
-
-    try:
-        agent = Agent(load_config(config, flags=flags))
-        code = agent.run()
-    except (ConfigError, StateError, ArtifactError, TransportError, ValueError, OSError) as err:
-        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-    raise typer.Exit(code)
+    config_path = str(config) if config is not None else None
+    if _as_program:
+        # the daemon leaves typer, click and pydantic behind: see edge_agent.daemon
+        exec_daemon(config_path, flags, log_level)
+    raise typer.Exit(serve(config_path, flags, log_level))
 
 
 @app.command("config")
@@ -161,8 +152,13 @@ def show_config(
     typer.echo(json.dumps(effective.public(), indent=2))
 
 
+_as_program = False  # True when main() runs as the program, not inside a test's CliRunner
+
+
 def main() -> None:
     """Console-script entry point."""
+    global _as_program
+    _as_program = True
     try:
         app()
     except KeyboardInterrupt:

@@ -564,11 +564,42 @@ def test_daemon_serving_only_never_loads_torch_and_stops_cleanly(
         assert fleet.wait_for(_online("pi-09"), timeout=60)
         telemetry = fleet.command("pi-09", "status", timeout=30)["result"]["telemetry"]
         assert telemetry["torch_loaded"] is False and telemetry["learning"]["on"] is False
+        # the CLI exec'd a fresh interpreter under the same PID: its parser's libraries are gone
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+        assert "pydantic_core" not in maps and "onnxruntime" in maps
+        assert b"edge_agent.daemon" in Path(f"/proc/{process.pid}/cmdline").read_bytes()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert fleet.wait_for(lambda d: d["pi-09"]["status"] == "offline", timeout=10)
     finally:
         process.kill()
+
+
+def test_daemon_module_alone_and_a_bad_log_level_are_one_clear_line(key_file, tmp_path):
+    alone = subprocess.run(
+        [sys.executable, "-m", "edge_agent.daemon"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert alone.returncode == 1
+    assert alone.stderr.strip().splitlines() == [
+        "error: usage: python -m edge_agent.daemon --config-fd N (started by bitfleet-agent "
+        "run; run that instead)"
+    ]
+    args = _run_args("mqtt://127.0.0.1:1", key_file, tmp_path / "s", tmp_path / "none")
+    bad = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "run", *args, "--log-level", "loud"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "error: unknown log level 'loud'; use one of debug, info, warning, error"
+    ]
 
 
 def test_daemon_bad_input_is_one_clear_line(key_file, tmp_path):
@@ -673,3 +704,14 @@ def test_unreachable_broker_is_a_clear_error(key_file, artifacts, tmp_path):
 def test_fleet_client_times_out_clearly(mosquitto, fleet):
     with pytest.raises(FleetError, match="did not answer 'ping'"):
         fleet.command("nobody", "ping", timeout=0.5)
+
+
+def test_latency_quantiles_match_numpy():
+    from edge_agent.agent import _quantile
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 1000):
+        values = sorted(rng.random(n).tolist())
+        for q in (0.5, 0.95):
+            assert _quantile(values, q) == pytest.approx(np.percentile(values, q * 100))
+    assert _quantile([], 0.5) is None

@@ -10,8 +10,7 @@ talks to real agents through the real protocol (signed frames, :class:`MqttTrans
   subprocess serving (a) LeNet-5 digits in the ``onnx-portable`` flavour (also with
   ``MALLOC_ARENA_MAX=2``), (b) Bi-Real-18 width 0.125 (ImageNet stem, 1x32x32) in the
   portable and the fast ``onnx`` flavour and, unless ``--no-full-width``, (c) full-width
-  Bi-Real-18 at 3x224x224 in the fast flavour (requests as base64: nested lists exceed the
-  transport's 1,000,000-byte packet limit). Each daemon answers 20 inference requests over
+  Bi-Real-18 at 3x224x224 in the fast flavour. Each daemon answers 20 inference requests over
   MQTT, then its VmRSS / VmHWM are read from ``/proc`` and ``torch_loaded`` from the
   ``status`` command's telemetry.
 - ``learn-rss``: the LeNet daemon with ``--learn --data-dir D`` (digits train/test as
@@ -345,21 +344,6 @@ def _online(device: str):
     return lambda d: d.get(device, {}).get("status") == "online"
 
 
-def _infer_b64(fleet, device: str, batch) -> dict[str, Any]:
-    """An inference request with the batch as base64 float32 (what fits a 1 MB MQTT packet)."""
-    import base64
-
-    import numpy as np
-
-    body = {
-        "inputs": {
-            "b64": base64.b64encode(np.ascontiguousarray(batch, "<f4").tobytes()).decode(),
-            "shape": list(batch.shape),
-        }
-    }
-    return fleet._request(device, fleet.topics.infer(device), "infer", body, 60.0)
-
-
 def serving_rss(
     env: Env, kind: str, shape: tuple[int, ...], requests: int = 20, env_extra: dict | None = None
 ) -> None:
@@ -381,20 +365,11 @@ def serving_rss(
                 online_s = time.monotonic() - start
                 idle = proc_status(proc.pid)
                 note = None
-                try:
-                    fleet.infer(device, batch, timeout=60)
-                    use_b64 = False
-                except ValueError as err:  # payload over the transport's max_packet_bytes
-                    note = f"FleetClient.infer refused the nested-list request: {err}"
-                    use_b64 = True
+                fleet.infer(device, batch, timeout=60)  # warm-up
                 rtts, agent_ms = [], []
                 for _ in range(requests):
                     t0 = time.perf_counter()
-                    reply = (
-                        _infer_b64(fleet, device, batch)
-                        if use_b64
-                        else fleet.infer(device, batch, timeout=60)
-                    )
+                    reply = fleet.infer(device, batch, timeout=60)
                     rtts.append((time.perf_counter() - t0) * 1000)
                     if not reply.get("ok"):
                         raise RuntimeError(f"inference failed: {reply}")
@@ -417,7 +392,7 @@ def serving_rss(
                 "idle_after_online": idle,
                 "after_requests": mem,
                 "requests": requests,
-                "request_transport": "b64" if use_b64 else "nested lists (FleetClient.infer)",
+                "request_transport": "base64 float32 (FleetClient.infer)",
                 "infer_rtt_ms_p50": round(pct(rtts, 50), 2),
                 "agent_predict_ms_p50": round(pct(agent_ms, 50), 3),
                 "telemetry_rss_mb": round(tel["rss_mb"], 1),

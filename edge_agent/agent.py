@@ -153,7 +153,9 @@ class Agent:
             signal.signal(sig, lambda *_: self.stopping.set())
         self.start(connect_timeout=None)
         self.wait()
+        log.info("agent %s stopping: finish the round, checkpoint, go offline", self.config.id)
         self.shutdown()
+        log.info("agent %s stopped", self.config.id)
         return 0
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -639,6 +641,8 @@ class Agent:
     def _heartbeat(self) -> None:
         while not self.stopping.wait(self.config.heartbeat_s):
             try:
+                if not self.transport.connected:
+                    continue  # telemetry is QoS 0 and only worth anything fresh: skip it
                 body = self.telemetry()
                 frame = seal_json("telemetry", body, sender=self.config.id, keyring=self.keyring)
                 self.transport.publish(self.topics.telemetry(self.config.id), frame, qos=0)

@@ -96,7 +96,8 @@ _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # length, topic length, packet id and (MQTT 5) an empty property length, with a margin.
 _PUBLISH_OVERHEAD = 16
 _MAX_REFUSALS = 256  # PUBACK refusals kept for publish_and_wait to find
-_MAX_ACKS = 4096  # recent acknowledged packet ids kept for publish_many to find
+_MAX_ACKS = 4096
+_FAIL_LOG_INTERVAL_S = 60.0  # recent acknowledged packet ids kept for publish_many to find
 _URL_FORM = "expected mqtt://host[:port] or mqtts://host[:port]"
 
 
@@ -275,6 +276,8 @@ class MqttTransport:
         # "not connected", so publish_many tracks acks itself: a packet id counts as
         # acknowledged when its ack is newer than the publish (ids recur only every 65535).
         self._ack_seq = 0
+        self._fail_logged: tuple[str | None, float] = (None, 0.0)  # last warned failure, when
+        self._reconnect_max_s = reconnect_max_s
         self._acks: OrderedDict[int, int] = OrderedDict()
         self._started = False
         self._closing = False
@@ -651,6 +654,7 @@ class MqttTransport:
             filters = [(f, qos) for f, (_, qos) in self._subs.items()]
             self.connect_count += 1
             self.last_error = None
+            self._fail_logged = (None, 0.0)  # the next outage is reported again
             self._connected.set()
             self._update_subscribed()
             self._cond.notify_all()
@@ -675,7 +679,21 @@ class MqttTransport:
             if isinstance(exc, ssl.SSLCertVerificationError):  # a wrong CA or name stays wrong
                 self._fatal = f"cannot connect to broker {self.url}: {why}"
             self._cond.notify_all()
-        logger.debug("%s: connecting to %s failed: %s", self.client_id, self.url, why)
+        # Warn on the first failure, when the reason changes, and once a minute while it lasts:
+        # a daemon started before its broker must say why it is not online, without flooding.
+        now = time.monotonic()
+        last_why, last_at = self._fail_logged
+        if why != last_why or now - last_at >= _FAIL_LOG_INTERVAL_S:
+            self._fail_logged = (why, now)
+            logger.warning(
+                "%s: cannot reach broker %s (%s); retrying with backoff up to %g s",
+                self.client_id,
+                self.url,
+                why,
+                self._reconnect_max_s,
+            )
+        else:
+            logger.debug("%s: connecting to %s failed: %s", self.client_id, self.url, why)
 
     def _on_disconnect(
         self,

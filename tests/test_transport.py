@@ -431,6 +431,19 @@ def test_connect_timeout_against_a_closed_port(transports):
     assert not any(th.name == f"paho-mqtt-client-{t.client_id}" for th in threading.enumerate())
 
 
+def test_waiting_for_an_absent_broker_warns_once_not_per_retry(transports, caplog):
+    """A daemon started before its broker says why it is not online, without a flood."""
+    t = transports(f"mqtt://127.0.0.1:{free_port()}", reconnect_min_s=0.02, reconnect_max_s=0.05)
+    with caplog.at_level("DEBUG", logger="edge_agent.transport"):
+        t.connect(timeout=None)  # keep trying in the background, as the daemon does
+        assert wait_for(lambda: "Refused" in (t.last_error or ""), 3)
+        time.sleep(0.5)  # several more attempts
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    retries = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot reach broker" in warnings[0].getMessage()
+    assert "retrying" in warnings[0].getMessage() and len(retries) >= 2
+
+
 @needs_mosquitto
 def test_username_and_password(tmp_path, transports):
     passwd = write_password_file(tmp_path / "passwd", {"pi-01": "right", "laptop": "other"})

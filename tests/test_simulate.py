@@ -120,9 +120,17 @@ def test_cli_compare_json(tmp_path):
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "vc.json").is_file()
 
 
-def test_cli_bad_topology():
+def test_cli_bad_topology_or_data_fails_before_any_work():
     result = CliRunner().invoke(app, ["simulate", "--topology", "hypercube", "--rounds", "1"])
     assert result.exit_code == 1 and "hypercube" in result.output
+    assert result.output.strip().splitlines() == [
+        "error: unknown topology 'hypercube'; valid forms: rrg:<d>, ring, full, star, "
+        "scale-free:<m>, ba:<m>"
+    ]  # one line: no progress bar drawn before the error
+    result = CliRunner().invoke(app, ["simulate", "--data", "weird", "--rounds", "1"])
+    assert result.exit_code == 1 and "bad partition 'weird'" in result.output
+    with pytest.raises(ValueError, match="needs degree d < num_nodes"):
+        SimulationConfig(nodes=5, topology="rrg:9")
 
 
 def test_binary_network_gossips_with_sign_codec():

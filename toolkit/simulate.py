@@ -32,7 +32,7 @@ from edge_agent.merge import Merger, tensor_variance
 from models.training import accuracy, make_optimizer, train_steps
 
 from .data import ArrayDataset, load_dataset
-from .partition import partition
+from .partition import parse_partition, partition
 from .topology import Topology, parse_topology
 from .train import make_model
 
@@ -94,6 +94,10 @@ class SimulationConfig:
             raise ValueError("delay and peers must be >= 0 (peers 0 means all neighbours)")
         if not (self.trigger == "all" or (isinstance(self.trigger, int) and self.trigger >= 1)):
             raise ValueError(f"trigger must be 'all' or a positive integer, got {self.trigger!r}")
+        # fail before any work starts (and before a progress bar is drawn), not in a worker
+        if self.merge != "fedavg":  # FedAvg is a star with a server whatever the topology
+            parse_topology(self.topology, self.nodes, seed=self.seed)
+        parse_partition(self.data)
 
 
 @dataclass

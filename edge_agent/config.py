@@ -50,6 +50,9 @@ class LearnSettings:
     merge: str = "vc"
     self_weight: float = 0.5
     variance: str = "others"
+    # false: VC averages binary layers' latent weights without rescaling them (sign() ignores
+    # their scale; see docs/reproductions/vanishing_variance.md)
+    rescale_binary: bool = True
     trigger: int = 1
     local_steps: int = 10
     batch_size: int = 32

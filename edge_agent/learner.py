@@ -142,6 +142,7 @@ class Learner:
             self_weight=settings.self_weight,
             variance=settings.variance,
             trigger=settings.trigger,
+            no_rescale=() if settings.rescale_binary else self.binary_names,
         )
         self._rng = np.random.default_rng(_device_seed(device) + self.round)
         self.merges = 0

@@ -64,7 +64,7 @@ depend on dict order either), and the result lists its names in ``own``'s order,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -134,6 +134,7 @@ def merge(
     self_weight: float = 0.5,
     variance: str = "others",
     weights: Sequence[float] | None = None,
+    no_rescale: Collection[str] = (),
 ) -> dict[str, NDArray[np.generic]]:
     """Merge the ``received`` models into ``own`` and return the new model.
 
@@ -147,6 +148,9 @@ def merge(
             (ignored by ``"avg"``, but still checked).
         weights: optional positive weight per received model (e.g. sample counts) for the
             weighted mean of the received tensors and of their variances; equal by default.
+        no_rescale: names averaged but never variance-corrected, such as the latent weights of
+            binary layers: ``sign(w)`` ignores their scale, so rescaling them only moves them
+            away from the sign threshold (see docs/reproductions/vanishing_variance.md).
 
     Returns:
         A new dict (no array is shared with the inputs), names in ``own``'s order.
@@ -158,7 +162,7 @@ def merge(
             has an unsupported dtype (complex, object, ...).
     """
     labels = [f"received model {i}" for i in range(len(received))]
-    return _merge(own, received, labels, method, self_weight, variance, weights)
+    return _merge(own, received, labels, method, self_weight, variance, weights, no_rescale)
 
 
 class Merger:
@@ -172,7 +176,7 @@ class Merger:
     order in which pushes arrived.
 
     Args:
-        method, self_weight, variance: as in :func:`merge`, checked here.
+        method, self_weight, variance, no_rescale: as in :func:`merge`, checked here.
         trigger: merge when at least this many senders are buffered (an int >= 1), or ``"all"``:
             when every one of ``neighbours`` is.
         neighbours: the senders this node listens to. Required with ``trigger="all"``; when
@@ -186,8 +190,10 @@ class Merger:
         variance: str = "others",
         trigger: int | Literal["all"] = 1,
         neighbours: Iterable[str] | None = None,
+        no_rescale: Collection[str] = (),
     ) -> None:
         _check_options(method, self_weight, variance)
+        self.no_rescale = frozenset(no_rescale)
         self.method = method
         self.self_weight = float(self_weight)
         self.variance = variance
@@ -258,7 +264,16 @@ class Merger:
         models = [self._buffer[s][0] for s in senders]
         weights = [self._buffer[s][1] for s in senders]
         labels = [f"model from {s!r}" for s in senders]
-        merged = _merge(own, models, labels, self.method, self.self_weight, self.variance, weights)
+        merged = _merge(
+            own,
+            models,
+            labels,
+            self.method,
+            self.self_weight,
+            self.variance,
+            weights,
+            self.no_rescale,
+        )
         self.clear()
         return merged
 
@@ -331,8 +346,10 @@ def _merge(
     self_weight: float,
     variance: str,
     weights: Sequence[float] | None,
+    no_rescale: Collection[str] = (),
 ) -> dict[str, NDArray[np.generic]]:
     _check_options(method, self_weight, variance)
+    exempt = frozenset(no_rescale)
     if len(received_in) == 0:
         raise ValueError("merge needs at least one received model")
     w = _normalised_weights(weights, len(received_in))
@@ -354,7 +371,7 @@ def _merge(
         if mine.dtype.kind in _ROUNDED_KINDS:
             merged[name] = np.rint(mixed).astype(mine.dtype)
             continue
-        if method == "vc" and is_rescaled(name, mine):
+        if method == "vc" and name not in exempt and is_rescaled(name, mine):
             if variance == "self":
                 target = _variance(mine)
             else:

@@ -715,3 +715,11 @@ def test_latency_quantiles_match_numpy():
         for q in (0.5, 0.95):
             assert _quantile(values, q) == pytest.approx(np.percentile(values, q * 100))
     assert _quantile([], 0.5) is None
+
+
+def test_learn_settings_take_rescale_binary_from_commands_and_files():
+    assert LearnSettings().rescale_binary is True
+    assert LearnSettings().updated({"rescale_binary": False}).rescale_binary is False
+    assert LearnSettings().updated({"rescale_binary": "false"}).rescale_binary is False
+    with pytest.raises(ConfigError, match="rescale_binary"):
+        LearnSettings().updated({"rescale_binary": "perhaps"})

@@ -387,6 +387,24 @@ def test_merger_trigger_all_and_weights():
     assert merger.pending == 0
 
 
+def test_no_rescale_names_are_averaged_but_keep_the_mixed_scale():
+    """Binary layers' latent weights: VC averages them like avg does, and leaves their scale."""
+    own, received = example()
+    own["c"], received[0]["c"], received[1]["c"] = (
+        np.array(v) for v in ([0.0, 2.0], [1.0, 5.0], [3.0, 3.0])
+    )
+    plain = merge(own, received, method="avg")
+    vc = merge(own, received, method="vc", no_rescale={"w"})
+    np.testing.assert_allclose(vc["w"], MIX_W)  # the mix, not rescaled
+    np.testing.assert_allclose(vc["w"], plain["w"])
+    assert not np.allclose(vc["c"], plain["c"])  # other tensors are still corrected
+    np.testing.assert_array_equal(vc["c"], merge(own, received, method="vc")["c"])
+    merger = Merger(method="vc", trigger=2, no_rescale=["w"])
+    merger.add("pi-1", received[0])
+    merger.add("pi-2", received[1])
+    np.testing.assert_array_equal(merger.merge_into(own)["w"], vc["w"])
+
+
 def test_merger_result_independent_of_arrival_order():
     own, (r1, r2) = example()
     m1, m2 = Merger(trigger=2), Merger(trigger=2)

@@ -149,3 +149,9 @@ def test_binary_network_gossips_with_sign_codec():
     # latent weights of binary layers travel as 1 bit + scale
     assert result.history[-1]["bytes_sent"] < 0.2 * fp32.history[-1]["bytes_sent"]
     assert 0.0 <= result.final_accuracy <= 1.0
+    # --no-rescale-binary: latent weights are averaged only, so their variance shrinks
+    kept = simulate(
+        SimulationConfig(**{**config.__dict__, "codec": "fp32", "rescale_binary": False})
+    )
+    name = "stages.0.0.conv.weight"  # a binary conv (is_binary)
+    assert kept.history[-1]["variance"][name] < 0.8 * fp32.history[-1]["variance"][name]

@@ -65,6 +65,8 @@ class SimulationConfig:
     momentum: float = 0.0
     self_weight: float = 0.1
     variance: str = "others"
+    # False: VC leaves binary layers' latent weights unscaled (averaged only)
+    rescale_binary: bool = True
     peers: int = 0
     trigger: int | str = "all"
     init: str = "independent"
@@ -253,6 +255,7 @@ def _gossip_round(
             variance=config.variance,
             trigger=config.trigger,
             neighbours=[str(p) for p in topology.neighbours[node]],
+            no_rescale=() if config.rescale_binary else fleet.binary_names,
         )
         for node in range(config.nodes)
     ]

@@ -57,6 +57,13 @@ def simulate(
     drop: Annotated[float, typer.Option(help="Probability a message is lost.")] = 0.0,
     churn: Annotated[float, typer.Option(help="Probability a node is offline in a round.")] = 0.0,
     delay: Annotated[int, typer.Option(min=0, help="Rounds a message takes to arrive.")] = 0,
+    rescale_binary: Annotated[
+        bool,
+        typer.Option(
+            "--rescale-binary/--no-rescale-binary",
+            help="VC also rescales binary layers' latent weights (--no-: average them only).",
+        ),
+    ] = True,
     codec: Annotated[str, typer.Option(help="Wire format: fp32, fp16, int8 or sign.")] = "fp32",
     compare: Annotated[
         bool, typer.Option("--compare", help="Run vc, avg and fedavg on this setup.")
@@ -93,6 +100,7 @@ def simulate(
         lr=lr,
         self_weight=self_weight,
         variance=variance,
+        rescale_binary=rescale_binary,
         peers=peers,
         trigger=_trigger(trigger),
         init=init,

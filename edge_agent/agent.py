@@ -569,6 +569,9 @@ class Agent:
             # flow-controlled: a model of more chunks than the transport's queue still arrives
             self.transport.publish_many(messages, qos=1, cancel=self._learn_stop)
         except TransportError as err:
+            if self._learn_stop.is_set():  # learn.stop or shutdown cut the push short
+                log.info("round %d: push to %s cut short: learning stops", learner.round, peers)
+                return
             self.push_failures += 1
             log.warning("round %d: push to %s incomplete: %s", learner.round, peers, err)
 

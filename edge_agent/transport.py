@@ -32,9 +32,14 @@ What it guarantees:
   queue (``max_queued``) and go out after the reconnect; QoS 0 messages, and messages beyond the
   queue, are dropped and counted in ``dropped_publishes``. :meth:`~MqttTransport.publish_and_wait`
   returns only once the broker acknowledged the message and raises :class:`TransportError`
-  otherwise. A payload above ``max_packet_bytes`` (default 1,000,000, under the 1 MiB packet
+  otherwise. :meth:`~MqttTransport.publish_many` sends a burst (a model's chunks to several
+  peers) with at most half the queue unacknowledged, so nothing is dropped however many chunks
+  there are. A payload above ``max_packet_bytes`` (default 1,000,000, under the 1 MiB packet
   limit of common broker setups with room for the header) raises ``ValueError``: chunking is
   the caller's job.
+- **Small messages go out at once.** The socket has ``TCP_NODELAY`` (``tcp_nodelay=True``):
+  with Nagle's algorithm a reply that follows unacknowledged data waits ~40 ms for the peer's
+  delayed ACK. Brokers need ``set_tcp_nodelay true`` as well (``ops/mosquitto``).
 - **Errors are one line.** A bad URL or option raises ``ValueError`` at construction; a broker
   that cannot be reached, or refuses the credentials, raises :class:`TransportError` naming the
   broker and the reason.

@@ -235,25 +235,34 @@ _IMPORT_PROBES = {
 }
 
 
+def python_output(*args: str) -> str:
+    """stdout of ``python ARGS`` run from the repository (imports resolve to this checkout)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=ROOT,
+    ).stdout
+
+
+def import_rss(stmt: str) -> dict[str, Any]:
+    """Memory of a fresh interpreter after running ``stmt`` (an import), from /proc."""
+    code = (
+        f"{stmt}\nimport json, sys\n"
+        "f = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+        "g = lambda k: round(int(f[k].split()[0]) / 1024, 1)\n"
+        "print(json.dumps({'VmRSS_mb': g('VmRSS'), 'VmHWM_mb': g('VmHWM'), "
+        "'RssAnon_mb': g('RssAnon'), 'RssFile_mb': g('RssFile'), "
+        "'threads': int(f['Threads']), 'torch_loaded': 'torch' in sys.modules}))"
+    )
+    return json.loads(python_output("-c", code))
+
+
 def import_baselines() -> None:
     for label, stmt in _IMPORT_PROBES.items():
-        code = (
-            f"{stmt}\nimport json, sys\n"
-            "f = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
-            "g = lambda k: round(int(f[k].split()[0]) / 1024, 1)\n"
-            "print(json.dumps({'VmRSS_mb': g('VmRSS'), 'VmHWM_mb': g('VmHWM'), "
-            "'RssAnon_mb': g('RssAnon'), 'RssFile_mb': g('RssFile'), "
-            "'threads': int(f['Threads']), 'torch_loaded': 'torch' in sys.modules}))"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=child_env(),
-            cwd=ROOT,
-        ).stdout
-        emit({"part": "rss", "what": "import-only", "label": label, **json.loads(out)})
+        emit({"part": "rss", "what": "import-only", "label": label, **import_rss(stmt)})
 
 
 _STAGE_PROBE = r"""
@@ -277,14 +286,7 @@ import psutil; psutil.Process().memory_info(); rss("+ psutil (telemetry)")
 
 def daemon_stages(env: Env) -> None:
     """RSS after each thing the serving daemon loads, in one process (no broker, no threads)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _STAGE_PROBE, str(env.artifact("lenet-portable"))],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        cwd=ROOT,
-    ).stdout
+    out = python_output("-c", _STAGE_PROBE, str(env.artifact("lenet-portable")))
     for line in out.splitlines():
         emit({"part": "rss", "what": "daemon stages", **json.loads(line)})
 
@@ -431,22 +433,7 @@ def part_learn_rss(env: Env, args: argparse.Namespace) -> None:
         ("torch", "import torch"),
         ("edge_agent.learner (torch, models, merge)", "import edge_agent.learner"),
     ):
-        code = (
-            f"{stmt}\nimport json, sys\n"
-            "f = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
-            "g = lambda k: round(int(f[k].split()[0]) / 1024, 1)\n"
-            "print(json.dumps({'VmRSS_mb': g('VmRSS'), 'RssAnon_mb': g('RssAnon'), "
-            "'RssFile_mb': g('RssFile'), 'threads': int(f['Threads'])}))"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=child_env(),
-            cwd=ROOT,
-        ).stdout
-        emit({"part": "learn-rss", "what": "import-only", "label": label, **json.loads(out)})
+        emit({"part": "learn-rss", "what": "import-only", "label": label, **import_rss(stmt)})
     artifact = env.artifact("lenet-portable")
     data = env.digits_dir()
     device = "rss-learner"

@@ -34,7 +34,7 @@ import models
 from edge_agent.config import LearnSettings
 from edge_agent.merge import MergeError, Merger
 from edge_agent.state import StateStore
-from models.training import accuracy, make_optimizer, train_steps
+from models.training import accuracy, binary_weight_names, make_optimizer, train_steps
 
 __all__ = ["Learner", "LocalData", "DataError", "load_local_data"]
 
@@ -131,11 +131,7 @@ class Learner:
         self._check_data()
         self.optimizer = make_optimizer(self.model, settings.optimizer, settings.lr, 0.0)
         self.expected = {k: (v.shape, v.dtype) for k, v in self.state().items()}
-        self.binary_names = tuple(
-            f"{name}.weight"
-            for name, module in self.model.named_modules()
-            if getattr(module, "is_binary", False)
-        )
+        self.binary_names = binary_weight_names(self.model)
         self._lock = threading.Lock()
         self._merger = Merger(
             method=settings.merge,

@@ -101,8 +101,8 @@ _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # length, topic length, packet id and (MQTT 5) an empty property length, with a margin.
 _PUBLISH_OVERHEAD = 16
 _MAX_REFUSALS = 256  # PUBACK refusals kept for publish_and_wait to find
-_MAX_ACKS = 4096
-_FAIL_LOG_INTERVAL_S = 60.0  # recent acknowledged packet ids kept for publish_many to find
+_MAX_ACKS = 4096  # recent acknowledged packet ids kept for publish_many to find
+_FAIL_LOG_INTERVAL_S = 60.0  # while a broker stays unreachable, warn at most this often
 _URL_FORM = "expected mqtt://host[:port] or mqtts://host[:port]"
 
 
@@ -281,9 +281,9 @@ class MqttTransport:
         # "not connected", so publish_many tracks acks itself: a packet id counts as
         # acknowledged when its ack is newer than the publish (ids recur only every 65535).
         self._ack_seq = 0
+        self._acks: OrderedDict[int, int] = OrderedDict()
         self._fail_logged: tuple[str | None, float] = (None, 0.0)  # last warned failure, when
         self._reconnect_max_s = reconnect_max_s
-        self._acks: OrderedDict[int, int] = OrderedDict()
         self._started = False
         self._closing = False
         self._net_thread: threading.Thread | None = None

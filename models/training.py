@@ -18,7 +18,14 @@ from torch import nn
 
 from .constraints import clip_latent_weights, latent_weight_parameters
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "distillation_loss", "train_steps", "accuracy"]
+__all__ = [
+    "OPTIMIZERS",
+    "make_optimizer",
+    "distillation_loss",
+    "train_steps",
+    "accuracy",
+    "binary_weight_names",
+]
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -124,3 +131,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     )
     model.train(was_training)
     return correct / max(len(y), 1)
+
+
+def binary_weight_names(model: nn.Module) -> tuple[str, ...]:
+    """State-dict names of the binary layers' latent weights (modules with ``is_binary``).
+
+    Gossip sends these as 1 bit + scale (the ``sign`` codec) and may leave them out of
+    variance correction; simulator and agent must agree on the list.
+    """
+    return tuple(
+        f"{name}.weight" for name, m in model.named_modules() if getattr(m, "is_binary", False)
+    )

@@ -342,28 +342,37 @@ def _write_shards(tmp_path: Path, digits, nodes: int) -> list[Path]:
     return dirs
 
 
+def _learning_agents(
+    agents, url: str, key_file: Path, artifact: Path, tmp_path: Path, digits, count: int, **kw
+) -> list[Agent]:
+    """``count`` agents pi-00, pi-01, ... serving ``artifact``, each with a non-IID shard."""
+    data = _write_shards(tmp_path, digits, count)
+    return [
+        agents(
+            _config(
+                url,
+                key_file,
+                tmp_path / f"s{i}",
+                id=f"pi-0{i}",
+                artifact=str(artifact),
+                data_dir=str(data[i]),
+                **kw,
+            )
+        )
+        for i in range(count)
+    ]
+
+
 @pytest.mark.slow
 def test_four_agents_gossip_learn_and_every_accuracy_rises(
     mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
 ):
-    data = _write_shards(tmp_path, digits, 4)
     learning = LearnSettings(
         peers=2, trigger=1, local_steps=10, lr=0.05, rounds=12, round_interval_s=0.2
     )
-    fleet_agents = [
-        agents(
-            _config(
-                mosquitto.url,
-                key_file,
-                tmp_path / f"s{i}",
-                id=f"pi-0{i}",
-                artifact=str(artifacts[0]),
-                data_dir=str(data[i]),
-                learning=learning,
-            )
-        )
-        for i in range(4)
-    ]
+    fleet_agents = _learning_agents(
+        agents, mosquitto.url, key_file, artifacts[0], tmp_path, digits, 4, learning=learning
+    )
     assert fleet.wait_for(lambda d: all(_online(f"pi-0{i}")(d) for i in range(4)))
     for i in range(4):
         assert fleet.command(f"pi-0{i}", "learn.start")["ok"]
@@ -390,23 +399,18 @@ def test_many_chunk_pushes_arrive_and_a_finished_run_is_announced(
     The push is flow-controlled, so nothing is dropped; when the run reaches its rounds, the
     retained state says ``learning: false`` so that peers stop sending models.
     """
-    data = _write_shards(tmp_path, digits, 3)
     learning = LearnSettings(peers=2, trigger=1, local_steps=2, rounds=3, round_interval_s=0.3)
-    trio = [
-        agents(
-            _config(
-                mosquitto.url,
-                key_file,
-                tmp_path / f"s{i}",
-                id=f"pi-0{i}",
-                artifact=str(artifacts[0]),
-                data_dir=str(data[i]),
-                learning=learning,
-                chunk_bytes=4096,
-            )
-        )
-        for i in range(3)
-    ]
+    trio = _learning_agents(
+        agents,
+        mosquitto.url,
+        key_file,
+        artifacts[0],
+        tmp_path,
+        digits,
+        3,
+        learning=learning,
+        chunk_bytes=4096,
+    )
     assert fleet.wait_for(lambda d: all(_online(f"pi-0{i}")(d) for i in range(3)))
     for i in range(3):
         assert fleet.command(f"pi-0{i}", "learn.start")["ok"]
@@ -430,23 +434,18 @@ def test_fleet_client_refuses_a_batch_over_one_packet(mosquitto, fleet):
 
 @pytest.mark.slow
 def test_broker_restart_mid_learning(mosquitto, key_file, artifacts, agents, tmp_path, digits):
-    data = _write_shards(tmp_path, digits, 2)
     learning = LearnSettings(peers=1, local_steps=5, rounds=0, round_interval_s=0.1)
-    pair = [
-        agents(
-            _config(
-                mosquitto.url,
-                key_file,
-                tmp_path / f"s{i}",
-                id=f"pi-0{i}",
-                artifact=str(artifacts[0]),
-                data_dir=str(data[i]),
-                learn=True,
-                learning=learning,
-            )
-        )
-        for i in range(2)
-    ]
+    pair = _learning_agents(
+        agents,
+        mosquitto.url,
+        key_file,
+        artifacts[0],
+        tmp_path,
+        digits,
+        2,
+        learn=True,
+        learning=learning,
+    )
     deadline = time.monotonic() + 30
     while (
         time.monotonic() < deadline and min(a.learner.merges if a.learner else 0 for a in pair) < 2
@@ -575,27 +574,26 @@ def test_daemon_serving_only_never_loads_torch_and_stops_cleanly(
         process.kill()
 
 
-def test_daemon_module_alone_and_a_bad_log_level_are_one_clear_line(key_file, tmp_path):
-    alone = subprocess.run(
-        [sys.executable, "-m", "edge_agent.daemon"],
+def _python_m(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from this checkout, to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_daemon_module_alone_and_a_bad_log_level_are_one_clear_line(key_file, tmp_path):
+    alone = _python_m("edge_agent.daemon")
     assert alone.returncode == 1
     assert alone.stderr.strip().splitlines() == [
         "error: usage: python -m edge_agent.daemon --config-fd N (started by bitfleet-agent "
         "run; run that instead)"
     ]
     args = _run_args("mqtt://127.0.0.1:1", key_file, tmp_path / "s", tmp_path / "none")
-    bad = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "run", *args, "--log-level", "loud"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    bad = _python_m("edge_agent.cli", "run", *args, "--log-level", "loud")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
         "error: unknown log level 'loud'; use one of debug, info, warning, error"
@@ -603,67 +601,19 @@ def test_daemon_module_alone_and_a_bad_log_level_are_one_clear_line(key_file, tm
 
 
 def test_daemon_bad_input_is_one_clear_line(key_file, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent.cli",
-            "run",
-            "--state-dir",
-            str(tmp_path),
-            "--key-file",
-            str(key_file),
-        ],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = _python_m(
+        "edge_agent.cli", "run", "--state-dir", str(tmp_path), "--key-file", str(key_file)
     )
     assert done.returncode == 1 and done.stderr.strip() == (
         "error: no device id: pass --id DEVICE (or set id in the config file)"
     )
     short = tmp_path / "short.key"
     short.write_bytes(b"abc")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent.cli",
-            "run",
-            "--id",
-            "pi",
-            "--state-dir",
-            str(tmp_path),
-            "--key-file",
-            str(short),
-        ],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    common = ("edge_agent.cli", "run", "--id", "pi", "--state-dir", str(tmp_path))
+    done = _python_m(*common, "--key-file", str(short))
     assert done.returncode == 1 and "head -c 32 /dev/urandom" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent.cli",
-            "run",
-            "--id",
-            "pi",
-            "--state-dir",
-            str(tmp_path),
-            "--key-file",
-            str(key_file),
-            "--artifact",
-            str(tmp_path / "nope"),
-        ],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _python_m(*common, "--key-file", str(key_file), "--artifact", str(tmp_path / "nope"))
     assert done.returncode == 1 and done.stderr.startswith("error: artifact ")
     assert "does not exist" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from edge_agent import codecs
 from edge_agent.merge import Merger, tensor_variance
-from models.training import accuracy, make_optimizer, train_steps
+from models.training import accuracy, binary_weight_names, make_optimizer, train_steps
 
 from .data import ArrayDataset, load_dataset
 from .partition import parse_partition, partition
@@ -133,12 +133,6 @@ def _load(model: nn.Module, state: Model) -> None:
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
-def _binary_weight_names(model: nn.Module) -> tuple[str, ...]:
-    return tuple(
-        f"{name}.weight" for name, m in model.named_modules() if getattr(m, "is_binary", False)
-    )
-
-
 def _batch_stream(
     data: ArrayDataset, indices: np.ndarray, batch_size: int, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -193,7 +187,7 @@ class _Fleet:
             _batch_stream(train, shard, config.batch_size, config.seed * 7_919 + node)
             for node, shard in enumerate(shards)
         ]
-        self.binary_names = _binary_weight_names(self.models[0])
+        self.binary_names = binary_weight_names(self.models[0])
 
     def train(self, node: int) -> None:
         steps = itertools.islice(self.streams[node], self.config.local_steps)

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+import bitfleet
+from bitfleet.errors import BitfleetError
 from edge_agent.config import RUNTIME_KEYS, AgentConfig, ConfigError, apply
 from edge_agent.protocol import (
     DropCounter,
@@ -61,7 +63,7 @@ from edge_agent.transport import MqttTransport, TransportError
 from exporters import runtime
 from exporters.artifact import ArtifactError
 
-__all__ = ["Agent", "COMMANDS", "agent_version"]
+__all__ = ["Agent", "COMMANDS"]
 
 log = logging.getLogger("bitfleet.agent")
 
@@ -69,17 +71,7 @@ COMMANDS = ("ping", "status", "deploy", "rollback", "learn.start", "learn.stop",
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 
 
-def agent_version() -> str:
-    """The installed bitfleet version (the agent ships in the same distribution)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("bitfleet")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-class CommandError(Exception):
+class CommandError(BitfleetError):
     """A command that cannot be carried out; its message becomes the reply's ``error``."""
 
 
@@ -209,7 +201,7 @@ class Agent:
             "model": ref.name if ref else None,
             "version": ref.version if ref else None,
             "sha256": ref.sha256 if ref else None,
-            "agent_version": agent_version(),
+            "agent_version": bitfleet.version(),
             "capabilities": ["infer", "deploy", "learn"],
             "learning": self.learning,
             "model_spec": self._spec_name(),

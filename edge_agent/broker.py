@@ -49,6 +49,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from bitfleet.errors import BitfleetError
+
 __all__ = [
     "BrokerError",
     "EmbeddedBroker",
@@ -68,7 +70,7 @@ _PORT_ATTEMPTS = 3
 _B = TypeVar("_B", bound="_BrokerProcess")
 
 
-class BrokerError(RuntimeError):
+class BrokerError(BitfleetError, RuntimeError):
     """A broker that could not be started (its log is in the message)."""
 
 

@@ -53,6 +53,8 @@ import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
+from bitfleet.errors import BitfleetError
+
 __all__ = ["CODECS", "CodecError", "decode", "encode", "encoded_size"]
 
 #: Codec names, from the largest payload to the smallest.
@@ -79,7 +81,7 @@ _RAW_DTYPES = frozenset(
 )
 
 
-class CodecError(ValueError):
+class CodecError(BitfleetError, ValueError):
     """A payload that cannot be decoded; the agent drops the frame and counts it."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bitfleet.errors import BitfleetError
 from edge_agent.protocol import validate_name
 
 try:
@@ -32,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10 (Jetson's Ubuntu 22.04): the same par
 __all__ = ["AgentConfig", "ConfigError", "LearnSettings", "load_config", "RUNTIME_KEYS"]
 
 
-class ConfigError(ValueError):
+class ConfigError(BitfleetError, ValueError):
     """A setting that is missing, of the wrong type, or out of range (one line, names the key)."""
 
 

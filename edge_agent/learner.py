@@ -31,6 +31,7 @@ import torch
 from safetensors.numpy import load_file
 
 import models
+from bitfleet.errors import BitfleetError
 from edge_agent.config import LearnSettings
 from edge_agent.merge import MergeError, Merger
 from edge_agent.state import StateStore
@@ -39,7 +40,7 @@ from models.training import accuracy, binary_weight_names, make_optimizer, train
 __all__ = ["Learner", "LocalData", "DataError", "load_local_data"]
 
 
-class DataError(ValueError):
+class DataError(BitfleetError, ValueError):
     """The local data directory is missing or holds data the model cannot take."""
 
 

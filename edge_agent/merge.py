@@ -70,6 +70,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from bitfleet.errors import BitfleetError
+
 __all__ = [
     "EPS",
     "METHODS",
@@ -95,7 +97,7 @@ _SUPPORTED_KINDS = _ROUNDED_KINDS + "f"
 Model = Mapping[str, NDArray[np.generic]]
 
 
-class MergeError(ValueError):
+class MergeError(BitfleetError, ValueError):
     """Models that cannot be merged: different tensor names, shapes or an unsupported dtype."""
 
 

@@ -11,7 +11,7 @@ must not lose::
     learning/checkpoint.safetensors, learning/meta.json
                                  the on-device learner's model and its round, settings, metrics
 
-Every file is written atomically (temp file, fsync, rename: :mod:`exporters.fsutil`), and an
+Every file is written atomically (temp file, fsync, rename: :mod:`bitfleet.fsutil`), and an
 artifact is installed into a temporary sibling directory that is renamed into place only after
 its checksums verify, so after SIGKILL or power loss the directory holds either the old state or
 the new one. Pointers (``active.json``) are written last: a crash between installing and
@@ -35,13 +35,14 @@ import numpy as np
 from safetensors.numpy import load_file as _st_load_file
 from safetensors.numpy import save as _st_save
 
+from bitfleet.errors import BitfleetError
+from bitfleet.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 from exporters.artifact import ArtifactError, verify_artifact
-from exporters.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 
 __all__ = ["StateStore", "ArtifactRef", "StateError"]
 
 
-class StateError(RuntimeError):
+class StateError(BitfleetError, RuntimeError):
     """The state directory is unusable (not writable, or a pointer names a missing artifact)."""
 
 

@@ -88,6 +88,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bitfleet.errors import BitfleetError
+
 __all__ = ["Handler", "MqttTransport", "TransportError", "parse_broker_url"]
 
 logger = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ _paho_logger = logging.getLogger(f"{__name__}.paho")
 _paho_logger.addFilter(_PahoNoiseFilter())
 
 
-class TransportError(Exception):
+class TransportError(BitfleetError):
     """The broker could not be reached, refused us, or did not acknowledge a message."""
 
 

@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_bytes, fsync_dir, sha256_file
+from bitfleet.errors import BitfleetError
+from bitfleet.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -35,7 +36,7 @@ MANIFEST_FILE = "manifest.json"
 KNOWN_FORMATS = ("onnx", "onnx-portable")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(BitfleetError, ValueError):
     """An artifact that is missing, damaged, tampered with, or of an unknown format."""
 
 

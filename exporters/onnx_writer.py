@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitfleet.errors import BitfleetError
 from models.layers import BinaryConv2d, BinaryLinear
 from models.quantizers import ApproxSign, MagnitudeAwareSign, Quantizer, SteSign, SwishSign
 
@@ -69,7 +70,7 @@ _KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(BitfleetError, ValueError):
     """A model the writer cannot export faithfully."""
 
 

@@ -13,23 +13,14 @@ from typing import Any
 
 from torch import nn
 
+import bitfleet
 import models
+from models.checkpoint import load as load_checkpoint
 
 from .artifact import write_artifact
-from .checkpoints import load as load_checkpoint
 from .onnx_writer import CUSTOM_DOMAIN, FORMATS, OPSET, ExportError, to_onnx
 
-__all__ = ["export", "toolkit_version"]
-
-
-def toolkit_version() -> str:
-    """The installed bitfleet version (or 'unknown' when run from a source tree)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("bitfleet")
-    except PackageNotFoundError:
-        return "unknown"
+__all__ = ["export"]
 
 
 def export(
@@ -85,7 +76,7 @@ def export(
         "spec": spec,
         "source_checkpoint": source,
         "training": {k: meta[k] for k in ("dataset", "epoch", "metrics") if k in meta},
-        "toolkit_version": toolkit_version(),
+        "toolkit_version": bitfleet.version(),
     }
     return write_artifact(
         out_dir, {"model.onnx": proto.SerializeToString()}, manifest, overwrite=overwrite

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitfleet.errors import BitfleetError
+
 __all__ = [
     "Quantizer",
     "SteSign",
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 
-class UnknownQuantizerError(ValueError):
+class UnknownQuantizerError(BitfleetError, ValueError):
     """A quantizer name or config that no registered quantizer matches."""
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 from torch import nn
 
+from bitfleet.errors import BitfleetError
+
 __all__ = [
     "ModelEntry",
     "UnknownModelError",
@@ -46,11 +48,11 @@ SPEC_FORMAT = "bitfleet-model-spec/1"
 _SPEC_ATTR = "bitfleet_spec"
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(BitfleetError, ValueError):
     """A model name that is not registered."""
 
 
-class SpecError(ValueError):
+class SpecError(BitfleetError, ValueError):
     """A model spec that cannot be built: malformed, wrong format, or bad arguments."""
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from toolkit import checkpoint
-from toolkit.checkpoint import CheckpointError
+from models import checkpoint
+from models.checkpoint import CheckpointError
 from toolkit.train import make_optimizer
 
 PICKLE_MAGIC = b"\x80"

@@ -208,7 +208,7 @@ class TestBadArtifacts:
             runtime.load(artifact)
 
     def test_custom_op_the_runtime_lacks(self, artifact):
-        from exporters.fsutil import sha256_file
+        from bitfleet.fsutil import sha256_file
 
         proto = onnx.load(str(artifact / "model.onnx"))
         node = next(n for n in proto.graph.node if n.op_type == "BinaryConv2d")

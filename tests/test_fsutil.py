@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from exporters.fsutil import atomic_write_bytes, atomic_write_json
+from bitfleet.fsutil import atomic_write_bytes, atomic_write_json
 
 
 def test_new_file_gets_umask_permissions_and_replaced_file_keeps_its_own(tmp_path):

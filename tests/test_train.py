@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import models
-from toolkit import checkpoint
+from models import checkpoint
 from toolkit import train as train_mod
 from toolkit.data import load_dataset
 from toolkit.train import (

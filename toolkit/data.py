@@ -49,6 +49,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from bitfleet.errors import BitfleetError
+
 __all__ = [
     "DATASETS",
     "ArrayDataset",
@@ -62,7 +64,7 @@ SPLITS = ("train", "test")
 _LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pillow's "L"
 
 
-class DatasetError(ValueError):
+class DatasetError(BitfleetError, ValueError):
     """A dataset could not be read; the message says what was wrong and what to do."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bitfleet.errors import BitfleetError
 from edge_agent.protocol import (
     FrameRejected,
     FrameVerifier,
@@ -47,7 +48,7 @@ from exporters.artifact import open_artifact
 __all__ = ["FleetClient", "FleetError", "artifact_tar"]
 
 
-class FleetError(RuntimeError):
+class FleetError(BitfleetError, RuntimeError):
     """A device that did not answer, or an artifact that cannot be published."""
 
 

@@ -16,7 +16,7 @@ from multiprocessing import Manager
 from pathlib import Path
 from typing import Any
 
-from exporters.fsutil import atomic_write_bytes, atomic_write_json
+from bitfleet.fsutil import atomic_write_bytes, atomic_write_json
 
 from .simulate import SimulationConfig, SimulationResult, simulate
 

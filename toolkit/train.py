@@ -9,7 +9,7 @@ Reproducibility: model initialisation is seeded by ``seed`` and each epoch's shu
 ``(seed, epoch)`` alone, so an interrupted run resumed from its last checkpoint produces the same
 weights as one that never stopped.
 
-Run directory written by :func:`train` (itself a checkpoint, see :mod:`toolkit.checkpoint`)::
+Run directory written by :func:`train` (itself a checkpoint, see :mod:`models.checkpoint`)::
 
     <out>/model.safetensors, spec.json   latest weights (the final ones once training ends)
     <out>/config.json                    the TrainConfig
@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from exporters.fsutil import atomic_write_json
+from bitfleet.errors import BitfleetError
+from bitfleet.fsutil import atomic_write_json
+from models import checkpoint
 from models.training import (
     OPTIMIZERS,
     distillation_loss,
@@ -47,7 +49,6 @@ from models.training import (
     train_steps,
 )
 
-from . import checkpoint
 from .data import ArrayDataset, load_dataset
 
 __all__ = [
@@ -67,7 +68,7 @@ __all__ = [
 SCHEDULES = ("cosine", "constant")
 
 
-class ShapeError(ValueError):
+class ShapeError(BitfleetError, ValueError):
     """Input data whose shape the model cannot take."""
 
 

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from bitfleet.errors import BitfleetError
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -20,6 +22,7 @@ _state = {"debug": False}
 
 # Errors a user can cause and fix: shown as one line. Anything else is a bug: full traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    BitfleetError,
     ValueError,
     FileNotFoundError,
     FileExistsError,

@@ -42,7 +42,7 @@ def bench(
     if not counts or min(counts) < 1:
         raise ValueError(f"--threads must list positive integers, e.g. 1,2; got {threads!r}")
     if Path(model).exists():
-        from toolkit import checkpoint
+        from models import checkpoint
 
         loaded = checkpoint.load(model)
         net, meta = loaded.model, loaded.meta

@@ -22,7 +22,7 @@ def eval_checkpoint(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Evaluate a checkpoint: accuracy and loss on a dataset split."""
-    from toolkit import checkpoint as ckpt
+    from models import checkpoint as ckpt
     from toolkit.data import load_dataset
     from toolkit.train import evaluate
 

@@ -18,7 +18,7 @@ def info(
 ) -> None:
     """Show a checkpoint's model spec, training metadata, size and cost."""
     import models
-    from toolkit import checkpoint as ckpt
+    from models import checkpoint as ckpt
 
     loaded = ckpt.load(checkpoint)
     meta = loaded.meta

@@ -1,22 +1,10 @@
-"""Checkpoints: a directory with ``model.safetensors`` and ``spec.json``, never a pickle.
+"""Save a model to a checkpoint directory and rebuild it from one; never a pickle.
 
-Layout of a checkpoint directory::
-
-    model.safetensors      weights (the module's state_dict), safetensors
-    spec.json              {"format", "model": <model spec>, "meta": {...}, "files": {name: sha256}}
-    optimizer.safetensors  optional: optimizer tensors, with its non-tensor state as JSON metadata
-
-``spec.json`` is written last and names the SHA-256 of every other file, so it is the commit
-point: a directory whose ``spec.json`` is missing or does not match its files is a torn write
-(a crash mid-save) and :func:`load` says so instead of loading half a model. Every file is
-written atomically (temp file, fsync, rename).
-
-A training run directory is itself a checkpoint: its final weights sit at its top level.
-
-This module lives in ``exporters`` because both sides read checkpoints: the toolkit writes and
-resumes them (``toolkit.checkpoint`` re-exports this API) and the ONNX writer exports them, and
-the layering lets toolkit import exporters but not the reverse. It needs torch; the device
-runtime never imports it.
+The directory format (``model.safetensors``, optional ``optimizer.safetensors``, and a
+``spec.json`` that names the model spec, metadata and every file's SHA-256) is defined, torch-
+free, in :mod:`bitfleet.checkpoint`; this module puts a torch model and its optimizer in and
+out of it. The toolkit trains and resumes runs with it and the exporters read trained networks
+with it; the device runtime never imports it.
 """
 
 from __future__ import annotations
@@ -32,28 +20,34 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-import models
+from bitfleet.checkpoint import (
+    CHECKPOINT_FORMAT,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SPEC_FILE,
+    CheckpointError,
+    is_checkpoint,
+    read_spec_file,
+    safetensors_metadata,
+    write,
+)
+from bitfleet.checkpoint import (
+    verify as verify_files_of,
+)
 
-from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from .registry import SpecError, UnknownModelError, build, spec_of
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "Checkpoint",
     "CheckpointError",
     "save",
     "load",
     "is_checkpoint",
     "read_spec_file",
+    "MODEL_FILE",
+    "OPTIMIZER_FILE",
+    "SPEC_FILE",
 ]
-
-CHECKPOINT_FORMAT = "bitfleet-checkpoint/1"
-MODEL_FILE = "model.safetensors"
-SPEC_FILE = "spec.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, torn, of an unknown format, or does not match its spec."""
 
 
 @dataclass
@@ -105,7 +99,7 @@ def _optimizer_state_to_bytes(optimizer: torch.optim.Optimizer) -> bytes:
 def _optimizer_state_from_bytes(data: bytes) -> dict[str, Any]:
 
     tensors = st_load(data)
-    metadata = _safetensors_metadata(data)
+    metadata = safetensors_metadata(data)
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in tensors.items():
         _, index, key = name.split(".", 2)
@@ -113,13 +107,6 @@ def _optimizer_state_from_bytes(data: bytes) -> dict[str, Any]:
     for index, values in json.loads(metadata.get("scalars", "{}")).items():
         state.setdefault(int(index), {}).update(values)
     return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    # The safetensors header: 8-byte little-endian length, then JSON with "__metadata__".
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
-    return header.get("__metadata__", {}) or {}
 
 
 def save(
@@ -134,57 +121,11 @@ def save(
     ``meta`` is any JSON-able information to keep beside the weights (dataset, epoch, metrics,
     normalisation...). Returns the directory.
     """
-    path = Path(directory)
-    spec = models.spec_of(model)
     files = {MODEL_FILE: _state_bytes(model)}
     if optimizer is not None:
         files[OPTIMIZER_FILE] = _optimizer_state_to_bytes(optimizer)
-    else:
-        (path / OPTIMIZER_FILE).unlink(missing_ok=True)
-    for name, data in files.items():
-        atomic_write_bytes(path / name, data)
-    document = {
-        "format": CHECKPOINT_FORMAT,
-        "model": spec,
-        "meta": json.loads(json.dumps(meta, default=str)),
-        "files": {name: sha256_file(path / name) for name in files},
-    }
-    atomic_write_json(path / SPEC_FILE, document)
-    return path
-
-
-def is_checkpoint(directory: str | os.PathLike[str]) -> bool:
-    """Whether ``directory`` looks like a checkpoint (has a spec.json and model.safetensors)."""
-    path = Path(directory)
-    return (path / SPEC_FILE).is_file() and (path / MODEL_FILE).is_file()
-
-
-def read_spec_file(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate a checkpoint's ``spec.json`` without loading any weights."""
-    path = Path(directory)
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; give a run directory or checkpoint"
-        )
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a directory; give a run directory")
-    spec_path = path / SPEC_FILE
-    if not spec_path.is_file():
-        raise CheckpointError(
-            f"{path} has no {SPEC_FILE}: not a bitfleet checkpoint (or its save was interrupted)"
-        )
-    try:
-        document = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(
-            f"{spec_path} is not valid JSON ({err}); the checkpoint is damaged"
-        ) from None
-    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
-        found = document.get("format") if isinstance(document, dict) else None
-        raise CheckpointError(
-            f"{spec_path} has format {found!r}; this bitfleet reads {CHECKPOINT_FORMAT!r}"
-        )
-    return document
+    stale = () if optimizer is not None else (OPTIMIZER_FILE,)
+    return write(directory, files, spec_of(model), meta, remove=stale)
 
 
 def load(directory: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:
@@ -195,24 +136,15 @@ def load(directory: str | os.PathLike[str], *, verify: bool = True) -> Checkpoin
     """
     path = Path(directory)
     document = read_spec_file(path)
-    model_path = path / MODEL_FILE
-    if not model_path.is_file():
-        raise CheckpointError(
-            f"{path} has a spec but no {MODEL_FILE}; the checkpoint is incomplete"
-        )
     if verify:
-        for name, expected in document.get("files", {}).items():
-            file = path / name
-            if not file.is_file() or sha256_file(file) != expected:
-                raise CheckpointError(
-                    f"{file} does not match the checksum in {SPEC_FILE}: the checkpoint is torn "
-                    "or was modified; re-save it or use an earlier checkpoint"
-                )
+        verify_files_of(path, document)
+    elif not (path / MODEL_FILE).is_file():
+        verify_files_of(path, {})
     try:
-        model = models.build(document["model"])
-    except (models.SpecError, models.UnknownModelError, ValueError, TypeError) as err:
+        model = build(document["model"])
+    except (SpecError, UnknownModelError, ValueError, TypeError) as err:
         raise CheckpointError(f"cannot rebuild the model in {path / SPEC_FILE}: {err}") from None
-    state = st_load(model_path.read_bytes())
+    state = st_load((path / MODEL_FILE).read_bytes())
     _load_state_strict(model, state, path)
     model.eval()
     return Checkpoint(path=path, model=model, spec=document["model"], meta=document.get("meta", {}))

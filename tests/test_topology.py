@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import networkx as nx
 import pytest
 
+from toolkit import topology as topology_module
 from toolkit.topology import (
     TOPOLOGY_FORMS,
     Topology,
@@ -46,6 +48,58 @@ def test_random_regular_deterministic_and_seed_dependent() -> None:
     graphs = {random_regular(50, 8, seed=s).neighbours for s in range(5)}
     assert len(graphs) == 5
     assert random_regular(30, 2, 0) != random_regular(30, 2, 1)
+
+
+def test_random_regular_is_networkx_draw_for_its_seed() -> None:
+    # a connected first draw is exactly what networkx gives for that seed
+    expected = Topology.from_networkx("rrg:8", nx.random_regular_graph(8, 50, seed=4))
+    assert random_regular(50, 8, seed=4) == expected
+
+
+def test_random_regular_dense_is_fast_and_connected() -> None:
+    # near-complete graphs come from the complement of a sparse draw, not slow pairing
+    topo = random_regular(100, 90, seed=0)
+    assert_valid(topo, 100)
+    assert topo.degrees == (90,) * 100
+
+
+def test_random_regular_redraws_disconnected_with_derived_seeds(monkeypatch) -> None:
+    seeds: list[int] = []
+    real = nx.random_regular_graph
+
+    def flaky(d, n, seed):
+        seeds.append(seed)
+        if len(seeds) < 3:  # two disjoint K4s: 3-regular but disconnected
+            return nx.disjoint_union(nx.complete_graph(4), nx.complete_graph(4))
+        return real(d, n, seed=seed)
+
+    monkeypatch.setattr(topology_module.nx, "random_regular_graph", flaky)
+    topo = random_regular(8, 3, seed=5)
+    assert_valid(topo, 8)
+    assert seeds[0] == 5 and len(set(seeds)) == 3
+    seeds.clear()
+    assert random_regular(8, 3, seed=5) == topo  # the derived seeds are deterministic too
+
+
+def test_random_regular_gives_up_after_bounded_attempts(monkeypatch) -> None:
+    calls: list[int] = []
+
+    def never_connected(d, n, seed):
+        calls.append(seed)
+        return nx.disjoint_union(nx.complete_graph(4), nx.complete_graph(4))
+
+    monkeypatch.setattr(topology_module.nx, "random_regular_graph", never_connected)
+    with pytest.raises(RuntimeError, match="connected 3-regular graph on 8 nodes"):
+        random_regular(8, 3, seed=0)
+    assert len(calls) == topology_module._MAX_ATTEMPTS
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", True])
+def test_bad_seed(seed) -> None:
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        random_regular(10, 3, seed)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        scale_free(10, 2, seed)
 
 
 @pytest.mark.parametrize(
@@ -131,10 +185,40 @@ def test_topology_rejects_broken_lists() -> None:
         Topology.from_edges("x", 2, [(0, 1), (1, 0)])
 
 
+def test_networkx_round_trip_and_relabelling() -> None:
+    topo = Topology.from_networkx("petersen", nx.petersen_graph())
+    assert_valid(topo, 10)
+    assert topo.degrees == (3,) * 10
+    assert Topology.from_networkx("petersen", topo.to_networkx()) == topo
+    assert sorted(topo.to_networkx().edges()) == list(topo.edges())
+    # non-integer labels are numbered in node order
+    grid = Topology.from_networkx("grid", nx.grid_2d_graph(3, 4))
+    assert_valid(grid, 12)
+    assert sorted(grid.degrees) == [2] * 4 + [3] * 6 + [4] * 2
+    # isolated nodes are kept
+    lonely = nx.Graph()
+    lonely.add_nodes_from(range(3))
+    lonely.add_edge(0, 1)
+    assert Topology.from_networkx("x", lonely).neighbours == ((1,), (0,), ())
+
+
+@pytest.mark.parametrize("graph", [nx.DiGraph([(0, 1)]), nx.MultiGraph([(0, 1), (0, 1)])])
+def test_from_networkx_rejects_directed_and_multigraphs(graph) -> None:
+    with pytest.raises(ValueError, match="undirected simple graph"):
+        Topology.from_networkx("x", graph)
+
+
+def test_from_networkx_rejects_self_loops() -> None:
+    with pytest.raises(ValueError, match="self-loop"):
+        Topology.from_networkx("x", nx.Graph([(0, 0), (0, 1)]))
+
+
 def test_is_connected_false() -> None:
     topo = Topology.from_edges("two", 4, [(0, 1), (2, 3)])
     assert not topo.is_connected()
     assert topo.edges() == ((0, 1), (2, 3))
+    assert Topology("empty", ()).is_connected()
+    assert Topology("one", ((),)).is_connected()
 
 
 @pytest.mark.parametrize(

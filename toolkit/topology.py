@@ -13,16 +13,25 @@ degree distribution like that of real peer-to-peer overlays::
     topo.neighbours[3]          # sorted tuple of node 3's peers
     topo.degrees                # (8, 8, ..., 8)
 
-Every builder is deterministic given its ``seed`` (a :class:`numpy.random.Generator` seeded with
-it), so a simulation is reproducible from its config alone. Graphs are simple (no self-loops, no
-multi-edges), undirected and connected: a disconnected fleet would never agree on a model.
+The graphs come from networkx (``random_regular_graph``, ``barabasi_albert_graph``,
+``cycle_graph``, ``star_graph``, ``complete_graph``); this module checks the parameters with
+messages that name the numbers, parses the spec strings, and freezes each graph into a
+:class:`Topology`. Any other networkx family is one line, e.g.
+``Topology.from_networkx("grid", nx.grid_2d_graph(5, 5))``.
+
+Every builder is deterministic given its ``seed`` (passed to networkx, which seeds Python's
+``random.Random`` with it), so a simulation is reproducible from its config alone. Graphs are
+simple (no self-loops, no multi-edges), undirected and connected: a disconnected fleet would never
+agree on a model.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 
 __all__ = [
@@ -39,9 +48,10 @@ __all__ = [
 #: The forms :func:`parse_topology` accepts; ``<d>`` and ``<m>`` are positive integers.
 TOPOLOGY_FORMS: tuple[str, ...] = ("rrg:<d>", "ring", "full", "star", "scale-free:<m>", "ba:<m>")
 
-#: How many times :func:`random_regular` redraws before it gives up. A random d-regular graph
-#: with d >= 3 is connected with high probability, so this is only reached by a bug.
-_MAX_ATTEMPTS = 1000
+#: How many graphs :func:`random_regular` draws before it gives up on a connected one. A random
+#: d-regular graph with d >= 3 is connected with high probability, so this is only reached by a
+#: bug.
+_MAX_ATTEMPTS = 100
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,27 @@ class Topology:
             adj[v].add(u)
         return cls(name, tuple(tuple(sorted(a)) for a in adj))
 
+    @classmethod
+    def from_networkx(cls, name: str, graph: nx.Graph) -> Topology:
+        """Freeze an undirected simple networkx graph.
+
+        Nodes labelled ``0 .. n-1`` keep their labels; any other labels (tuples of a grid, names)
+        are numbered ``0 .. n-1`` in the graph's node order.
+        """
+        if graph.is_directed() or graph.is_multigraph():
+            raise ValueError(f"topology {name!r} needs an undirected simple graph, got {graph}")
+        n = graph.number_of_nodes()
+        if set(graph.nodes) != set(range(n)):
+            graph = nx.convert_node_labels_to_integers(graph)
+        return cls.from_edges(name, n, graph.edges())
+
+    def to_networkx(self) -> nx.Graph:
+        """The same graph as a networkx ``Graph`` on nodes ``0 .. num_nodes - 1``."""
+        graph = nx.Graph()
+        graph.add_nodes_from(range(self.num_nodes))
+        graph.add_edges_from(self.edges())
+        return graph
+
     @property
     def num_nodes(self) -> int:
         return len(self.neighbours)
@@ -98,89 +129,61 @@ class Topology:
         return tuple((u, v) for u, peers in enumerate(self.neighbours) for v in peers if u < v)
 
     def is_connected(self) -> bool:
-        """Breadth-first search from node 0; the empty graph counts as connected."""
-        n = self.num_nodes
-        if n == 0:
-            return True
-        seen = [False] * n
-        seen[0] = True
-        frontier = [0]
-        while frontier:
-            nxt = []
-            for u in frontier:
-                for v in self.neighbours[u]:
-                    if not seen[v]:
-                        seen[v] = True
-                        nxt.append(v)
-            frontier = nxt
-        return all(seen)
+        """Whether every node reaches every other one; the empty graph counts as connected."""
+        return self.num_nodes == 0 or nx.is_connected(self.to_networkx())
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _check_nodes(n: int, minimum: int, what: str) -> None:
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < minimum:
+    if not _is_int(n) or n < minimum:
         raise ValueError(f"{what} needs an integer number of nodes >= {minimum}, got {n!r}")
+
+
+def _check_seed(seed: int) -> int:
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"topology seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def ring(n: int) -> Topology:
     """Cycle ``0 - 1 - ... - (n-1) - 0``: degree 2, the slowest-mixing connected regular graph."""
     _check_nodes(n, 3, "ring")
-    return Topology.from_edges("ring", n, ((i, (i + 1) % n) for i in range(n)))
+    return Topology.from_networkx("ring", nx.cycle_graph(int(n)))
 
 
 def fully_connected(n: int) -> Topology:
     """Complete graph: every node talks to every other one (degree ``n - 1``)."""
     _check_nodes(n, 1, "full")
-    return Topology.from_edges("full", n, ((u, v) for u in range(n) for v in range(u + 1, n)))
+    return Topology.from_networkx("full", nx.complete_graph(int(n)))
 
 
 def star(n: int) -> Topology:
     """Hub node 0 joined to every other node: the FedAvg case, with the hub as the server."""
     _check_nodes(n, 2, "star")
-    return Topology.from_edges("star", n, ((0, v) for v in range(1, n)))
+    return Topology.from_networkx("star", nx.star_graph(int(n) - 1))  # star_graph(k): k leaves
 
 
-def _pairing_edges(n: int, d: int, rng: np.random.Generator) -> set[tuple[int, int]] | None:
-    """One try of the pairing model that keeps good pairs and re-pairs only the bad stubs.
-
-    Plain pairing with full rejection succeeds with probability about ``exp((1 - d^2) / 4)``,
-    hopeless for d = 8 (about 1e-7). Keeping the simple pairs and reshuffling only the stubs that
-    formed a loop or a duplicate (Steger and Wormald, 1999; networkx's ``random_regular_graph``)
-    succeeds almost always. Returns ``None`` when the leftover stubs cannot be paired.
-    """
-    edges: set[tuple[int, int]] = set()
-    stubs = np.repeat(np.arange(n), d)
-    while stubs.size:
-        rng.shuffle(stubs)
-        leftover: list[int] = []
-        for a, b in stubs.reshape(-1, 2).tolist():
-            pair = (a, b) if a < b else (b, a)
-            if a != b and pair not in edges:
-                edges.add(pair)
-            else:
-                leftover += [a, b]
-        nodes = sorted(set(leftover))
-        if leftover and not any(
-            (u, v) not in edges for i, u in enumerate(nodes) for v in nodes[i + 1 :]
-        ):
-            return None
-        stubs = np.array(leftover, dtype=np.int64)
-    return edges
+def _derived_seed(seed: int, attempt: int) -> int:
+    """``seed`` itself for the first draw, then seeds spread from it by numpy's SeedSequence."""
+    if attempt == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, attempt]).generate_state(1, np.uint64)[0])
 
 
-def _regular_edges(n: int, d: int, rng: np.random.Generator) -> set[tuple[int, int]]:
-    """A simple d-regular graph (not necessarily connected).
+def _regular_graph(n: int, d: int, seed: int) -> nx.Graph:
+    """A simple d-regular graph from networkx (not necessarily connected).
 
-    Dense graphs (d > (n - 1) / 2) are drawn as the complement of a sparse one, where pairing
-    rarely gets stuck; ``n * (n - 1 - d)`` is even whenever ``n * d`` is.
+    Dense graphs (d > (n - 1) / 2) are drawn as the complement of a sparse one: networkx's
+    pairing gets stuck and retries for long near the complete graph (seconds to minutes at
+    n = 100, d = 90), but hardly ever on the sparse side; ``n * (n - 1 - d)`` is even whenever
+    ``n * d`` is, and a graph whose degrees all exceed (n - 1) / 2 is always connected.
     """
     if 2 * d > n - 1:
-        sparse = _regular_edges(n, n - 1 - d, rng)
-        return {(u, v) for u in range(n) for v in range(u + 1, n) if (u, v) not in sparse}
-    for _ in range(_MAX_ATTEMPTS):
-        edges = _pairing_edges(n, d, rng)
-        if edges is not None:
-            return edges
-    raise RuntimeError(f"could not draw a simple {d}-regular graph on {n} nodes")
+        return nx.complement(nx.random_regular_graph(n - 1 - d, n, seed=seed))
+    return nx.random_regular_graph(d, n, seed=seed)
 
 
 def random_regular(n: int, d: int, seed: int = 0) -> Topology:
@@ -189,11 +192,12 @@ def random_regular(n: int, d: int, seed: int = 0) -> Topology:
     Needs ``0 <= d < n`` and ``n * d`` even (each edge has two ends), and, to be connected,
     ``d >= 2`` (or the trivial n = 1, d = 0 and n = 2, d = 1). d = 2 draws a uniformly random
     Hamiltonian cycle, since a connected 2-regular graph is a cycle and rejection would waste
-    O(sqrt(n)) tries; other d redraw until the graph is connected, which a random graph with
-    d >= 3 is with high probability.
+    O(sqrt(n)) draws. Other d take ``nx.random_regular_graph(d, n, seed=seed)`` and, if it comes
+    out disconnected (rare for d >= 3), redraw with seeds derived from ``seed``, at most
+    ``_MAX_ATTEMPTS`` times.
     """
     _check_nodes(n, 1, "rrg")
-    if not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0:
+    if not _is_int(d) or d < 0:
         raise ValueError(f"rrg degree must be a non-negative integer, got {d!r}")
     if d >= n:
         raise ValueError(f"rrg:{d} needs degree d < num_nodes, got d={d}, n={n}")
@@ -201,46 +205,36 @@ def random_regular(n: int, d: int, seed: int = 0) -> Topology:
         raise ValueError(f"rrg:{d} on {n} nodes is impossible: n * d = {n * d} must be even")
     if (d == 0 and n > 1) or (d == 1 and n > 2):
         raise ValueError(f"rrg:{d} on {n} nodes cannot be connected: use d >= 2")
-    rng = np.random.default_rng(seed)
+    n, d, seed = int(n), int(d), _check_seed(seed)
     name = f"rrg:{d}"
     if d == 2:
-        order = rng.permutation(n).tolist()
-        return Topology.from_edges(name, n, ((order[i], order[i - 1]) for i in range(n)))
-    for _ in range(_MAX_ATTEMPTS):
-        topo = Topology.from_edges(name, n, _regular_edges(n, d, rng))
-        if topo.is_connected():
-            return topo
-    raise RuntimeError(f"could not draw a connected {d}-regular graph on {n} nodes")
+        order = random.Random(seed).sample(range(n), n)
+        return Topology.from_networkx(name, nx.cycle_graph(order))
+    for attempt in range(_MAX_ATTEMPTS):
+        graph = _regular_graph(n, d, _derived_seed(seed, attempt))
+        if nx.is_connected(graph):
+            return Topology.from_networkx(name, graph)
+    raise RuntimeError(
+        f"could not draw a connected {d}-regular graph on {n} nodes in {_MAX_ATTEMPTS} attempts"
+    )
 
 
 def scale_free(n: int, m: int, seed: int = 0) -> Topology:
     """Barabasi-Albert preferential attachment: each new node links to ``m`` existing ones.
 
-    Seed-graph convention (ours): nodes ``0 .. m-1`` start as a complete graph, node ``m`` joins
-    all of them, and every later node picks ``m`` distinct targets with probability proportional
-    to their degree. So the graph has ``m * (m - 1) / 2 + m * (n - m)`` edges, every degree is at
-    least ``m``, and it is connected.
+    ``nx.barabasi_albert_graph`` grown from a complete graph on nodes ``0 .. m`` (networkx's
+    default seed graph is a star, whose leaves would start below degree ``m``): every later node
+    picks ``m`` distinct targets with probability proportional to their degree. So the graph has
+    ``m * (m - 1) / 2 + m * (n - m)`` edges, every degree is at least ``m``, and it is connected.
     """
-    if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 1:
+    if not _is_int(m) or m < 1:
         raise ValueError(f"scale-free needs m >= 1 edges per new node, got {m!r}")
     _check_nodes(n, 1, "scale-free")
     if n <= m:
         raise ValueError(f"scale-free:{m} needs num_nodes > m, got n={n}")
-    rng = np.random.default_rng(seed)
-    edges = [(u, v) for u in range(m) for v in range(u + 1, m)]
-    edges += [(u, m) for u in range(m)]
-    # Each node appears here once per edge end, so a uniform draw is degree-proportional.
-    ends = [x for e in edges for x in e]
-    for new in range(m + 1, n):
-        targets: list[int] = []
-        while len(targets) < m:
-            t = ends[int(rng.integers(len(ends)))]
-            if t not in targets:
-                targets.append(t)
-        for t in targets:
-            edges.append((t, new))
-            ends += [t, new]
-    return Topology.from_edges(f"scale-free:{m}", n, edges)
+    n, m, seed = int(n), int(m), _check_seed(seed)
+    graph = nx.barabasi_albert_graph(n, m, seed=seed, initial_graph=nx.complete_graph(m + 1))
+    return Topology.from_networkx(f"scale-free:{m}", graph)
 
 
 def _bad_spec(spec: str, why: str = "") -> ValueError:

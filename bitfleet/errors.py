@@ -11,9 +11,10 @@ traceback. Subclasses that also derive from a built-in (``ValueError``, ``Runtim
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from types import ModuleType
 
-__all__ = ["BitfleetError", "MissingExtraError", "require"]
+__all__ = ["BitfleetError", "MissingExtraError", "EXTRAS", "missing_extra", "require"]
 
 
 class BitfleetError(Exception):
@@ -40,3 +41,35 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
             f"{feature} needs {module.split('.')[0]}, which this install lacks; "
             f"install it with: pip install 'bitfleet[{extra}]'"
         ) from None
+
+
+#: The extra that brings each optional top-level module (the laptop's view: torch comes with
+#: ``train``; a device that learns installs the smaller ``learn``).
+EXTRAS: Mapping[str, str] = {
+    "numba": "fast",
+    "onnx": "fast",
+    "torch": "train",
+    "yaml": "train",
+    "sklearn": "train",
+    "matplotlib": "train",
+    "PIL": "train",
+    "amqtt": "train",
+    "networkx": "train",
+}
+
+
+def missing_extra(err: ImportError, extras: Mapping[str, str] = EXTRAS) -> MissingExtraError | None:
+    """The one-line error for an import that failed because an extra is not installed.
+
+    None when ``err`` is about a module no extra provides (then it is a bug, not a choice).
+    """
+    if isinstance(err, MissingExtraError):
+        return err
+    top = (err.name or "").split(".")[0]
+    extra = extras.get(top)
+    if extra is None:
+        return None
+    return MissingExtraError(
+        f"this needs {top}, which this install lacks; install it with: "
+        f"pip install 'bitfleet[{extra}]'"
+    )

@@ -7,7 +7,8 @@ The one door is :func:`create`::
     spec = models.spec_of(net)            # JSON-able; models.build(spec) rebuilds it
     models.list_models("bireal*")         # ['bireal18', 'bireal34']
 
-Importing this package registers every family. It imports nothing else of bitfleet's.
+Importing this package registers every family. Of bitfleet's own code it imports only the shared,
+torch-free :mod:`bitfleet` package (errors, checkpoint files).
 """
 
 from . import lenet, resnet  # noqa: F401  (importing a family registers its models)

@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from bitfleet.errors import BitfleetError
+from bitfleet.errors import BitfleetError, missing_extra
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,14 +43,25 @@ def cli_command(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except ImportError as err:
+            # a module of an extra this install left out: say which extra, not a traceback
+            if _state["debug"] or (missing := missing_extra(err)) is None:
+                raise
+            _fail(missing)
         except USER_ERRORS as err:
             if _state["debug"]:
                 raise
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _fail(err)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(err: BaseException) -> None:
+    """Print ``err`` as one ``error:`` line and exit with code 1."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    # the message is text, not rich markup: "[train]" or a path like ".../MNIST/raw[1]" stays
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
 
 
 def print_json(document: Any) -> None:

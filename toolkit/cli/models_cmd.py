@@ -7,8 +7,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-import models
-
 from ._common import cli_command, console, human, print_json
 
 
@@ -18,6 +16,8 @@ def list_models_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """List the registered models with their family and parameter count (defaults: 10 classes)."""
+    import models  # torch: imported when the command runs, not for --help
+
     rows = []
     for name in models.list_models(pattern):
         entry = models.model_entry(name)

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-import models
-
 from ._common import cli_command, console, human, print_json
 
 
@@ -31,6 +29,8 @@ def ops(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Count a model's cost: OPs = FLOPs + BOPs / 64 (Bi-Real Net's measure), per image."""
+    import models  # torch: imported when the command runs, not for --help
+
     accepted = set(inspect.signature(models.model_entry(model).factory).parameters)
     args: dict[str, object] = {}
     if stem is not None:

@@ -1,0 +1,134 @@
+"""A device that only serves installs the base package: no torch, and the agent still serves.
+
+The test builds a fresh virtual environment, installs bitfleet into it with no extras (from a
+copy of this source tree, as `pip install bitfleet` would on a Raspberry Pi), and checks that
+torch, numba and scikit-learn are absent, that `bitfleet-agent run` serves an artifact over a
+real Mosquitto and answers inference, and that commands needing an extra say which one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import exporters
+import models
+from toolkit.fleet import FleetClient
+
+ROOT = Path(__file__).resolve().parents[1]
+FLEET = "base"
+IGNORED = shutil.ignore_patterns(
+    ".git", ".venv", "venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+)
+
+
+@pytest.fixture(scope="module")
+def base_venv(tmp_path_factory) -> Path:
+    """A new venv with `pip install <this tree>` and no extras."""
+    root = tmp_path_factory.mktemp("base")
+    source = root / "src"
+    shutil.copytree(ROOT, source, ignore=IGNORED)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    return venv
+
+
+def _run(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(
+        [str(venv / "bin" / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=venv.parent,  # never the checkout: only the installed package may be found
+    )
+
+
+@pytest.mark.slow
+def test_base_install_has_no_torch_and_the_agent_serves(base_venv, mosquitto, tmp_path):
+    missing = _run(
+        base_venv,
+        "python",
+        "-c",
+        "import importlib.util as u; print([m for m in ('torch', 'numba', 'sklearn', 'onnx') "
+        "if u.find_spec(m)])",
+    )
+    assert missing.stdout.strip() == "[]", missing.stdout + missing.stderr
+
+    artifact = exporters.export(
+        models.create("lenet5").eval(),
+        tmp_path / "art",
+        "onnx-portable",
+        name="digits",
+        version="1",
+        input_shape=(1, 32, 32),
+    )
+    key = tmp_path / "fleet.key"
+    key.write_bytes(os.urandom(32))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    process = subprocess.Popen(
+        [
+            str(base_venv / "bin" / "bitfleet-agent"),
+            "run",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            FLEET,
+            "--id",
+            "pi-base",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--artifact",
+            str(artifact),
+            "--key-file",
+            str(key),
+            "--http-port",
+            "0",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with FleetClient(mosquitto.url, fleet=FLEET, key_file=key) as fleet:
+            online = fleet.wait_for(
+                lambda d: d.get("pi-base", {}).get("status") == "online", timeout=60
+            )
+            assert online, "the base-install agent never came online"
+            batch = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
+            reply = fleet.infer("pi-base", batch, timeout=30)
+            assert reply["ok"], reply
+            assert np.asarray(reply["result"]["logits"]).shape == (2, 10)
+            telemetry = fleet.command("pi-base", "status", timeout=30)["result"]["telemetry"]
+            assert telemetry["torch_loaded"] is False
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        output = process.stdout.read().decode() if process.stdout else ""
+        assert "Traceback" not in output, output
+
+
+@pytest.mark.slow
+def test_base_install_names_the_extra_a_command_needs(base_venv):
+    result = _run(base_venv, "bitfleet", "models")
+    assert result.returncode == 1
+    assert "pip install 'bitfleet[train]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _run(base_venv, "bitfleet", "--help").returncode == 0

@@ -136,7 +136,10 @@ class ResNet(nn.Module):
             stem_layers.append(nn.ReLU(inplace=True))
         if stem == "imagenet":
             stem_layers.append(nn.MaxPool2d(3, 2, 1))
-        self.stem = nn.Sequential(*stem_layers).to(memory_format=torch.channels_last)
+        # torch's type stubs omit Module.to's memory_format keyword
+        self.stem = nn.Sequential(*stem_layers).to(  # type: ignore[call-overload]
+            memory_format=torch.channels_last
+        )
 
         stages = []
         channels = widths[0]

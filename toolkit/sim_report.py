@@ -12,6 +12,7 @@ import os
 import queue
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from multiprocessing import Manager
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ def _run(config: SimulationConfig, events: Any) -> dict[str, Any]:
     return simulate(config, progress=report).to_dict()
 
 
+def _report_round(on_round: Any, method: str, round_index: int, record: dict[str, Any]) -> None:
+    on_round(method, round_index)
+
+
 def compare(
     config: SimulationConfig,
     methods: tuple[str, ...],
@@ -48,9 +53,8 @@ def compare(
     results: dict[str, SimulationResult] = {}
     if workers <= 1:
         for method, cfg in configs.items():
-            results[method] = simulate(
-                cfg, progress=(lambda r, rec, m=method: on_round(m, r)) if on_round else None
-            )
+            progress = partial(_report_round, on_round, method) if on_round else None
+            results[method] = simulate(cfg, progress=progress)
         return results
     with Manager() as manager, ProcessPoolExecutor(max_workers=workers) as pool:
         events = manager.Queue()

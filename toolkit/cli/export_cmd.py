@@ -19,7 +19,7 @@ def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
         values = ()
     if len(values) != 3 or min(values) < 1:
         raise ValueError(f"--input-shape must be C,H,W (e.g. 3,224,224), got {text!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 @cli_command

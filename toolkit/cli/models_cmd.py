@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -18,7 +18,7 @@ def list_models_cmd(
     """List the registered models with their family and parameter count (defaults: 10 classes)."""
     import models  # torch: imported when the command runs, not for --help
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in models.list_models(pattern):
         entry = models.model_entry(name)
         net = models.create(name)

@@ -5,7 +5,7 @@ times, each in a fresh process with the same thread count, and reports per frame
 median of the per-run median images/s, the speed ratio, and the test accuracies. Alternating
 spreads any slow phase of a shared machine over both sides.
 
-    python benchmarks/compare_larq.py --larq-python /work/tfvenv/bin/python --repeats 3
+    python benchmarks/compare_larq.py --larq-python path/to/venv/bin/python --repeats 3
 
 (set up the Larq venv as larq_bireal.py's docstring says).
 """
@@ -38,7 +38,11 @@ def run(python: str, script: str, epochs: int, threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--larq-python", default="/work/tfvenv/bin/python")
+    ap.add_argument(
+        "--larq-python",
+        required=True,
+        help="python of the Larq venv, e.g. path/to/venv/bin/python (see larq_bireal.py)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)

@@ -36,8 +36,8 @@ TensorFlow 2.15 is the last release that ships Keras 2 as ``tf.keras``, which
 larq / larq-zoo need; larq-zoo also pins ``protobuf<3.21``, which newer TF
 releases do not accept::
 
-    python3 -m venv /work/tfvenv
-    /work/tfvenv/bin/pip install "tensorflow-cpu==2.15.1" "larq==0.14.0" \\
+    python3 -m venv path/to/venv
+    path/to/venv/bin/pip install "tensorflow-cpu==2.15.1" "larq==0.14.0" \\
         "larq-zoo==2.4.0" scikit-learn
 
 (resolved there with keras 2.15.0, numpy 1.26.4, protobuf 3.20.3,
@@ -47,7 +47,7 @@ Running it
 ----------
 ::
 
-    /work/tfvenv/bin/python benchmarks/larq_bireal.py --epochs 8 --threads 2
+    path/to/venv/bin/python benchmarks/larq_bireal.py --epochs 8 --threads 2
 
 TensorFlow's log lines go to stderr; stdout carries only the JSON.
 """

@@ -4,10 +4,11 @@ Importing this module imports torch, so the agent imports it only when learning 
 (``learn = true`` or the ``learn.start`` command); a device that only serves never pays for it.
 
 A round is what :mod:`toolkit.simulate` does for one node: ``local_steps`` optimizer steps on
-the local data (:func:`models.training.train_steps`, the simulator's own code), a push of the
-model to ``peers`` online peers (the agent sends it), then a merge of what peers pushed, once
-the :class:`edge_agent.merge.Merger` buffer holds ``trigger`` models (the simulator's merge
-code again), an evaluation on the local test split, and a checkpoint in the state directory.
+the local data (:mod:`models.training`, the simulator's own code; here every batch is drawn
+afresh, ``BatchSampler.fresh``), a push of the model to ``peers`` online peers
+(the agent sends it), then a merge of what peers pushed, once the
+:class:`edge_agent.merge.Merger` buffer holds ``trigger`` models (the simulator's merge code
+again), an evaluation on the local test split, and a checkpoint in the state directory.
 The model starts from the last checkpoint when there is one (so SIGKILL or a power cut loses
 at most one round), otherwise from an independent initialisation seeded by the device id: the
 gossip case the variance-corrected merge exists for.
@@ -20,6 +21,7 @@ and ``y`` (int64 labels). Without a test file a fixed 20% of the training data i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
 from collections.abc import Mapping
@@ -35,7 +37,7 @@ from bitfleet.errors import BitfleetError
 from edge_agent.config import LearnSettings
 from edge_agent.merge import MergeError, Merger
 from edge_agent.state import StateStore
-from models.training import accuracy, binary_weight_names, make_optimizer, train_steps
+from models import training
 
 __all__ = ["Learner", "LocalData", "DataError", "load_local_data"]
 
@@ -126,13 +128,13 @@ class Learner:
         if checkpoint is not None:
             tensors, meta = checkpoint
             if meta.get("model") == self.model_name and self._fits(tensors):
-                self._load(tensors)
+                training.load_numpy_state(self.model, tensors)
                 self.round = int(meta.get("round", 0))
                 self.metrics = dict(meta.get("metrics", {}))
         self._check_data()
-        self.optimizer = make_optimizer(self.model, settings.optimizer, settings.lr, 0.0)
+        self.optimizer = training.make_optimizer(self.model, settings.optimizer, settings.lr, 0.0)
         self.expected = {k: (v.shape, v.dtype) for k, v in self.state().items()}
-        self.binary_names = binary_weight_names(self.model)
+        self.binary_names = training.binary_weight_names(self.model)
         self._lock = threading.Lock()
         self._merger = Merger(
             method=settings.merge,
@@ -160,7 +162,8 @@ class Learner:
         finally:
             self.model.train()
         classes = out.shape[1]
-        if int(self.data.y_train.max()) >= classes or int(self.data.y_train.min()) < 0:
+        labels = torch.cat([self.data.y_train, self.data.y_test])  # evaluate takes a loss too
+        if int(labels.max()) >= classes or int(labels.min()) < 0:
             raise DataError(f"labels must be in [0, {classes}) for this model")
 
     def _fits(self, tensors: Mapping[str, np.ndarray]) -> bool:
@@ -169,25 +172,18 @@ class Learner:
             tuple(own[k].shape) == tuple(tensors[k].shape) for k in own
         )
 
-    def _load(self, tensors: Mapping[str, np.ndarray]) -> None:
-        self.model.load_state_dict(
-            {k: torch.from_numpy(np.array(v, copy=True)) for k, v in tensors.items()}
-        )
-
     def state(self) -> dict[str, np.ndarray]:
         """The model as name -> array (what is pushed, merged and checkpointed)."""
-        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        return training.state_to_numpy(self.model)
 
     # ------------------------------------------------------------------------------ a round
     def train_round(self) -> dict[str, float]:
-        """``local_steps`` optimizer steps on shuffled local mini-batches."""
-        n = len(self.data)
-        size = min(self.settings.batch_size, n)
-        batches = []
-        for _ in range(self.settings.local_steps):
-            index = torch.from_numpy(self._rng.choice(n, size=size, replace=False))
-            batches.append((self.data.x_train[index], self.data.y_train[index]))
-        return train_steps(self.model, self.optimizer, iter(batches))
+        """``local_steps`` optimizer steps, each on a mini-batch drawn afresh from local data."""
+        sampler = training.BatchSampler(
+            self.data.x_train, self.data.y_train, self.settings.batch_size
+        )
+        steps = itertools.islice(sampler.fresh(self._rng), self.settings.local_steps)
+        return training.train_steps(self.model, self.optimizer, steps)
 
     def receive(self, sender: str, tensors: Mapping[str, np.ndarray], samples: float) -> None:
         """Buffer a peer's model (already verified by the protocol layer)."""
@@ -212,12 +208,13 @@ class Learner:
                 return False
         if merged is None:
             return False
-        self._load(merged)
+        training.load_numpy_state(self.model, merged)
         self.merges += 1
         return True
 
     def evaluate(self) -> float:
-        return accuracy(self.model, self.data.x_test, self.data.y_test)
+        """Accuracy on the local test split."""
+        return training.evaluate(self.model, self.data.x_test, self.data.y_test)["accuracy"]
 
     def finish_round(self, train_metrics: Mapping[str, float], merged: bool) -> dict[str, float]:
         """Evaluate, count the round and checkpoint (atomically) what was learned."""

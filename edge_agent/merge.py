@@ -38,6 +38,10 @@ Methods (``method=``):
 With ``weights=`` (one positive number per received model, e.g. sample counts) "mean" above is
 the weighted mean, of the tensors and of their variances alike.
 
+FedAvg's server (McMahan et al. 2017) averages differently: :func:`weighted_average` is the
+sample-weighted mean of *every* tensor, batch-norm statistics and counters included, with no
+own model to keep values from. It shares :func:`merge`'s arithmetic and dtype rules.
+
 Which tensors take part (:func:`is_rescaled`):
 
 - batch-norm running statistics and counters (names ending in ``running_mean``, ``running_var``
@@ -82,6 +86,7 @@ __all__ = [
     "keeps_own",
     "merge",
     "tensor_variance",
+    "weighted_average",
 ]
 
 EPS = 1e-4
@@ -165,6 +170,37 @@ def merge(
     """
     labels = [f"received model {i}" for i in range(len(received))]
     return _merge(own, received, labels, method, self_weight, variance, weights, no_rescale)
+
+
+def weighted_average(
+    models: Sequence[Model], weights: Sequence[float] | None = None
+) -> dict[str, NDArray[np.generic]]:
+    """The weighted mean of every tensor of ``models``, as FedAvg's server takes it.
+
+    Unlike :func:`merge`, nothing is kept from one model: batch-norm running statistics and
+    counters are averaged too. Integer and boolean tensors are rounded half to even and cast
+    back, floating-point ones cast back to their dtype, from float64 arithmetic.
+
+    Args:
+        models: one or more models with the same names and shapes; the result takes the first
+            model's names (in its order) and dtypes.
+        weights: one positive weight per model (e.g. its training-sample count); equal by
+            default.
+
+    Raises:
+        ValueError: no model, or weights of the wrong length or not positive.
+        MergeError: names or shapes differ, or a tensor has an unsupported dtype.
+    """
+    if len(models) == 0:
+        raise ValueError("weighted_average needs at least one model")
+    w = _normalised_weights(weights, len(models))
+    first = {name: np.asarray(a) for name, a in models[0].items()}
+    arrays = [first] + [{name: np.asarray(a) for name, a in m.items()} for m in models[1:]]
+    _check_compatible(first, arrays[1:], [f"model {i}" for i in range(1, len(arrays))])
+    return {
+        name: _cast(_weighted_mean([m[name] for m in arrays], w), first[name].dtype)
+        for name in first
+    }
 
 
 class Merger:
@@ -313,6 +349,21 @@ def _variance(array: NDArray[np.generic]) -> float:
     return float(np.var(array, dtype=np.float64, ddof=1))
 
 
+def _weighted_mean(
+    arrays: Sequence[NDArray[np.generic]], w: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """``sum(w_i * a_i)`` in float64, summed in the order of ``arrays``."""
+    return sum(
+        (wi * a.astype(np.float64, copy=False) for wi, a in zip(w, arrays, strict=True)),
+        np.zeros(arrays[0].shape),
+    )
+
+
+def _cast(mean: NDArray[np.float64], dtype: np.dtype) -> NDArray[np.generic]:
+    """Back to ``dtype``: integer and boolean results rounded half to even first."""
+    return (np.rint(mean) if dtype.kind in _ROUNDED_KINDS else mean).astype(dtype)
+
+
 def _check_compatible(
     own: Mapping[str, NDArray[np.generic]],
     received: Sequence[Mapping[str, NDArray[np.generic]]],
@@ -368,10 +419,9 @@ def _merge(
             merged[name] = mine.copy()
             continue
         theirs = [m[name].astype(np.float64) for m in received]
-        others_mean = sum((wi * t for wi, t in zip(w, theirs, strict=True)), np.zeros(mine.shape))
-        mixed = s * mine.astype(np.float64) + (1.0 - s) * others_mean
+        mixed = s * mine.astype(np.float64) + (1.0 - s) * _weighted_mean(theirs, w)
         if mine.dtype.kind in _ROUNDED_KINDS:
-            merged[name] = np.rint(mixed).astype(mine.dtype)
+            merged[name] = _cast(mixed, mine.dtype)
             continue
         if method == "vc" and name not in exempt and is_rescaled(name, mine):
             if variance == "self":
@@ -385,5 +435,5 @@ def _merge(
             center = mixed.mean()
             scale = math.sqrt((target + EPS) / (_variance(mixed) + EPS))
             mixed = (mixed - center) * scale + center
-        merged[name] = mixed.astype(mine.dtype)
+        merged[name] = _cast(mixed, mine.dtype)
     return {name: merged[name] for name in own}

@@ -1,17 +1,31 @@
-"""Local training steps shared by the trainer, the gossip simulator and the edge agent.
+"""Local training, shared by the trainer, the gossip simulator and the edge agent.
 
 The laptop's trainer (:mod:`toolkit.train`), the gossip simulator (:mod:`toolkit.simulate`) and
 the device agent's learner (:mod:`edge_agent.learner`) must train the same way, or the
 simulator's figures say nothing about the fleet. The layering (DESIGN.md section 1) lets the
-agent import ``models`` but never ``toolkit``, so the shared step lives here: an optimizer
-factory, the distillation loss and :func:`train_steps`, which runs one optimizer step per batch
-and clips binary layers' latent weights after each, as Larq's ``weight_clip`` does.
+agent import ``models`` but never ``toolkit``, so local training lives here, in one place:
+
+- steps: :func:`make_optimizer`, :func:`distillation_loss` and :func:`train_steps`, which runs
+  one optimizer step per batch and clips binary layers' latent weights after each, as Larq's
+  ``weight_clip`` does;
+- batch sampling, :class:`BatchSampler`, in three orders: :meth:`~BatchSampler.epoch` (one
+  shuffled pass, seeded by ``(seed, epoch)``: the trainer), :meth:`~BatchSampler.endless`
+  (passes reshuffled without end: the simulator) and :meth:`~BatchSampler.fresh` (every batch
+  drawn afresh: the agent);
+- :func:`evaluate`: accuracy and loss in eval mode;
+- :func:`state_to_numpy` and :func:`load_numpy_state`: the ``name -> numpy array`` form in
+  which models are merged, sent and checkpointed;
+- :func:`binary_weight_names`: the tensors gossip sends as 1 bit + scale.
+
+Averaging models is not training: it lives in :mod:`edge_agent.merge`, which needs no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,9 +37,15 @@ __all__ = [
     "make_optimizer",
     "distillation_loss",
     "train_steps",
-    "accuracy",
+    "BatchSampler",
+    "evaluate",
+    "state_to_numpy",
+    "load_numpy_state",
     "binary_weight_names",
 ]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Array = np.ndarray | torch.Tensor
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -120,17 +140,127 @@ def train_steps(
     return {"loss": total_loss / seen, "accuracy": correct / seen, "samples": seen}
 
 
+# ------------------------------------------------------------------------------ batches
+
+
+def _tensor(array: Array) -> torch.Tensor:
+    return (
+        array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    )
+
+
+class BatchSampler:
+    """Mini-batches of ``(x, y)`` in three orders: :meth:`epoch`, :meth:`endless`, :meth:`fresh`.
+
+    Batches are drawn from the samples ``indices`` (all by default). ``x`` and ``y`` are numpy
+    arrays or torch tensors (numpy ones are wrapped, not copied); each batch is a pair of new
+    tensors, images and labels of the same samples.
+    """
+
+    def __init__(
+        self, x: Array, y: Array, batch_size: int, indices: np.ndarray | None = None
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.x, self.y = _tensor(x), _tensor(y)
+        self.batch_size = batch_size
+        self.indices = np.arange(len(self.x)) if indices is None else np.asarray(indices)
+
+    def epoch(self, seed: int, epoch: int) -> Iterator[Batch]:
+        """One shuffled pass over the samples (the trainer's); the last batch may be short.
+
+        The shuffle is seeded by ``(seed, epoch)`` alone, so a run resumed at any epoch draws
+        the same batches as one that never stopped.
+        """
+        rng = np.random.default_rng(seed * 100_003 + epoch)
+        order = self.indices[rng.permutation(len(self.indices))]
+        size = self.batch_size
+        return self._gather(order[i : i + size] for i in range(0, len(order), size))
+
+    def endless(self, rng: np.random.Generator) -> Iterator[Batch]:
+        """Passes over the samples without end, reshuffled by ``rng`` before each (the simulator's).
+
+        Every batch holds :meth:`draw_size` samples; a pass's short remainder is dropped (its
+        samples come up again in later passes).
+        """
+        size = self.draw_size()
+
+        def parts() -> Iterator[np.ndarray]:
+            while True:
+                order = self.indices[rng.permutation(len(self.indices))]
+                for start in range(0, len(order) - size + 1, size):
+                    yield order[start : start + size]
+
+        return self._gather(parts())
+
+    def fresh(self, rng: np.random.Generator) -> Iterator[Batch]:
+        """Batches without end, each :meth:`draw_size` samples drawn afresh (the agent's).
+
+        No sample repeats within a batch; batches are independent of each other. Each batch
+        takes exactly one ``rng.choice`` call, made only when the batch is asked for, so ``rng``
+        can be shared with other uses (the agent also picks its peers with it).
+        """
+        size, count = self.draw_size(), len(self.indices)
+        return self._gather(
+            self.indices[rng.choice(count, size=size, replace=False)] for _ in itertools.count()
+        )
+
+    def draw_size(self) -> int:
+        """Samples per batch of the endless orders: ``min(batch_size, samples)``."""
+        if len(self.indices) == 0:
+            raise ValueError("cannot draw batches from no samples")
+        return min(self.batch_size, len(self.indices))
+
+    def _gather(self, parts: Iterator[np.ndarray]) -> Iterator[Batch]:
+        for part in parts:
+            index = torch.from_numpy(part)
+            yield self.x[index], self.y[index]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` in eval mode (restoring its mode afterwards)."""
+def evaluate(model: nn.Module, x: Array, y: Array, batch_size: int = 512) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``(x, y)``, in eval mode.
+
+    The model's mode is restored afterwards. Returns ``accuracy``, ``loss`` and ``samples``;
+    raises ValueError on empty data.
+    """
+    xt, yt = _tensor(x), _tensor(y)
+    if len(yt) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
     was_training = model.training
     model.eval()
-    correct = sum(
-        int((model(xb).argmax(1) == yb).sum())
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
+    total_loss, correct = 0.0, 0
+    try:
+        for xb, yb in zip(xt.split(batch_size), yt.split(batch_size), strict=True):
+            logits = model(xb)
+            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    seen = len(yt)
+    return {"accuracy": correct / seen, "loss": total_loss / seen, "samples": seen}
+
+
+# ------------------------------------------------------------------------ numpy state
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's ``state_dict`` as ``name -> numpy array`` (copies, on the CPU)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_state(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:
+    """Load ``name -> numpy array`` into ``model`` (strictly: the names must match).
+
+    The arrays are copied, so read-only ones (memory-mapped checkpoints, decoded frames) load
+    too and the model never shares memory with them.
+    """
+    model.load_state_dict(
+        {k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in tensors.items()}
     )
-    model.train(was_training)
-    return correct / max(len(y), 1)
 
 
 def binary_weight_names(model: nn.Module) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import models
 from models import checkpoint
 from models.checkpoint import CheckpointError
-from toolkit.train import make_optimizer
+from models.training import make_optimizer
 
 PICKLE_MAGIC = b"\x80"
 

@@ -20,6 +20,7 @@ from edge_agent.merge import (
     is_rescaled,
     merge,
     tensor_variance,
+    weighted_average,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +136,61 @@ def test_equal_weights_are_the_default():
     b = merge(own, received, weights=[2.0, 2.0])
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted_average: FedAvg's server, every tensor averaged (batch-norm statistics included)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_weighted_average_hand_example():
+    own, (r1, r2) = example()
+    out = weighted_average([own, r1, r2], [2, 1, 1])
+    # w: 0.5 * [0, 1, 2] + 0.25 * [0, 3, 6] + 0.25 * [2, 2, 8]
+    np.testing.assert_allclose(out["w"], [0.5, 1.75, 4.5], rtol=1e-15)
+    np.testing.assert_allclose(out["b"], [0.5 * 1 + 0.25 * 3 + 0.25 * 5], rtol=1e-15)
+    # running statistics are averaged too, unlike merge(), which keeps the own ones
+    np.testing.assert_allclose(out["bn.running_mean"], [0.05, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(out["bn.running_var"], [0.75 + 2.25 + 1.0, 1.25 + 2.25 + 1.0])
+    # counters: 0.5 * 7 + 0.25 * 100 + 0.25 * 200 = 78.5, rounded half to even
+    assert out["bn.num_batches_tracked"] == 78
+    # [0.5, 1, 1.5] + [0.5, 0.5, 0.5] + [1, 1, 1] = [2, 2.5, 3]
+    np.testing.assert_array_equal(out["counts"], [2, 2, 3])
+    assert list(out) == list(own)
+    assert all(out[k].dtype == own[k].dtype for k in own)
+
+
+def test_weighted_average_weights_by_samples():
+    a = {"w": np.array([0.0, 2.0], np.float32), "n": np.array(2, np.int64)}
+    b = {"w": np.array([4.0, 6.0], np.float32), "n": np.array(4, np.int64)}
+    out = weighted_average([a, b], [3, 1])
+    np.testing.assert_allclose(out["w"], [1.0, 3.0])
+    assert out["w"].dtype == np.float32
+    assert out["n"] == 2 and out["n"].dtype == np.int64  # 2.5 rounds half to even
+    equal = weighted_average([a, b])
+    np.testing.assert_allclose(equal["w"], [2.0, 4.0])
+    assert equal["n"] == 3
+
+
+def test_weighted_average_of_one_model_is_that_model():
+    own, _ = example()
+    out = weighted_average([own], [5])
+    for name in own:
+        np.testing.assert_array_equal(out[name], own[name])
+        assert out[name] is not own[name]
+
+
+def test_weighted_average_errors():
+    own, received = example()
+    with pytest.raises(ValueError, match="at least one model"):
+        weighted_average([])
+    with pytest.raises(ValueError, match="positive"):
+        weighted_average([own, *received], [1, 0, 1])
+    with pytest.raises(ValueError, match="got 2 weights"):
+        weighted_average([own, *received], [1, 1])
+    del received[1]["b"]
+    with pytest.raises(MergeError, match=r"model 2 .*missing \['b'\]"):
+        weighted_average([own, *received])
 
 
 def test_self_weight_zero_ignores_own_values():

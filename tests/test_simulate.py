@@ -5,10 +5,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from models.training import BatchSampler, make_optimizer, train_steps
 from toolkit.cli import app
 from toolkit.data import load_dataset
-from toolkit.simulate import SimulationConfig, _batch_stream, fedavg_average, simulate
-from toolkit.train import make_model, make_optimizer, train_steps
+from toolkit.simulate import SimulationConfig, simulate
+from toolkit.train import make_model
 
 SMALL = dict(nodes=4, topology="ring", rounds=2, local_steps=2, batch_size=16)
 
@@ -49,21 +50,13 @@ def test_fedavg_with_one_node_equals_local_training():
     torch.manual_seed(config.seed)
     model = make_model("lenet5", train)
     optimizer = make_optimizer(model, "sgd", config.lr, 0.0)
-    stream = _batch_stream(train, np.arange(len(train)), 16, config.seed * 7_919)
+    stream = BatchSampler(train.x, train.y, 16).endless(np.random.default_rng(config.seed * 7_919))
     train_steps(model, optimizer, itertools.islice(stream, 12))
     expected = {k: v.numpy() for k, v in model.state_dict().items()}
     got = result.final_states[0]
     assert set(got) == set(expected)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
-
-
-def test_fedavg_average_weights_by_samples():
-    a = {"w": np.array([0.0, 2.0], np.float32), "n": np.array(2, np.int64)}
-    b = {"w": np.array([4.0, 6.0], np.float32), "n": np.array(4, np.int64)}
-    out = fedavg_average([a, b], [3, 1])
-    np.testing.assert_allclose(out["w"], [1.0, 3.0])
-    assert out["n"] == 2 and out["n"].dtype == np.int64
 
 
 def test_vc_beats_plain_averaging_at_independent_init():

@@ -11,13 +11,13 @@ import torch
 
 import models
 from models import checkpoint
+from models.training import distillation_loss
 from toolkit import train as train_mod
 from toolkit.data import load_dataset
 from toolkit.train import (
     ShapeError,
     TrainConfig,
     check_input,
-    distillation_loss,
     evaluate,
     make_model,
     train,

@@ -3,13 +3,15 @@
 Every round, each online node trains its own model for ``local_steps`` steps on its shard of
 the data, pushes the model to ``peers`` random neighbours (all of them by default) through a
 wire codec, and merges what it has received once its :class:`edge_agent.merge.Merger` buffer
-holds as many models as the trigger asks. The real MQTT agent runs the same training
-(:func:`toolkit.train.train_steps`), the same codecs and the same ``Merger``; only the transport
-differs (here: in-process queues with optional drops, delays and node churn).
+holds as many models as the trigger asks. The real MQTT agent runs the same local training
+(:mod:`models.training`), the same codecs and the same ``Merger``; only the transport differs
+(here: in-process queues with optional drops, delays and node churn), and how batches are drawn:
+a node here walks reshuffled passes over its shard (``BatchSampler.endless``), an agent draws
+every batch afresh (``BatchSampler.fresh``, both :class:`models.training.BatchSampler`).
 
 FedAvg (McMahan et al. 2017) is the baseline: a server holds one model; each round every
 online node starts from it, trains the same ``local_steps`` steps, and the server replaces it
-with the sample-weighted average of what comes back.
+with the sample-weighted average of what comes back (:func:`edge_agent.merge.weighted_average`).
 
 Initialisation is ``independent`` (each node draws its own weights: the gossip case, where
 plain averaging collapses the weight variance) or ``common`` (one draw for all: the FL case).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,15 +30,23 @@ import torch
 from torch import nn
 
 from edge_agent import codecs
-from edge_agent.merge import Merger, tensor_variance
-from models.training import accuracy, binary_weight_names, make_optimizer, train_steps
+from edge_agent.merge import Merger, tensor_variance, weighted_average
+from models.training import (
+    BatchSampler,
+    binary_weight_names,
+    evaluate,
+    load_numpy_state,
+    make_optimizer,
+    state_to_numpy,
+    train_steps,
+)
 
 from .data import ArrayDataset, load_dataset
 from .partition import parse_partition, partition
 from .topology import Topology, parse_topology
 from .train import make_model
 
-__all__ = ["SimulationConfig", "SimulationResult", "simulate", "METHODS", "fedavg_average"]
+__all__ = ["SimulationConfig", "SimulationResult", "simulate", "METHODS"]
 
 METHODS = ("vc", "avg", "fedavg")
 INITS = ("independent", "common")
@@ -78,14 +88,13 @@ class SimulationConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.merge not in METHODS:
-            raise ValueError(
-                f"unknown merge method {self.merge!r}; use one of {', '.join(METHODS)}"
-            )
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
-        if self.codec not in codecs.CODECS:
-            raise ValueError(f"unknown codec {self.codec!r}; use one of {', '.join(codecs.CODECS)}")
+        for what, value, choices in (
+            ("merge method", self.merge, METHODS),
+            ("init", self.init, INITS),
+            ("codec", self.codec, codecs.CODECS),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
         for name in ("nodes", "rounds", "local_steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -125,47 +134,9 @@ class SimulationResult:
         return {"config": asdict(self.config), "history": self.history}
 
 
-def _state(model: nn.Module) -> Model:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def _load(model: nn.Module, state: Model) -> None:
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
-def _batch_stream(
-    data: ArrayDataset, indices: np.ndarray, batch_size: int, seed: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled mini-batches over one node's shard (reshuffled every pass)."""
-    x = torch.from_numpy(np.ascontiguousarray(data.x))
-    y = torch.from_numpy(np.ascontiguousarray(data.y))
-    rng = np.random.default_rng(seed)
-    size = min(batch_size, len(indices))
-    while True:
-        order = indices[rng.permutation(len(indices))]
-        for start in range(0, len(order) - size + 1, size):
-            chunk = torch.from_numpy(order[start : start + size])
-            yield x[chunk], y[chunk]
-
-
 def _mean_variance(states: list[Model]) -> dict[str, float]:
     per_node = [tensor_variance(s) for s in states]
     return {name: float(np.mean([v[name] for v in per_node])) for name in per_node[0]}
-
-
-def fedavg_average(states: list[Model], weights: list[float]) -> Model:
-    """Sample-weighted average of every tensor (batch-norm statistics included), as FedAvg.
-
-    Integer tensors (counters) are averaged and rounded back to their dtype.
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    out: Model = {}
-    for name in states[0]:
-        mean = sum(wi * s[name].astype(np.float64) for wi, s in zip(w, states, strict=True))
-        dtype = states[0][name].dtype
-        out[name] = (np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
-    return out
 
 
 class _Fleet:
@@ -184,7 +155,9 @@ class _Fleet:
             make_optimizer(m, config.optimizer, config.lr, config.momentum) for m in self.models
         ]
         self.streams = [
-            _batch_stream(train, shard, config.batch_size, config.seed * 7_919 + node)
+            BatchSampler(train.x, train.y, config.batch_size, shard).endless(
+                np.random.default_rng(config.seed * 7_919 + node)
+            )
             for node, shard in enumerate(shards)
         ]
         self.binary_names = binary_weight_names(self.models[0])
@@ -207,8 +180,10 @@ def simulate(
     shards = partition(config.data, train.y, config.nodes, seed=config.seed)
     rng = np.random.default_rng(config.seed)
     fleet = _Fleet(config, train, shards)
-    test_x = torch.from_numpy(np.ascontiguousarray(test.x))
-    test_y = torch.from_numpy(np.ascontiguousarray(test.y))
+
+    def accuracy(model: nn.Module) -> float:
+        return evaluate(model, test.x, test.y)["accuracy"]
+
     if config.merge == "fedavg":
         step = _fedavg_round(config, fleet, shards, rng)
     else:
@@ -222,21 +197,21 @@ def simulate(
         if round_index % config.eval_every and round_index != config.rounds:
             continue
         if config.merge == "fedavg" and round_index:  # one global model: evaluate it once
-            accuracies = [accuracy(fleet.models[0], test_x, test_y)]
+            accuracies = [accuracy(fleet.models[0])]
         else:
-            accuracies = [accuracy(m, test_x, test_y) for m in fleet.models]
+            accuracies = [accuracy(m) for m in fleet.models]
         record = {
             "round": round_index,
             "mean_accuracy": float(np.mean(accuracies)),
             "min_accuracy": float(np.min(accuracies)),
             "max_accuracy": float(np.max(accuracies)),
             "bytes_sent": sent,
-            "variance": _mean_variance([_state(m) for m in fleet.models]),
+            "variance": _mean_variance([state_to_numpy(m) for m in fleet.models]),
         }
         history.append(record)
         if progress is not None:
             progress(round_index, record)
-    return SimulationResult(config, history, [_state(m) for m in fleet.models])
+    return SimulationResult(config, history, [state_to_numpy(m) for m in fleet.models])
 
 
 def _gossip_round(
@@ -266,7 +241,9 @@ def _gossip_round(
                 targets = rng.choice(neighbours, size=config.peers, replace=False)
             else:
                 targets = neighbours
-            payload = codecs.encode(_state(fleet.models[node]), config.codec, fleet.binary_names)
+            payload = codecs.encode(
+                state_to_numpy(fleet.models[node]), config.codec, fleet.binary_names
+            )
             for target in targets:
                 sent += len(payload)
                 if rng.random() >= config.drop:
@@ -275,9 +252,9 @@ def _gossip_round(
             if online[target]:  # a message to an offline node is lost
                 mergers[target].add(str(sender), codecs.decode(payload))
         for node in np.flatnonzero(online):
-            merged = mergers[node].merge_into(_state(fleet.models[node]))
+            merged = mergers[node].merge_into(state_to_numpy(fleet.models[node]))
             if merged is not None:
-                _load(fleet.models[node], merged)
+                load_numpy_state(fleet.models[node], merged)
         return sent
 
     return run
@@ -286,7 +263,7 @@ def _gossip_round(
 def _fedavg_round(
     config: SimulationConfig, fleet: _Fleet, shards: list[np.ndarray], rng: np.random.Generator
 ) -> Callable[[int], int]:
-    server = _state(fleet.models[0])
+    server = state_to_numpy(fleet.models[0])
     sizes = [len(s) for s in shards]
 
     def run(round_index: int) -> int:
@@ -295,17 +272,19 @@ def _fedavg_round(
             return 0
         states, weights, sent = [], [], 0
         for node in online:
-            _load(fleet.models[node], server)
+            load_numpy_state(fleet.models[node], server)
             fleet.train(node)
-            payload = codecs.encode(_state(fleet.models[node]), config.codec, fleet.binary_names)
+            payload = codecs.encode(
+                state_to_numpy(fleet.models[node]), config.codec, fleet.binary_names
+            )
             sent += 2 * len(payload)  # model down, update up
             if rng.random() >= config.drop:
                 states.append(codecs.decode(payload))
                 weights.append(sizes[node])
         if states:
-            server.update(fedavg_average(states, weights))
+            server.update(weighted_average(states, weights))
         for model in fleet.models:  # every node now holds the global model
-            _load(model, server)
+            load_numpy_state(model, server)
         return sent
 
     return run

@@ -1,7 +1,7 @@
 """One training loop for float and binary networks.
 
-The loop is deliberately plain: in-memory arrays (every bundled dataset fits), an index
-permutation per epoch, Adam or SGD, a cosine or constant learning-rate schedule, latent-weight
+The loop is deliberately plain: in-memory arrays (every bundled dataset fits), one shuffled
+pass per epoch, Adam or SGD, a cosine or constant learning-rate schedule, latent-weight
 clipping after every optimizer step (Larq's ``weight_clip``), and optional knowledge distillation
 from a teacher checkpoint (Hinton et al. 2015), as Bi-Real and Real-to-Binary training do.
 
@@ -16,8 +16,9 @@ Run directory written by :func:`train` (itself a checkpoint, see :mod:`models.ch
     <out>/history.json                   per-epoch loss, accuracy, learning rate, images/s
     <out>/checkpoints/epoch_0003/        intermediate checkpoints with optimizer state
 
-The lower-level pieces (:func:`make_optimizer`, :func:`train_steps`, :func:`evaluate`) are what
-the gossip simulator and the edge agent call for their local training.
+The steps, the batch sampling and the evaluation come from :mod:`models.training`, the local
+training the gossip simulator and the edge agent run too; this module adds the run around them
+(data, schedule, checkpoints, resume, progress).
 """
 
 from __future__ import annotations
@@ -28,26 +29,19 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import models
 from bitfleet.errors import BitfleetError
 from bitfleet.fsutil import atomic_write_json
-from models import checkpoint
-from models.training import (
-    OPTIMIZERS,
-    distillation_loss,
-    make_optimizer,
-    train_steps,
-)
+from models import checkpoint, training
+from models.training import OPTIMIZERS, BatchSampler, make_optimizer, train_steps
 
 from .data import ArrayDataset, load_dataset
 
@@ -57,11 +51,7 @@ __all__ = [
     "ShapeError",
     "train",
     "evaluate",
-    "train_steps",
-    "make_optimizer",
     "make_model",
-    "batches",
-    "distillation_loss",
     "check_input",
 ]
 
@@ -98,14 +88,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}"
-            )
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
         for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -191,46 +177,18 @@ def _learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: 
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
 
 
-def batches(
-    data: ArrayDataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    indices: np.ndarray | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels) tensors; shuffled by a generator seeded with ``seed`` alone."""
-    index = np.arange(len(data)) if indices is None else np.asarray(indices)
-    if shuffle:
-        index = index[np.random.default_rng(seed).permutation(len(index))]
-    x = torch.from_numpy(np.ascontiguousarray(data.x))
-    y = torch.from_numpy(np.ascontiguousarray(data.y))
-    for start in range(0, len(index), batch_size):
-        chunk = torch.from_numpy(index[start : start + batch_size])
-        yield x[chunk], y[chunk]
-
-
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     data: ArrayDataset,
     batch_size: int = 256,
     indices: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Test loss and accuracy of ``model`` (in eval mode) on ``data``."""
+    """Test loss and accuracy of ``model`` (in eval mode) on ``data`` or its ``indices``."""
     check_input(model, tuple(data.x.shape[1:]))
-    was_training = model.training
-    model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for x, y in batches(data, batch_size, shuffle=False, indices=indices):
-        logits = model(x)
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-    model.train(was_training)
-    if seen == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
-    return {"accuracy": correct / seen, "loss": total_loss / seen, "samples": seen}
+    x, y = data.x, data.y
+    if indices is not None:
+        x, y = x[np.asarray(indices)], y[np.asarray(indices)]
+    return training.evaluate(model, x, y, batch_size)
 
 
 def _load_data(config: TrainConfig, split: str) -> ArrayDataset:
@@ -312,6 +270,7 @@ def train(
         atomic_write_json(out_path / "config.json", asdict(config))
 
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    sampler = BatchSampler(train_data.x, train_data.y, config.batch_size)
     meta = _data_meta(train_data, config)
     with _Progress(progress, config.epochs, steps_per_epoch, start_epoch) as bar:
         for epoch in range(start_epoch, config.epochs):
@@ -319,9 +278,7 @@ def train(
             stats = train_steps(
                 model,
                 optimizer,
-                batches(
-                    train_data, config.batch_size, shuffle=True, seed=_epoch_seed(config, epoch)
-                ),
+                sampler.epoch(config.seed, epoch),
                 teacher=teacher,
                 kd_alpha=config.kd_alpha,
                 kd_temperature=config.kd_temperature,
@@ -345,10 +302,6 @@ def train(
             if out_path is not None:
                 _save_epoch(out_path, config, model, optimizer, history, meta, epoch)
     return TrainResult(out=out_path, model=model, history=history)
-
-
-def _epoch_seed(config: TrainConfig, epoch: int) -> int:
-    return config.seed * 100_003 + epoch
 
 
 def _load_teacher(path: str, data: ArrayDataset) -> nn.Module:

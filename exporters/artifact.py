@@ -21,6 +21,8 @@ from typing import Any
 from bitfleet.errors import BitfleetError
 from bitfleet.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 
+from .conventions import FORMATS
+
 __all__ = [
     "ARTIFACT_FORMAT",
     "MANIFEST_FILE",
@@ -33,7 +35,7 @@ __all__ = [
 
 ARTIFACT_FORMAT = "bitfleet-artifact/1"
 MANIFEST_FILE = "manifest.json"
-KNOWN_FORMATS = ("onnx", "onnx-portable")
+KNOWN_FORMATS = FORMATS  # the formats the writer produces, named once in exporters.conventions
 
 
 class ArtifactError(BitfleetError, ValueError):

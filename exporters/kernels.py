@@ -76,6 +76,7 @@ from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
+from .conventions import Padding, conv_output_size, padding4, sign_bit  # noqa: E402
 from .packing import packed_nbytes  # noqa: E402
 
 __all__ = [
@@ -96,6 +97,9 @@ _NO_RESIDUAL = np.zeros((1, 1, 1, 1), np.float32)
 
 _ROW_CHUNK = 1024
 """Input pixels binarized per work unit of the packer: long vectors, yet enough units to split."""
+
+_sign_bit = njit(inline="always")(sign_bit)
+"""The packed format's sign bit (bit 1 iff x < 0), compiled into the packer's loops."""
 
 
 # --------------------------------------------------------------------------- numba kernels
@@ -172,14 +176,14 @@ def _pack_nchw(x, pad_top, pad_left, padded_h, padded_w, cin_words):  # pragma: 
             b2 = b0 << np.uint64(2)
             b3 = b0 << np.uint64(3)
             for i in range(p1 - p0):
-                acc[i] |= ((b0 if s0[i] < 0 else zero) | (b1 if s1[i] < 0 else zero)) | (
-                    (b2 if s2[i] < 0 else zero) | (b3 if s3[i] < 0 else zero)
-                )
+                acc[i] |= (
+                    (b0 if _sign_bit(s0[i]) else zero) | (b1 if _sign_bit(s1[i]) else zero)
+                ) | ((b2 if _sign_bit(s2[i]) else zero) | (b3 if _sign_bit(s3[i]) else zero))
         for b in range(n_bits - n_bits % 4, n_bits):
             src = planes[img, c0 + b, p0:p1]
             bit = np.uint64(1) << np.uint64(b)
             for i in range(p1 - p0):
-                acc[i] |= bit if src[i] < 0 else zero
+                acc[i] |= bit if _sign_bit(src[i]) else zero
         for r in range(y1 - y0):
             for i in range(width):
                 out[img, y0 + r + pad_top, pad_left + i, word] = acc[r * width + i]
@@ -263,23 +267,6 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _padding4(value: int | Sequence[int]) -> tuple[int, int, int, int]:
-    """Normalize padding to (top, bottom, left, right) from an int, a (h, w) pair or a 4-tuple."""
-    if np.isscalar(value):
-        pads = (int(value),) * 4
-    else:
-        vals = tuple(int(v) for v in value)
-        if len(vals) == 2:
-            pads = (vals[0], vals[0], vals[1], vals[1])
-        elif len(vals) == 4:
-            pads = vals
-        else:
-            raise ValueError(f"padding must be an int, a pair or 4 values, got {value!r}")
-    if min(pads) < 0:
-        raise ValueError(f"padding must be >= 0, got {value!r}")
-    return pads  # type: ignore[return-value]
-
-
 def _channel_vector(values: np.ndarray | None, cout: int, default: float, name: str) -> np.ndarray:
     """A contiguous float32 vector of length ``cout`` (``default`` everywhere when None)."""
     if values is None:
@@ -322,13 +309,14 @@ def pack_activations(
 ) -> np.ndarray:
     """Binarize float NCHW ``x`` to the kernel's NHWC word tensor ``(N, Hp, Wp, Cin_words)``.
 
-    Bit 1 iff x < 0; the spatial border of ``padding`` (an int, (h, w) or (top, bottom, left,
-    right)) and the channel padding bits of the last word are 0 (= +1).
+    Bit 1 iff x < 0; the spatial border of ``padding`` (an int, (h, w) or (left, right, top,
+    bottom), see :func:`exporters.conventions.padding4`) and the channel padding bits of the
+    last word are 0 (= +1).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 4:
         raise ValueError(f"activations must be NCHW, got shape {x.shape}")
-    top, bottom, left, right = _padding4(padding)
+    left, right, top, bottom = padding4(padding)
     _, channels, height, width = x.shape
     with _Threads(threads):
         return _pack_nchw(
@@ -375,7 +363,7 @@ class PreparedConv:
     out_channels: int
     kernel_size: tuple[int, int]
     stride: tuple[int, int]
-    padding: tuple[int, int, int, int]
+    padding: Padding  # (left, right, top, bottom)
     dilation: tuple[int, int]
     multiplier: np.ndarray
     bias: np.ndarray
@@ -421,7 +409,7 @@ class PreparedConv:
             if res.shape != plan.out_shape:  # broadcast as ONNX Add would (a copy)
                 res = np.ascontiguousarray(np.broadcast_to(res, plan.out_shape))
             has_res = True
-        top, _, left, _ = self.padding
+        left, _, top, _ = self.padding
         (_, _, out_h, out_w), (sh, sw) = plan.out_shape, self.stride
         out = np.empty(plan.out_shape, np.float32)
         with _Threads(threads):
@@ -457,10 +445,10 @@ class _ConvPlan:
     @staticmethod
     def build(conv: PreparedConv, n: int, height: int, width: int) -> _ConvPlan:
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-        top, bottom, left, right = conv.padding
+        left, right, top, bottom = conv.padding
         padded_h, padded_w = height + top + bottom, width + left + right
-        out_h = (padded_h - dh * (kh - 1) - 1) // sh + 1
-        out_w = (padded_w - dw * (kw - 1) - 1) // sw + 1
+        out_h = conv_output_size(height, kh, sh, (top, bottom), dh)
+        out_w = conv_output_size(width, kw, sw, (left, right), dw)
         if out_h < 1 or out_w < 1:
             raise ValueError(f"input {height}x{width} is smaller than the dilated kernel")
         cin_words = -(-conv.in_channels // 64)
@@ -488,7 +476,8 @@ def prepare_conv_weight(
 ) -> PreparedConv:
     """Repack ``pack_conv_weight`` output (Cout, nbytes) uint8 into a :class:`PreparedConv`.
 
-    ``padding`` is an int, (h, w) or (top, bottom, left, right); padded taps count as +1.
+    ``padding`` is an int, (h, w) or (left, right, top, bottom), the order of ``F.pad`` and of
+    :func:`exporters.conventions.padding4`; padded taps count as +1.
     ``multiplier``/``bias`` (per output channel, default 1 and 0) form the fused epilogue.
     """
     kh, kw = _pair(kernel_size, "kernel_size")
@@ -504,7 +493,7 @@ def prepare_conv_weight(
         out_channels=cout,
         kernel_size=(kh, kw),
         stride=_pair(stride, "stride"),
-        padding=_padding4(padding),
+        padding=padding4(padding),
         dilation=_pair(dilation, "dilation"),
         multiplier=_channel_vector(multiplier, cout, 1.0, "multiplier"),
         bias=_channel_vector(bias, cout, 0.0, "bias"),

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["fuse_binary_epilogues", "topological_sort"]
+from .conventions import BINARY_CONV_OP, CUSTOM_DOMAIN, CUSTOM_OPS
 
-_BINARY_OPS = ("BinaryConv2d", "BinaryDense")
+__all__ = ["fuse_binary_epilogues", "topological_sort"]
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -49,7 +49,7 @@ def fuse_binary_epilogues(proto: onnx.ModelProto) -> int:
     removed: set[int] = set()
     folds = 0
     for node in list(graph.node):
-        if node.domain != "bitfleet" or node.op_type not in _BINARY_OPS:
+        if node.domain != CUSTOM_DOMAIN or node.op_type not in CUSTOM_OPS:
             continue
         consumers = _consumers(graph)
         users = consumers[node.output[0]]
@@ -78,7 +78,7 @@ def fuse_binary_epilogues(proto: onnx.ModelProto) -> int:
             consumers = _consumers(graph)
             users = consumers[node.output[0]]
         if (
-            node.op_type == "BinaryConv2d"
+            node.op_type == BINARY_CONV_OP
             and len(node.input) == 4
             and len(users) == 1
             and users[0].op_type == "Add"

@@ -15,6 +15,11 @@ uint8 initializers, and their per-channel scale as a float multiplier:
   standard ops too. Any ONNX runtime loads it; stock ONNX Runtime folds the unpacking into
   constants at session start.
 
+The writer asks each quantizer what it needs (``binary``, ``per_channel_scale``, ``factorize``:
+see :class:`models.quantizers.Quantizer`) and never names quantizer classes, so a newly
+registered quantizer exports without a change here. The custom domain, op names, formats,
+padding order and sign convention come from :mod:`exporters.conventions`.
+
 Layers that are not binary (the first conv, 1x1 downsampling convs, batch norm, pooling,
 the classifier) are exported by ``torch.onnx.export`` as usual. The writer refuses modules it
 does not know rather than exporting something it cannot vouch for.
@@ -34,20 +39,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitfleet.errors import BitfleetError
+from models import quantizers
 from models.layers import BinaryConv2d, BinaryLinear
-from models.quantizers import ApproxSign, MagnitudeAwareSign, Quantizer, SteSign, SwishSign
+from models.quantizers import Quantizer, sign
 
+from .conventions import (
+    BINARY_CONV_OP,
+    BINARY_DENSE_OP,
+    CUSTOM_DOMAIN,
+    CUSTOM_DOMAIN_VERSION,
+    FORMAT_FAST,
+    FORMAT_PORTABLE,
+    FORMATS,
+    conv_output_size,
+    onnx_pads,
+)
 from .packing import pack_conv_weight, pack_linear_weight
 
 __all__ = ["ExportError", "FORMATS", "CUSTOM_DOMAIN", "OPSET", "to_onnx"]
 
-FORMATS = ("onnx", "onnx-portable")
-CUSTOM_DOMAIN = "bitfleet"
-CUSTOM_DOMAIN_VERSION = 1
 OPSET = 18
-
-_SIGN_QUANTIZERS = (SteSign, ApproxSign, SwishSign)  # forward is plain sign
-_KERNEL_QUANTIZERS = (SteSign, ApproxSign, SwishSign, MagnitudeAwareSign)
 
 # Leaf modules the writer knows how to export (containers are walked through).
 _KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
@@ -74,32 +85,70 @@ class ExportError(BitfleetError, ValueError):
     """A model the writer cannot export faithfully."""
 
 
-def _sign(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x).add_(0.5).sign_()
+# --- what the writer asks of quantizers (their declared interface, never their class) ------
 
 
-def _check_quantizers(name: str, layer: BinaryConv2d | BinaryLinear) -> None:
-    iq, kq = layer.input_quantizer, layer.kernel_quantizer
-    if iq is not None and not isinstance(iq, _SIGN_QUANTIZERS):
+def _exportable_quantizers(for_inputs: bool) -> str:
+    """Names of the registered quantizers the writer exports, for error messages."""
+    names = []
+    for name in quantizers.list_quantizers():
+        try:
+            q = quantizers.get(name)
+        except (TypeError, ValueError):  # needs arguments: leave it out of the hint
+            continue
+        if isinstance(q, Quantizer) and q.binary and not (for_inputs and q.per_channel_scale):
+            names.append(name)
+    return ", ".join(names)
+
+
+def _check_input_quantizer(name: str, layer: BinaryConv2d | BinaryLinear) -> None:
+    """Binarized inputs must be plain sign(x), sign(0) = +1: the exported graph computes that."""
+    iq = layer.input_quantizer
+    if iq is None:
+        return
+    exportable = isinstance(iq, Quantizer) and iq.binary and not iq.per_channel_scale
+    if exportable:  # hold the declaration to account on values around the threshold
+        probe = torch.tensor([-2.0, -0.5, -0.0, 0.0, 0.5, 2.0]).view(1, 6)
+        if isinstance(layer, BinaryConv2d):
+            probe = probe.view(1, 6, 1, 1)
+        with torch.no_grad():
+            exportable = torch.equal(iq(probe), sign(probe))
+    if not exportable:
         raise ExportError(
             f"layer '{name}' uses input quantizer {type(iq).__name__}, which the writer cannot "
-            f"export; use one of ste_sign, approx_sign, swish_sign"
+            "export: binarized inputs need a quantizer declared `binary` (sign(x) with "
+            "sign(0) = +1) without a per-channel scale; registered ones: "
+            + _exportable_quantizers(for_inputs=True)
         )
-    if kq is not None and not isinstance(kq, _KERNEL_QUANTIZERS):
+
+
+def _binary_factors(
+    name: str, layer: BinaryConv2d | BinaryLinear
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight as ``(signs, scale)``: +-1 values and one multiplier per channel."""
+    kq = layer.kernel_quantizer
+    weight = layer.weight.detach().float()
+    values: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    if isinstance(kq, Quantizer) and kq.binary:
+        with torch.no_grad():
+            values, scale = kq.factorize(weight)
+    if values is None or not bool((values.abs() == 1).all()):
         raise ExportError(
             f"layer '{name}' uses kernel quantizer {type(kq).__name__}, which the writer cannot "
-            "export; use ste_sign, approx_sign, swish_sign or magnitude_aware_sign"
+            "export: it must be declared `binary` and factorize weights into +-1 values and an "
+            "optional per-channel scale; registered ones: "
+            + _exportable_quantizers(for_inputs=False)
         )
-
-
-def _scale_and_signs(layer: BinaryConv2d | BinaryLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = layer.weight.detach().float()
-    if isinstance(layer.kernel_quantizer, MagnitudeAwareSign):
-        dims = tuple(range(1, weight.dim()))
-        scale = weight.abs().mean(dim=dims)
-    else:
-        scale = torch.ones(weight.shape[0])
-    return scale, _sign(weight.clone())
+    cout = weight.shape[0]
+    if scale is None:
+        scale = torch.ones(cout)
+    elif scale.numel() != cout:
+        raise ExportError(
+            f"layer '{name}': kernel quantizer {type(kq).__name__} gives {scale.numel()} scales "
+            f"for {cout} output channels"
+        )
+    return values.float().contiguous(), scale.detach().float().reshape(cout).contiguous()
 
 
 # --- autograd functions whose ``symbolic`` emits the ONNX nodes ---------------------------
@@ -114,7 +163,7 @@ def _unpack_subgraph(g: Any, packed: Any, rows: int, length: int) -> Any:
     bits = g.op("BitShift", bits, shifts, direction_s="RIGHT")  # (rows, nbytes, 8), LSB first
     bits = g.op("BitwiseAnd", bits, one)
     bits = g.op("Cast", bits, to_i=onnx.TensorProto.FLOAT)
-    # bit 1 -> -1, bit 0 -> +1
+    # bit 1 -> -1, bit 0 -> +1: exporters.conventions.bit_value, 1 - 2 * bit
     values = g.op(
         "Sub",
         g.op("Constant", value_t=torch.tensor(1.0)),
@@ -131,7 +180,7 @@ def _unpack_subgraph(g: Any, packed: Any, rows: int, length: int) -> Any:
 
 
 def _sign_subgraph(g: Any, x: Any) -> Any:
-    """Sign with sign(0) = +1 as Where(x < 0, -1, 1)."""
+    """:func:`exporters.conventions.sign` in standard ops: Where(x < 0, -1, 1)."""
     negative = g.op("Less", x, g.op("Constant", value_t=torch.tensor(0.0)))
     return g.op(
         "Where",
@@ -141,8 +190,13 @@ def _sign_subgraph(g: Any, x: Any) -> Any:
     )
 
 
+def _channel_shape(dims: int) -> list[int]:
+    """Shape that broadcasts a per-channel vector over an (N, C, ...) tensor of ``dims`` axes."""
+    return [1, -1] + [1] * (dims - 2)
+
+
 def _scale_bias_subgraph(g: Any, y: Any, multiplier: Any, bias: Any, dims: int) -> Any:
-    shape = torch.tensor([1, -1] + [1] * (dims - 2))
+    shape = torch.tensor(_channel_shape(dims))
     shape_const = g.op("Constant", value_t=shape)
     y = g.op("Mul", y, g.op("Reshape", multiplier, shape_const))
     return g.op("Add", y, g.op("Reshape", bias, shape_const))
@@ -154,14 +208,86 @@ def _conv_out_sizes(x: Any, attrs: dict[str, Any]) -> list[int | None]:
     cout, _, kh, kw = attrs["shape"]
     if sizes is None:
         return [None, cout, None, None]
-    top, left, bottom, right = attrs["pads"]
+    left, right, top, bottom = attrs["padding"]
     (sh, sw), (dh, dw) = attrs["strides"], attrs["dilations"]
-    out_h = (sizes[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    out_w = (sizes[3] + left + right - dw * (kw - 1) - 1) // sw + 1
+    out_h = conv_output_size(sizes[2], kh, sh, (top, bottom), dh)
+    out_w = conv_output_size(sizes[3], kw, sw, (left, right), dw)
     return [sizes[0], cout, out_h, out_w]
 
 
-class _BinaryConvFn(torch.autograd.Function):
+def _conv_forward(x: torch.Tensor, signs: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+    if attrs["binary_input"]:
+        x = F.pad(sign(x), attrs["padding"], value=1.0)
+    else:
+        x = F.pad(x, attrs["padding"], value=0.0)
+    return F.conv2d(x, signs, None, attrs["strides"], 0, attrs["dilations"])
+
+
+def _dense_forward(x: torch.Tensor, signs: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
+    return F.linear(sign(x) if attrs["binary_input"] else x, signs)
+
+
+def _conv_symbolic(g: Any, x: Any, packed: Any, multiplier: Any, bias: Any, attrs: Any) -> Any:
+    cout, cin, kh, kw = attrs["shape"]
+    pads = list(onnx_pads(attrs["padding"]))
+    geometry = {
+        "strides_i": list(attrs["strides"]),
+        "dilations_i": list(attrs["dilations"]),
+        "kernel_shape_i": [kh, kw],
+    }
+    if attrs["flavour"] == FORMAT_FAST and attrs["binary_input"]:
+        y = g.op(
+            f"{CUSTOM_DOMAIN}::{BINARY_CONV_OP}",
+            x,
+            packed,
+            multiplier,
+            bias,
+            in_channels_i=cin,
+            pads_i=pads,
+            **geometry,
+        )
+        y.setType(x.type().with_sizes(_conv_out_sizes(x, attrs)))
+        return y
+    # portable: unpack (Cout, kh*kw*Cin) in (kh, kw, Cin) order, back to (Cout, Cin, kh, kw)
+    flat = _unpack_subgraph(g, packed, cout, kh * kw * cin)
+    weight = g.op("Reshape", flat, g.op("Constant", value_t=torch.tensor([cout, kh, kw, cin])))
+    weight = g.op("Transpose", weight, perm_i=[0, 3, 1, 2])
+    if attrs["binary_input"]:
+        # pad with +1 after the sign: ONNX Pad takes (N, C, H, W) starts, then ends
+        starts, ends = pads[:2], pads[2:]
+        pad_spec = torch.tensor([0, 0, *starts, 0, 0, *ends], dtype=torch.int64)
+        x = g.op(
+            "Pad",
+            _sign_subgraph(g, x),
+            g.op("Constant", value_t=pad_spec),
+            g.op("Constant", value_t=torch.tensor(1.0)),
+            mode_s="constant",
+        )
+        conv = g.op("Conv", x, weight, **geometry)
+    else:
+        conv = g.op("Conv", x, weight, pads_i=pads, **geometry)
+    return _scale_bias_subgraph(g, conv, multiplier, bias, 4)
+
+
+def _dense_symbolic(g: Any, x: Any, packed: Any, multiplier: Any, bias: Any, attrs: Any) -> Any:
+    cout, cin = attrs["shape"]
+    if attrs["flavour"] == FORMAT_FAST and attrs["binary_input"]:
+        y = g.op(
+            f"{CUSTOM_DOMAIN}::{BINARY_DENSE_OP}", x, packed, multiplier, bias, in_features_i=cin
+        )
+        sizes = x.type().sizes() if x.type().sizes() is not None else [None, None]
+        y.setType(x.type().with_sizes([sizes[0], cout]))
+        return y
+    weight = _unpack_subgraph(g, packed, cout, cin)
+    if attrs["binary_input"]:
+        x = _sign_subgraph(g, x)
+    y = g.op("Gemm", x, weight, transB_i=1)
+    return _scale_bias_subgraph(g, y, multiplier, bias, 2)
+
+
+class _BinaryLayerFn(torch.autograd.Function):
+    """A packed binary conv or dense layer: torch computes it, ``symbolic`` emits its nodes."""
+
     @staticmethod
     def forward(  # noqa: D102
         ctx: Any,
@@ -172,98 +298,15 @@ class _BinaryConvFn(torch.autograd.Function):
         signs: torch.Tensor,
         attrs: dict[str, Any],
     ) -> torch.Tensor:
-        top, left, bottom, right = attrs["pads"]
-        if attrs["binary_input"]:
-            x = F.pad(_sign(x.clone()), (left, right, top, bottom), value=1.0)
-        else:
-            x = F.pad(x, (left, right, top, bottom), value=0.0)
-        y = F.conv2d(x, signs, None, attrs["strides"], 0, attrs["dilations"])
-        return y * multiplier.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+        layer_forward = _conv_forward if attrs["is_conv"] else _dense_forward
+        y = layer_forward(x, signs, attrs)
+        channels = _channel_shape(y.dim())
+        return y * multiplier.view(channels) + bias.view(channels)
 
     @staticmethod
     def symbolic(g: Any, x, packed, multiplier, bias, signs, attrs):  # noqa: ANN001, ANN205, D102
-        cout, cin, kh, kw = attrs["shape"]
-        if attrs["flavour"] == "onnx" and attrs["binary_input"]:
-            y = g.op(
-                f"{CUSTOM_DOMAIN}::BinaryConv2d",
-                x,
-                packed,
-                multiplier,
-                bias,
-                in_channels_i=cin,
-                kernel_shape_i=[kh, kw],
-                strides_i=list(attrs["strides"]),
-                pads_i=list(attrs["pads"]),
-                dilations_i=list(attrs["dilations"]),
-            )
-            y.setType(x.type().with_sizes(_conv_out_sizes(x, attrs)))
-            return y
-        # portable: unpack (Cout, kh*kw*Cin) in (kh, kw, Cin) order, back to (Cout, Cin, kh, kw)
-        flat = _unpack_subgraph(g, packed, cout, kh * kw * cin)
-        weight = g.op("Reshape", flat, g.op("Constant", value_t=torch.tensor([cout, kh, kw, cin])))
-        weight = g.op("Transpose", weight, perm_i=[0, 3, 1, 2])
-        top, left, bottom, right = attrs["pads"]
-        if attrs["binary_input"]:
-            x = _sign_subgraph(g, x)
-            pads = torch.tensor([0, 0, top, left, 0, 0, bottom, right], dtype=torch.int64)
-            x = g.op(
-                "Pad",
-                x,
-                g.op("Constant", value_t=pads),
-                g.op("Constant", value_t=torch.tensor(1.0)),
-                mode_s="constant",
-            )
-            conv = g.op(
-                "Conv",
-                x,
-                weight,
-                strides_i=list(attrs["strides"]),
-                dilations_i=list(attrs["dilations"]),
-                kernel_shape_i=[kh, kw],
-            )
-        else:
-            conv = g.op(
-                "Conv",
-                x,
-                weight,
-                strides_i=list(attrs["strides"]),
-                dilations_i=list(attrs["dilations"]),
-                pads_i=[top, left, bottom, right],
-                kernel_shape_i=[kh, kw],
-            )
-        return _scale_bias_subgraph(g, conv, multiplier, bias, 4)
-
-
-class _BinaryDenseFn(torch.autograd.Function):
-    @staticmethod
-    def forward(  # noqa: D102
-        ctx: Any,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        multiplier: torch.Tensor,
-        bias: torch.Tensor,
-        signs: torch.Tensor,
-        attrs: dict[str, Any],
-    ) -> torch.Tensor:
-        if attrs["binary_input"]:
-            x = _sign(x.clone())
-        return F.linear(x, signs) * multiplier + bias
-
-    @staticmethod
-    def symbolic(g: Any, x, packed, multiplier, bias, signs, attrs):  # noqa: ANN001, ANN205, D102
-        cout, cin = attrs["shape"]
-        if attrs["flavour"] == "onnx" and attrs["binary_input"]:
-            y = g.op(
-                f"{CUSTOM_DOMAIN}::BinaryDense", x, packed, multiplier, bias, in_features_i=cin
-            )
-            sizes = x.type().sizes() if x.type().sizes() is not None else [None, None]
-            y.setType(x.type().with_sizes([sizes[0], cout]))
-            return y
-        weight = _unpack_subgraph(g, packed, cout, cin)
-        if attrs["binary_input"]:
-            x = _sign_subgraph(g, x)
-        y = g.op("Gemm", x, weight, transB_i=1)
-        return _scale_bias_subgraph(g, y, multiplier, bias, 2)
+        layer_symbolic = _conv_symbolic if attrs["is_conv"] else _dense_symbolic
+        return layer_symbolic(g, x, packed, multiplier, bias, attrs)
 
 
 class _ExportedBinaryLayer(nn.Module):
@@ -271,18 +314,18 @@ class _ExportedBinaryLayer(nn.Module):
 
     def __init__(self, name: str, layer: BinaryConv2d | BinaryLinear, flavour: str) -> None:
         super().__init__()
-        _check_quantizers(name, layer)
-        scale, signs = _scale_and_signs(layer)
+        _check_input_quantizer(name, layer)
+        signs, scale = _binary_factors(name, layer)
         weight = signs.numpy()
         is_conv = isinstance(layer, BinaryConv2d)
         packed = pack_conv_weight(weight) if is_conv else pack_linear_weight(weight)
         self.register_buffer("packed_weight", torch.from_numpy(packed))
-        self.register_buffer("multiplier", scale.float().contiguous())
+        self.register_buffer("multiplier", scale)
         bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(len(scale))
         self.register_buffer("bias", bias.contiguous())
         self.register_buffer("signs", signs)
-        self.is_conv = is_conv
         self.attrs: dict[str, Any] = {
+            "is_conv": is_conv,
             "flavour": flavour,
             "binary_input": layer.input_quantizer is not None,
             "shape": tuple(weight.shape),
@@ -290,16 +333,16 @@ class _ExportedBinaryLayer(nn.Module):
         if is_conv:
             if layer.groups != 1:
                 raise ExportError(f"layer '{name}': grouped binary convolutions are not exported")
-            left, right, top, bottom = layer.one_padding
             self.attrs.update(
-                pads=(top, left, bottom, right),
+                padding=tuple(layer.one_padding),  # (left, right, top, bottom)
                 strides=tuple(layer.stride),
                 dilations=tuple(layer.dilation),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = _BinaryConvFn if self.is_conv else _BinaryDenseFn
-        return fn.apply(x, self.packed_weight, self.multiplier, self.bias, self.signs, self.attrs)
+        return _BinaryLayerFn.apply(
+            x, self.packed_weight, self.multiplier, self.bias, self.signs, self.attrs
+        )
 
 
 def _export_twin(model: nn.Module, flavour: str) -> nn.Module:
@@ -365,6 +408,7 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], flavour: str) -> onnx.
     if len(shape) == 3:
         shape = (1, *shape)
     twin = _export_twin(model, flavour)
+    custom_opsets = {CUSTOM_DOMAIN: CUSTOM_DOMAIN_VERSION} if flavour == FORMAT_FAST else None
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -377,19 +421,19 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], flavour: str) -> onnx.
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            custom_opsets={CUSTOM_DOMAIN: CUSTOM_DOMAIN_VERSION} if flavour == "onnx" else None,
+            custom_opsets=custom_opsets,
             do_constant_folding=False,
         )
     proto = onnx.load_from_string(buffer.getvalue())
     _constants_to_initializers(proto)
     _inline_initializer_identities(proto)
-    if flavour == "onnx":
+    if flavour == FORMAT_FAST:
         from .onnx_fusion import fuse_binary_epilogues
 
         fuse_binary_epilogues(proto)
     _prune_unused_initializers(proto)
     proto.producer_name = "bitfleet"
-    if flavour == "onnx-portable":
+    if flavour == FORMAT_PORTABLE:
         onnx.checker.check_model(proto, full_check=True)
     else:
         onnx.checker.check_model(proto)

@@ -3,7 +3,8 @@
 The convention is Larq Compute Engine's, so artifacts stay readable by the same mental model
 (and tools) people already know:
 
-- bit 1 means -1 (value < 0), bit 0 means +1 (value >= 0, which includes -0.0, +0.0 and NaN);
+- bit 1 means -1 (value < 0), bit 0 means +1 (value >= 0, which includes -0.0, +0.0 and NaN):
+  :func:`exporters.conventions.sign_bit`, the one definition, which the kernels compile too;
 - bits are packed LSB-first along one flattened dimension;
 - the packed length is a whole number of 64-bit words, ``8 * ceil(K / 64)`` bytes, and the
   unused bits of the last word are 0 (= +1).
@@ -19,6 +20,8 @@ order, the order an NHWC kernel reads them (Cin innermost), before packing.
 from __future__ import annotations
 
 import numpy as np
+
+from .conventions import bit_value, sign_bit
 
 __all__ = [
     "WORD_BITS",
@@ -56,8 +59,7 @@ def pack_bits(values: np.ndarray, axis: int = -1) -> np.ndarray:
     length = moved.shape[-1]
     nbits = 8 * packed_nbytes(length)
     bits = np.zeros(moved.shape[:-1] + (nbits,), dtype=np.uint8)
-    # `<` is False for -0.0, +0.0 and NaN: all of them pack as bit 0 (+1).
-    np.less(moved, 0, out=bits[..., :length])
+    bits[..., :length] = sign_bit(moved)  # -0.0, +0.0 and NaN pack as bit 0 (+1)
     packed = np.packbits(bits, axis=-1, bitorder="little")
     return np.ascontiguousarray(np.moveaxis(packed, -1, axis))
 
@@ -76,7 +78,7 @@ def unpack_bits(packed: np.ndarray, length: int, axis: int = -1) -> np.ndarray:
             f"(expected {packed_nbytes(length)})"
         )
     bits = np.unpackbits(moved, axis=-1, count=length, bitorder="little")
-    signs = (1.0 - 2.0 * bits.astype(np.float32)).astype(np.float32)
+    signs = bit_value(bits.astype(np.float32)).astype(np.float32, copy=False)
     return np.ascontiguousarray(np.moveaxis(signs, -1, axis))
 
 

@@ -30,11 +30,9 @@ from typing import Any
 import numpy as np
 
 from .artifact import ArtifactError, open_artifact
+from .conventions import BINARY_CONV_OP, CUSTOM_DOMAIN, CUSTOM_OPS, FORMAT_PORTABLE, from_onnx_pads
 
 __all__ = ["Predictor", "load", "RuntimeLoadError", "CUSTOM_OPS"]
-
-CUSTOM_DOMAIN = "bitfleet"
-CUSTOM_OPS = ("BinaryConv2d", "BinaryDense")
 
 
 class RuntimeLoadError(ArtifactError):
@@ -155,7 +153,7 @@ class FastPredictor(Predictor):
             raise RuntimeLoadError(
                 f"{root} uses custom ops this runtime lacks: {', '.join(unknown)}; "
                 f"it provides {', '.join(f'{CUSTOM_DOMAIN}.{op}' for op in CUSTOM_OPS)}. "
-                "Upgrade bitfleet or export with --format onnx-portable"
+                f"Upgrade bitfleet or export with --format {FORMAT_PORTABLE}"
             )
         from . import kernels  # numba: imported only by the fast flavour
 
@@ -207,33 +205,22 @@ def _kernel_step(
         raise RuntimeLoadError(
             f"binary node {node.name or node.output[0]} reads {err} which is not an initializer"
         ) from None
-    if node.op_type == "BinaryConv2d":
-        top, left, bottom, right = (int(p) for p in attrs["pads"])
+    if node.op_type == BINARY_CONV_OP:
         prepared = kernels.prepare_conv_weight(
             packed,
             in_channels=int(attrs["in_channels"]),
             kernel_size=tuple(attrs["kernel_shape"]),
             stride=tuple(attrs["strides"]),
-            padding=(top, bottom, left, right),
+            padding=from_onnx_pads(attrs["pads"]),
             dilation=tuple(attrs["dilations"]),
             multiplier=multiplier,
             bias=bias,
         )
         has_residual = len(node.input) > 4 and node.input[4] != ""
-        (kh, kw), (sh, sw), (dh, dw) = attrs["kernel_shape"], attrs["strides"], attrs["dilations"]
-        cout = len(multiplier)
 
         def run_conv(args: list[np.ndarray]) -> list[np.ndarray]:
-            residual = None
-            if has_residual:
-                n, _, h, w = args[0].shape
-                shape = (
-                    n,
-                    cout,
-                    (h + top + bottom - dh * (kh - 1) - 1) // sh + 1,
-                    (w + left + right - dw * (kw - 1) - 1) // sw + 1,
-                )
-                residual = args[1] if args[1].shape == shape else np.broadcast_to(args[1], shape)
+            # the kernel broadcasts the residual to its output shape, as ONNX Add would
+            residual = args[1] if has_residual else None
             return [prepared(args[0], residual, threads=threads)]
 
         inputs = [node.input[0]] + ([node.input[4]] if has_residual else [])
@@ -345,6 +332,6 @@ def load(artifact: str | os.PathLike[str], threads: int | None = None) -> Predic
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     root, manifest = open_artifact(artifact)
-    if manifest["format"] == "onnx-portable":
+    if manifest["format"] == FORMAT_PORTABLE:
         return PortablePredictor(root, manifest, threads)
     return FastPredictor(root, manifest, threads)

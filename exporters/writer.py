@@ -18,7 +18,8 @@ import models
 from models.checkpoint import load as load_checkpoint
 
 from .artifact import write_artifact
-from .onnx_writer import CUSTOM_DOMAIN, FORMATS, OPSET, ExportError, to_onnx
+from .conventions import CUSTOM_DOMAIN, FORMAT_FAST, FORMATS
+from .onnx_writer import OPSET, ExportError, to_onnx
 
 __all__ = ["export"]
 
@@ -26,7 +27,7 @@ __all__ = ["export"]
 def export(
     model_or_checkpoint: nn.Module | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    format: str = "onnx",  # noqa: A002 - the issue's contract names it `format`
+    format: str = FORMAT_FAST,  # noqa: A002 - the issue's contract names it `format`
     *,
     name: str | None = None,
     version: str = "1",

@@ -91,7 +91,11 @@ class QuantizedLayer:
 def _explicit_padding(
     padding: _PadArg, kernel_size: tuple[int, int], dilation: tuple[int, int]
 ) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding for an int, a pair, 'valid' or 'same'."""
+    """(left, right, top, bottom) padding for an int, a pair, 'valid' or 'same'.
+
+    That is ``F.pad``'s order, and the one order the exporters use (``exporters.conventions``
+    converts it to ONNX's ``pads``).
+    """
     if padding == "valid":
         return (0, 0, 0, 0)
     if padding == "same":

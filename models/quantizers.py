@@ -19,13 +19,18 @@ config dict (``{"name": "swish_sign", "beta": 5.0}``) or a callable. Every quant
 
 Sign convention: ``sign(0) = +1``, so every output is exactly +-1 (Larq and Larq Compute Engine
 do the same, and the packed-bit format relies on it: bit 0 means +1).
+
+Each quantizer declares what an exporter needs to know about it (``binary``,
+``per_channel_scale``, :meth:`Quantizer.factorize`), as Larq's quantizers carry their own
+``precision``; writers ask for these and never name quantizer classes. A new quantizer is a
+:class:`Quantizer` subclass made known by name with :func:`register`.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,8 +48,11 @@ __all__ = [
     "approx_sign",
     "swish_sign",
     "magnitude_aware_sign",
+    "sign",
     "get",
     "serialize",
+    "register",
+    "unregister",
     "list_quantizers",
     "UnknownQuantizerError",
 ]
@@ -54,8 +62,8 @@ class UnknownQuantizerError(BitfleetError, ValueError):
     """A quantizer name or config that no registered quantizer matches."""
 
 
-def _sign(x: torch.Tensor) -> torch.Tensor:
-    """Sign with sign(0) = +1: every element becomes exactly -1.0 or +1.0.
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """Binary sign with +1 at zero: every element becomes exactly -1.0 or +1.0.
 
     ``sign(sign(x) + 0.5)`` maps {-1, 0, +1} to {-1, +1, +1}. It is exact and, on CPU, about
     9x faster than ``torch.where(x < 0, -1.0, 1.0)``, whose scalar form is not vectorized.
@@ -73,7 +81,7 @@ class _SteSignFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, clip_value: float) -> torch.Tensor:  # noqa: D102
         ctx.save_for_backward(x)
         ctx.bound = _inclusive_bound(clip_value)
-        return _sign(x)
+        return sign(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
@@ -89,7 +97,7 @@ class _ApproxSignFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         ctx.save_for_backward(x)
-        return _sign(x)
+        return sign(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -102,7 +110,7 @@ class _SwishSignFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, beta: float) -> torch.Tensor:  # noqa: D102
         ctx.save_for_backward(x)
         ctx.beta = beta
-        return _sign(x)
+        return sign(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
@@ -177,12 +185,20 @@ class Quantizer(nn.Module):
     """Base of the registered quantizers: a named, configurable, stateless function.
 
     Subclasses set ``name`` and ``precision`` (bits of the forward output, 1 for every quantizer
-    here) and implement :meth:`forward`. ``per_channel_scale`` tells exporters that the output
-    is ``scale * sign`` with one scale per output channel rather than plain +-1.
+    here) and implement :meth:`forward`. They declare what exporters need to know, so a new
+    quantizer exports without any exporter change:
+
+    - ``binary``: the forward output is ``sign(x)`` with ``sign(0) = +1`` (:func:`sign`),
+      exactly +-1 per element, times a per-output-channel scale when ``per_channel_scale``.
+      Exporters pack such quantizers one bit per value and refuse the others (the default).
+    - ``per_channel_scale``: the output is ``scale * sign`` with one scale per output channel
+      (the first axis) rather than plain +-1; meaningful for weights only.
+    - :meth:`factorize`: the +-1 values and that scale, separately.
     """
 
     name: str = ""
     precision: int = 1
+    binary: bool = False
     per_channel_scale: bool = False
 
     def get_config(self) -> dict[str, Any]:
@@ -191,6 +207,10 @@ class Quantizer(nn.Module):
 
     def factorize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(values, scale)`` with ``forward(x) == scale * values`` (scale per output channel).
+
+        ``scale`` is None when there is none; for a ``binary`` quantizer ``values`` is +-1, and
+        ``scale`` has one entry per output channel exactly when ``per_channel_scale``. Exporters
+        pack ``values`` and fold ``scale`` into the layer's output multiplier.
 
         Layers use it to apply a per-channel scale to their (small) output instead of to the
         (large) kernel: ``conv(x, s * b) == s * conv(x, b)``, and the scale is a constant in the
@@ -208,6 +228,7 @@ class SteSign(Quantizer):
     """Module form of :func:`ste_sign`."""
 
     name = "ste_sign"
+    binary = True
 
     def __init__(self, clip_value: float = 1.0) -> None:
         super().__init__()
@@ -224,6 +245,7 @@ class ApproxSign(Quantizer):
     """Module form of :func:`approx_sign`."""
 
     name = "approx_sign"
+    binary = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return approx_sign(x)
@@ -233,6 +255,7 @@ class SwishSign(Quantizer):
     """Module form of :func:`swish_sign`."""
 
     name = "swish_sign"
+    binary = True
 
     def __init__(self, beta: float = 5.0) -> None:
         super().__init__()
@@ -249,6 +272,7 @@ class MagnitudeAwareSign(Quantizer):
     """Module form of :func:`magnitude_aware_sign`; meant for kernels, not activations."""
 
     name = "magnitude_aware_sign"
+    binary = True
     per_channel_scale = True
 
     def __init__(self, clip_value: float = 1.0) -> None:
@@ -269,9 +293,38 @@ class MagnitudeAwareSign(Quantizer):
         return {"name": self.name, "clip_value": self.clip_value}
 
 
-_REGISTRY: dict[str, type[Quantizer]] = {
-    cls.name: cls for cls in (SteSign, ApproxSign, SwishSign, MagnitudeAwareSign)
-}
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+_Q = TypeVar("_Q", bound=type[Quantizer])
+
+
+def register(cls: _Q) -> _Q:
+    """Make a :class:`Quantizer` subclass known by its ``name``; usable as a class decorator.
+
+    Layers, model specs and :func:`get` then resolve it by name (or config dict) as they do the
+    built-in quantizers, and exporters export it from what it declares (``binary``,
+    ``per_channel_scale``, :meth:`Quantizer.factorize`).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+        raise TypeError(f"only Quantizer subclasses can be registered, got {cls!r}")
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    known = _REGISTRY.get(cls.name)
+    if known is not None and known is not cls:
+        raise ValueError(f"quantizer '{cls.name}' is already registered ({known.__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Forget the quantizer registered as ``name`` (for plugins and tests that add one)."""
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    del _REGISTRY[name]
+
+
+for _builtin in (SteSign, ApproxSign, SwishSign, MagnitudeAwareSign):
+    register(_builtin)
 
 
 def list_quantizers() -> list[str]:

@@ -16,6 +16,7 @@ import models
 from exporters import runtime
 from exporters.artifact import ArtifactError
 from exporters.onnx_writer import ExportError, to_onnx
+from models import quantizers
 from toolkit.data import load_dataset
 
 BINARY_MODELS = [
@@ -233,3 +234,152 @@ class TestBadArtifacts:
             runtime.load(tmp_path)
         with pytest.raises(ArtifactError, match="does not exist"):
             runtime.load(tmp_path / "nope")
+
+
+# --- a quantizer the writer has never heard of, defined here and registered by name ---------
+
+
+class _TanhSignFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1.0 - torch.tanh(x) ** 2)
+
+
+class TanhSign(quantizers.Quantizer):
+    """sign(x), sign(0) = +1, with tanh's derivative as pseudo-gradient."""
+
+    name = "test_tanh_sign"
+    binary = True
+
+    def forward(self, x):
+        return _TanhSignFn.apply(x)
+
+
+class RmsScaledSign(quantizers.Quantizer):
+    """sign(w) times the root mean square of each output channel's latent weights."""
+
+    name = "test_rms_scaled_sign"
+    binary = True
+    per_channel_scale = True
+
+    def factorize(self, x):
+        scale = x.detach().pow(2).mean(dim=tuple(range(1, x.dim()))).sqrt()
+        return _TanhSignFn.apply(x), scale
+
+    def forward(self, x):
+        values, scale = self.factorize(x)
+        return values * scale.view(-1, *[1] * (x.dim() - 1))
+
+
+class OffsetSign(quantizers.Quantizer):
+    """Declared binary but thresholds at 0.25: the writer must notice and refuse it."""
+
+    name = "test_offset_sign"
+    binary = True
+
+    def forward(self, x):
+        return torch.where(x < 0.25, -1.0, 1.0)
+
+
+@pytest.fixture()
+def new_quantizers():
+    made = (TanhSign, RmsScaledSign, OffsetSign)
+    for cls in made:
+        quantizers.register(cls)
+    yield
+    for cls in made:
+        quantizers.unregister(cls.name)
+
+
+def _tiny_net_with_new_quantizers() -> torch.nn.Module:
+    from models.layers import BinaryConv2d, BinaryLinear
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        BinaryConv2d(3, 16, 3, padding=1, bias=False, kernel_quantizer="test_rms_scaled_sign"),
+        torch.nn.BatchNorm2d(16),
+        BinaryConv2d(  # even kernel, 'same': padding (left 0, right 1, top 0, bottom 1)
+            16,
+            16,
+            2,
+            padding="same",
+            bias=False,
+            input_quantizer="test_tanh_sign",
+            kernel_quantizer="test_rms_scaled_sign",
+        ),
+        torch.nn.BatchNorm2d(16),
+        BinaryConv2d(
+            16,
+            8,
+            3,
+            stride=2,
+            padding=1,
+            input_quantizer="test_tanh_sign",
+            kernel_quantizer={"name": "test_rms_scaled_sign"},
+        ),
+        torch.nn.Flatten(),
+        BinaryLinear(
+            8 * 4 * 4, 10, input_quantizer="test_tanh_sign", kernel_quantizer="test_tanh_sign"
+        ),
+    ).eval()
+    _randomize_batch_norm(net, seed=4)
+    return net
+
+
+@pytest.mark.parametrize("flavour", ["onnx", "onnx-portable"])
+def test_new_registered_quantizer_exports_with_parity(new_quantizers, flavour, tmp_path):
+    from exporters.artifact import write_artifact
+
+    net = _tiny_net_with_new_quantizers()
+    assert net[2].quantizer_config()["kernel_quantizer"] == "test_rms_scaled_sign"
+    x = np.random.default_rng(5).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    x[:, :, ::3, ::2] = 0.0  # zeros binarize to +1 on both sides
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    proto = to_onnx(net, (3, 8, 8), flavour)
+    ops = [n.op_type for n in proto.graph.node]
+    if flavour == "onnx":
+        # the weights-only first conv is a standard Conv, its batch norm stays; the other one
+        # folds into the binary node
+        assert ops.count("BinaryConv2d") == 2 and ops.count("BinaryDense") == 1
+        assert ops.count("BatchNormalization") == 1
+    else:
+        assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    manifest = {
+        "name": "tiny",
+        "format": flavour,
+        "model_file": "model.onnx",
+        "input": {"name": "input", "shape": [None, 3, 8, 8], "dtype": "float32"},
+    }
+    path = write_artifact(tmp_path / flavour, {"model.onnx": proto.SerializeToString()}, manifest)
+    got = runtime.load(path, threads=1).predict(x)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-4 * scale
+
+
+def test_quantizers_that_are_not_binary_are_refused(new_quantizers):
+    from models.layers import BinaryConv2d
+
+    class HalfSign(quantizers.Quantizer):  # registered nowhere, declares nothing
+        name = "half_sign"
+
+        def forward(self, x):
+            return 0.5 * quantizers.sign(x)
+
+    offset = BinaryConv2d(2, 2, 3, input_quantizer="test_offset_sign", kernel_quantizer="ste_sign")
+    with pytest.raises(ExportError, match="input quantizer OffsetSign.*test_tanh_sign"):
+        to_onnx(torch.nn.Sequential(offset), (2, 5, 5), "onnx")
+    scaled = BinaryConv2d(
+        2, 2, 3, input_quantizer="magnitude_aware_sign", kernel_quantizer="ste_sign"
+    )
+    with pytest.raises(ExportError, match="input quantizer MagnitudeAwareSign"):
+        to_onnx(torch.nn.Sequential(scaled), (2, 5, 5), "onnx")
+    half = BinaryConv2d(2, 2, 3, input_quantizer="ste_sign", kernel_quantizer=HalfSign())
+    with pytest.raises(ExportError, match="kernel quantizer HalfSign.*declared `binary`"):
+        to_onnx(torch.nn.Sequential(half), (2, 5, 5), "onnx-portable")

@@ -10,16 +10,16 @@ from hypothesis import strategies as st
 pytest.importorskip("numba")
 
 from exporters import kernels  # noqa: E402
+from exporters.conventions import sign  # noqa: E402
 from exporters.packing import pack_bits, pack_conv_weight, pack_linear_weight  # noqa: E402
 
 
-def sign(x):
-    return np.where(np.asarray(x) < 0, -1.0, 1.0)
-
-
 def reference_conv(x, w, stride, padding, dilation, multiplier=None, bias=None, residual=None):
-    """Float conv of sign(x) (padded with +1) and sign(w), by explicit taps, in float64."""
-    (sh, sw), (top, bottom, left, right), (dh, dw) = stride, padding, dilation
+    """Float conv of sign(x) (padded with +1) and sign(w), by explicit taps, in float64.
+
+    ``padding`` is (left, right, top, bottom), bitfleet's (and ``F.pad``'s) order.
+    """
+    (sh, sw), (left, right, top, bottom), (dh, dw) = stride, padding, dilation
     xs = np.pad(sign(x), ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=1)
     ws = sign(w)
     cout, _, kh, kw = w.shape
@@ -54,7 +54,7 @@ CASES = [
     (2, 64, 129, 6, 5, 5, 1, 2, 1),
     (1, 128, 3, 9, 9, 5, 2, 2, 2),
     (1, 7, 11, 12, 10, 7, 2, 3, 1),
-    (1, 1, 1, 4, 4, 3, 1, (0, 1, 1, 0), 1),
+    (1, 1, 1, 4, 4, 3, 1, (1, 0, 0, 1), 1),
     (2, 200, 33, 3, 3, 3, 1, 1, 1),
 ]
 
@@ -103,8 +103,8 @@ def test_conv_exact_against_reference(case):
 )
 def test_conv_random_geometry(batch, cin, cout, k, stride, dilation, padding, extra, seed):
     span = dilation * (k - 1) + 1
-    height = max(1, span - padding[0] - padding[1]) + extra[0]
-    width = max(1, span - padding[2] - padding[3]) + extra[1]
+    height = max(1, span - padding[2] - padding[3]) + extra[0]
+    width = max(1, span - padding[0] - padding[1]) + extra[1]
     x, w = make_case(batch, cin, cout, height, width, k, seed)
     got = kernels.binary_conv2d(
         x,
@@ -183,7 +183,7 @@ def test_one_and_two_threads_identical_and_setting_restored():
 def test_pack_activations_layout():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 70, 3, 4)).astype(np.float32)
-    words = kernels.pack_activations(x, padding=(1, 0, 2, 1))
+    words = kernels.pack_activations(x, padding=(2, 1, 1, 0))  # left, right, top, bottom
     assert words.shape == (2, 4, 7, 2) and words.dtype == np.uint64
     inner = words[:, 1:, 2:6, :]
     nhwc = np.transpose(x, (0, 2, 3, 1))

@@ -105,3 +105,49 @@ def test_unknown_name_lists_valid_ones():
         quantizers.get({"name": "approx_sign", "beta": 1.0})
     with pytest.raises(ValueError, match="cannot make a quantizer from int"):
         quantizers.get(3)
+
+
+@pytest.mark.parametrize("name", quantizers.list_quantizers())
+def test_declared_export_interface(name):
+    """Every built-in quantizer declares itself binary and factorizes into +-1 and a scale."""
+    q = quantizers.get(name)
+    assert q.binary is True
+    w = X.reshape(3, 27)
+    values, scale = q.factorize(w)
+    assert torch.equal(values, quantizers.sign(w))
+    assert (scale is not None) == q.per_channel_scale
+    rebuilt = values if scale is None else values * scale.view(-1, 1)
+    assert torch.equal(rebuilt, q(w))
+
+
+def test_sign_is_plus_one_at_zero():
+    x = torch.tensor([-3.0, -0.0, 0.0, 1e-30, 2.0])
+    assert quantizers.sign(x).tolist() == [-1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_register_by_name_and_unregister():
+    class HalfSign(quantizers.Quantizer):
+        name = "test_half_sign"
+
+        def forward(self, x):
+            return 0.5 * quantizers.sign(x)
+
+    assert HalfSign.binary is False  # not binary unless declared
+    assert quantizers.register(HalfSign) is HalfSign
+    try:
+        assert "test_half_sign" in quantizers.list_quantizers()
+        q = quantizers.get("test_half_sign")
+        assert isinstance(q, HalfSign) and quantizers.serialize(q) == "test_half_sign"
+        quantizers.register(HalfSign)  # registering the same class again is harmless
+        other = type("Other", (quantizers.Quantizer,), {"name": "test_half_sign"})
+        with pytest.raises(ValueError, match="already registered"):
+            quantizers.register(other)
+    finally:
+        quantizers.unregister("test_half_sign")
+    assert "test_half_sign" not in quantizers.list_quantizers()
+    with pytest.raises(quantizers.UnknownQuantizerError):
+        quantizers.get("test_half_sign")
+    with pytest.raises(TypeError, match="Quantizer subclasses"):
+        quantizers.register(torch.nn.Identity)
+    with pytest.raises(ValueError, match="non-empty `name`"):
+        quantizers.register(type("Nameless", (quantizers.Quantizer,), {}))

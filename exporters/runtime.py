@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from bitfleet.errors import require
+
 from .artifact import ArtifactError, open_artifact
 from .conventions import BINARY_CONV_OP, CUSTOM_DOMAIN, CUSTOM_OPS, FORMAT_PORTABLE, from_onnx_pads
 
@@ -138,7 +140,9 @@ class FastPredictor(Predictor):
 
     def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
         super().__init__(root, manifest, threads)
-        import onnx
+        # the fast flavour's parts come with the `fast` extra; a serving-only device may lack them
+        onnx = require("onnx", "fast", f"the fast {manifest['format']!r} flavour of {root}")
+        require("numba", "fast", f"the fast {manifest['format']!r} flavour of {root}")
 
         model = onnx.load(str(root / manifest["model_file"]))
         unknown = sorted(

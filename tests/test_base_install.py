@@ -132,3 +132,25 @@ def test_base_install_names_the_extra_a_command_needs(base_venv):
     assert "pip install 'bitfleet[train]'" in result.stderr
     assert "Traceback" not in result.stderr
     assert _run(base_venv, "bitfleet", "--help").returncode == 0
+
+
+@pytest.mark.slow
+def test_base_install_names_the_extra_the_fast_flavour_needs(base_venv, tmp_path):
+    artifact = exporters.export(
+        models.create("bireal18", stem="imagenet", width=0.125, in_channels=1).eval(),
+        tmp_path / "fast",
+        "onnx",
+        input_shape=(1, 32, 32),
+    )
+    probe = (
+        "import sys\n"
+        "from bitfleet.errors import MissingExtraError\n"
+        "from exporters import runtime\n"
+        "try:\n"
+        "    runtime.load(sys.argv[1])\n"
+        "except MissingExtraError as err:\n"
+        "    print(err)\n"
+    )
+    result = _run(base_venv, "python", "-c", probe, str(artifact))
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'bitfleet[fast]'" in result.stdout

@@ -49,7 +49,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from bitfleet.errors import BitfleetError
+from bitfleet.errors import BitfleetError, require
 
 __all__ = [
     "DATASETS",
@@ -535,19 +535,14 @@ def _stratified_split(labels: np.ndarray, test_fraction: float = 0.25, seed: int
 
 
 def _read_images(files: list[Path], channels: int | None, size: int) -> np.ndarray:
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError as exc:
-        raise DatasetError(
-            "the imagefolder reader needs Pillow; install it with `pip install pillow`"
-        ) from exc
+    Image = require("PIL.Image", "train", "the imagefolder reader")
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(files), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
     for i, path in enumerate(files):
         try:
             with Image.open(path) as image:
                 converted = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-        except (UnidentifiedImageError, OSError) as exc:
+        except (Image.UnidentifiedImageError, OSError) as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from exc
         pixels = np.asarray(converted, dtype=np.uint8)
         out[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)

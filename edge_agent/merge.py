@@ -346,7 +346,8 @@ def _normalised_weights(weights: Sequence[float] | None, count: int) -> NDArray[
 
 
 def _variance(array: NDArray[np.generic]) -> float:
-    return float(np.var(array, dtype=np.float64, ddof=1))
+    # np.var takes numeric arrays only; converting first gives the same float64 sums
+    return float(np.var(array.astype(np.float64, copy=False), dtype=np.float64, ddof=1))
 
 
 def _weighted_mean(

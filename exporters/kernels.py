@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -231,7 +231,9 @@ def _xnor_conv(  # pragma: no cover - jit
         weights = w_blocks[blk]
         scale = multiplier[co0 : co0 + _BLOCK]
         shift = bias[co0 : co0 + _BLOCK]
-        acc = numba.carray(_stack_block(), (_BLOCK,))
+        # numba's stub types a call of an @intrinsic like its typing function, typingctx
+        # included; jitted code calls it without typingctx
+        acc = numba.carray(_stack_block(), (_BLOCK,))  # type: ignore[call-arg]
         tile = np.empty((out_w, _BLOCK), np.float32)
         for xo in range(out_w):
             for j in range(_BLOCK):
@@ -261,10 +263,10 @@ def _xnor_conv(  # pragma: no cover - jit
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """Normalize an int or a pair to a pair of positive ints."""
-    pair = (int(value), int(value)) if np.isscalar(value) else tuple(int(v) for v in value)
+    pair = tuple(int(v) for v in value) if isinstance(value, Iterable) else (int(value), int(value))
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _channel_vector(values: np.ndarray | None, cout: int, default: float, name: str) -> np.ndarray:
@@ -293,7 +295,8 @@ class _Threads:
     def __enter__(self) -> None:
         if self.threads is None:
             return
-        wanted = min(self.threads, numba.config.NUMBA_NUM_THREADS)
+        # numba.config sets its NUMBA_* attributes at import time, so no stub declares them
+        wanted = min(self.threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
         current = numba.get_num_threads()
         if wanted != current:
             numba.set_num_threads(wanted)

@@ -330,7 +330,7 @@ class _ExportedBinaryLayer(nn.Module):
             "binary_input": layer.input_quantizer is not None,
             "shape": tuple(weight.shape),
         }
-        if is_conv:
+        if isinstance(layer, BinaryConv2d):
             if layer.groups != 1:
                 raise ExportError(f"layer '{name}': grouped binary convolutions are not exported")
             self.attrs.update(
@@ -415,7 +415,9 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], flavour: str) -> onnx.
         torch.onnx.export(
             twin,
             (torch.zeros(shape),),
-            buffer,
+            # torch annotates f as a path only; the TorchScript exporter (dynamo=False) also
+            # writes to a file-like object, as its own comments say
+            buffer,  # type: ignore[arg-type]
             dynamo=False,
             opset_version=OPSET,
             input_names=["input"],

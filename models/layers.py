@@ -20,7 +20,7 @@ the packed-bit runtime reproduces exactly (bit 0 = +1).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from .small_conv import dense_conv2d, use_dense_path
 __all__ = ["BinaryConv2d", "BinaryLinear", "QuantizedLayer"]
 
 _PadArg = int | tuple[int, int] | str
+_PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 
 
 class QuantizedLayer:
@@ -88,6 +89,14 @@ class QuantizedLayer:
         }
 
 
+def _as_pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    """``value`` as an (height, width) pair: an int repeated, or a 2-tuple as it is."""
+    if isinstance(value, int):
+        return (value, value)
+    first, second = value
+    return (first, second)
+
+
 def _explicit_padding(
     padding: _PadArg, kernel_size: tuple[int, int], dilation: tuple[int, int]
 ) -> tuple[int, int, int, int]:
@@ -96,14 +105,14 @@ def _explicit_padding(
     That is ``F.pad``'s order, and the one order the exporters use (``exporters.conventions``
     converts it to ONNX's ``pads``).
     """
-    if padding == "valid":
-        return (0, 0, 0, 0)
-    if padding == "same":
-        pads = []
-        for k, d in zip(reversed(kernel_size), reversed(dilation), strict=True):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)  # type: ignore[return-value]
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', not {padding!r}")
+        (kh, kw), (dh, dw) = kernel_size, dilation
+        total_h, total_w = dh * (kh - 1), dw * (kw - 1)
+        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
     if isinstance(padding, int):
         return (padding, padding, padding, padding)
     ph, pw = padding
@@ -124,6 +133,13 @@ class BinaryConv2d(QuantizedLayer, nn.Conv2d):
                             input_quantizer="approx_sign", kernel_quantizer="magnitude_aware_sign")
     """
 
+    # nn.Conv2d declares these as tuple[int, ...]; a 2-D convolution holds pairs, which
+    # __init__ checks, so the layer's own code and the exporters get (height, width) types
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: str | tuple[int, int]
+    dilation: tuple[int, int]
+
     def __init__(
         self,
         in_channels: int,
@@ -134,7 +150,7 @@ class BinaryConv2d(QuantizedLayer, nn.Conv2d):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: _PaddingMode = "zeros",
         device: Any = None,
         dtype: Any = None,
         *,
@@ -155,6 +171,11 @@ class BinaryConv2d(QuantizedLayer, nn.Conv2d):
             device,
             dtype,
         )
+        self.kernel_size = _as_pair(self.kernel_size)
+        self.stride = _as_pair(self.stride)
+        self.dilation = _as_pair(self.dilation)
+        if not isinstance(self.padding, str):
+            self.padding = _as_pair(self.padding)
         self._init_quantizers(input_quantizer, kernel_quantizer, latent_clip)
         if self.input_quantizer is not None and padding_mode != "zeros":
             raise ValueError(

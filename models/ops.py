@@ -77,7 +77,9 @@ def count_ops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224))
     handles = []
 
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        weight = module.weight  # type: ignore[union-attr]
+        # registered on convolutions and dense layers only (below)
+        assert isinstance(module, nn.Conv2d | nn.Linear)
+        weight = module.weight
         if isinstance(module, nn.Conv2d):
             # each output element needs (Cin/groups) * kh * kw MACs
             per_output = weight.shape[1] * weight.shape[2] * weight.shape[3]

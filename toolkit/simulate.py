@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ class SimulationConfig:
     # False: VC leaves binary layers' latent weights unscaled (averaged only)
     rescale_binary: bool = True
     peers: int = 0
-    trigger: int | str = "all"
+    trigger: int | Literal["all"] = "all"
     init: str = "independent"
     drop: float = 0.0
     churn: float = 0.0
@@ -214,6 +214,11 @@ def simulate(
     return SimulationResult(config, history, [state_to_numpy(m) for m in fleet.models])
 
 
+def _indices(mask: np.ndarray) -> list[int]:
+    """The node numbers where ``mask`` is true, as ints."""
+    return [int(i) for i in np.flatnonzero(mask)]
+
+
 def _gossip_round(
     config: SimulationConfig, fleet: _Fleet, topology: Topology, rng: np.random.Generator
 ) -> Callable[[int], int]:
@@ -233,10 +238,11 @@ def _gossip_round(
     def run(round_index: int) -> int:
         online = rng.random(config.nodes) >= config.churn
         sent = 0
-        for node in np.flatnonzero(online):
+        for node in _indices(online):
             fleet.train(node)
-        for node in np.flatnonzero(online):
+        for node in _indices(online):
             neighbours = topology.neighbours[node]
+            targets: Sequence[int] | np.ndarray
             if config.peers and config.peers < len(neighbours):
                 targets = rng.choice(neighbours, size=config.peers, replace=False)
             else:
@@ -251,7 +257,7 @@ def _gossip_round(
         for sender, target, payload in in_flight.pop(round_index, []):
             if online[target]:  # a message to an offline node is lost
                 mergers[target].add(str(sender), codecs.decode(payload))
-        for node in np.flatnonzero(online):
+        for node in _indices(online):
             merged = mergers[node].merge_into(state_to_numpy(fleet.models[node]))
             if merged is not None:
                 load_numpy_state(fleet.models[node], merged)
@@ -267,7 +273,7 @@ def _fedavg_round(
     sizes = [len(s) for s in shards]
 
     def run(round_index: int) -> int:
-        online = np.flatnonzero(rng.random(config.nodes) >= config.churn)
+        online = _indices(rng.random(config.nodes) >= config.churn)
         if len(online) == 0:
             return 0
         states, weights, sent = [], [], 0

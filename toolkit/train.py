@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,17 @@ def _learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: 
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
 
 
+def _epoch_learning_rate(
+    config: TrainConfig, epoch: int, steps_per_epoch: int
+) -> Callable[[int], float]:
+    """``lr_at(step)`` for the steps of ``epoch``."""
+
+    def lr_at(step: int) -> float:
+        return _learning_rate(config, epoch, step, steps_per_epoch)
+
+    return lr_at
+
+
 def evaluate(
     model: nn.Module,
     data: ArrayDataset,
@@ -282,7 +294,7 @@ def train(
                 teacher=teacher,
                 kd_alpha=config.kd_alpha,
                 kd_temperature=config.kd_temperature,
-                lr_at=lambda step, e=epoch: _learning_rate(config, e, step, steps_per_epoch),
+                lr_at=_epoch_learning_rate(config, epoch, steps_per_epoch),
                 on_step=bar.step,
             )
             seconds = time.perf_counter() - started

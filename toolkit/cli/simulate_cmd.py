@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
@@ -11,7 +11,7 @@ from rich.table import Table
 from ._common import cli_command, console, err_console, print_json, resnet_args
 
 
-def _trigger(text: str) -> int | str:
+def _trigger(text: str) -> int | Literal["all"]:
     if text == "all":
         return "all"
     try:

@@ -12,10 +12,6 @@ import pkgutil
 import sys
 from pathlib import Path
 
-import pytest
-
-from edge_agent.broker import mosquitto_available
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is not installed: it runs from the checkout
     sys.path.insert(0, str(ROOT))
@@ -23,10 +19,6 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed: it runs from the 
 import benchmarks.agent  # noqa: E402
 from benchmarks.agent import __main__ as cli  # noqa: E402
 from benchmarks.agent import common  # noqa: E402
-
-needs_mosquitto = pytest.mark.skipif(
-    not mosquitto_available(), reason="mosquitto is not installed (apt install mosquitto)"
-)
 
 
 def test_every_module_imports_and_each_part_has_a_module() -> None:
@@ -70,7 +62,6 @@ def _run(tmp_path: Path, *flags: str) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-@needs_mosquitto
 def test_latency_part_runs_against_a_real_mosquitto(tmp_path: Path, capsys) -> None:
     records = _run(tmp_path, "--part", "latency", "--repeats", "3", "--warmup", "1")
     assert records[0]["part"] == "machine" and records[-1]["what"] == "done"
@@ -89,7 +80,6 @@ def test_latency_part_runs_against_a_real_mosquitto(tmp_path: Path, capsys) -> N
     assert "latency  [as shipped" in capsys.readouterr().out  # the summary
 
 
-@needs_mosquitto
 def test_throughput_part_runs_against_a_real_mosquitto(tmp_path: Path) -> None:
     records = _run(
         tmp_path,

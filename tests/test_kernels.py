@@ -7,11 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("numba")
-
-from exporters import kernels  # noqa: E402
-from exporters.conventions import sign  # noqa: E402
-from exporters.packing import pack_bits, pack_conv_weight, pack_linear_weight  # noqa: E402
+from exporters import kernels
+from exporters.conventions import sign
+from exporters.packing import pack_bits, pack_conv_weight, pack_linear_weight
 
 
 def reference_conv(x, w, stride, padding, dilation, multiplier=None, bias=None, residual=None):

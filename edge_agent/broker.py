@@ -1,4 +1,4 @@
-"""Real MQTT brokers on a free loopback port, for tests and for ``bitfleet broker``.
+"""Real MQTT brokers on a free loopback port, for tests and for ``python -m edge_agent.broker``.
 
 bitfleet talks to a real broker (DESIGN.md section 5), so its tests do too: no mocks. Two kinds
 are started here, both as child processes listening on ``127.0.0.1`` only::
@@ -22,8 +22,9 @@ are started here, both as child processes listening on ``127.0.0.1`` only::
   asyncio loop, because: a restart must drop every client connection the way a crashed broker
   does, which killing a process does exactly and an in-process shutdown only approximately; an
   amqtt bug or a blocked event loop cannot stall or crash the caller (the paho clients under
-  test share a GIL with a broker thread, the agent would too); and ``bitfleet broker`` needs
-  the same process anyway. It costs about 0.2 s of interpreter start-up.
+  test share a GIL with a broker thread, the agent would too); and the broker to run by hand,
+  ``python -m edge_agent.broker``, is the same process anyway. It costs about 0.2 s of
+  interpreter start-up.
 
 Both wait until the port accepts TCP connections before returning, fail with the broker's own
 log in the message if it exits early, and expose :attr:`~_BrokerProcess.url`,

@@ -8,6 +8,9 @@ file is enough::
         --state-dir ./state --artifact ./artifact --key-file fleet.key
 
 ``bitfleet-agent config`` prints the settings the agent would run with (secrets masked).
+
+Every expected failure (a :class:`~bitfleet.errors.BitfleetError`) ends the command with one
+``error:`` line on stderr and exit code 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Annotated, Any
 
 import typer
 
-from edge_agent.config import ConfigError, load_config
+from bitfleet.errors import BitfleetError
+from edge_agent.config import load_config
 from edge_agent.daemon import exec_daemon, serve
 
 app = typer.Typer(
@@ -147,7 +151,7 @@ def show_config(
     flags = _flags(broker=broker, fleet=fleet, id=device_id, state_dir=state_dir, key_file=key_file)
     try:
         effective = load_config(config, flags=flags)
-    except ConfigError as err:
+    except BitfleetError as err:
         _fail(str(err))
     typer.echo(json.dumps(effective.public(), indent=2))
 

@@ -31,24 +31,23 @@ _PIPE_ROOM = 60_000
 def serve(config_path: str | None, flags: dict[str, Any], log_level: str = "info") -> int:
     """Load the settings, run the agent until SIGTERM/SIGINT; the exit code.
 
-    Start-up failures (bad settings, unreadable state or artifact, unreachable broker) print
-    one ``error:`` line on stderr and return 1.
+    Every expected failure (a :class:`~bitfleet.errors.BitfleetError`: bad settings, unreadable
+    state or artifact, unreachable broker; or the operating system refusing a file) prints one
+    ``error:`` line on stderr and returns 1. Anything else is a bug and keeps its traceback.
     """
     if log_level.lower() not in _LOG_LEVELS:
         return _fail(f"unknown log level {log_level!r}; use one of {', '.join(_LOG_LEVELS)}")
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from bitfleet.errors import BitfleetError
     from edge_agent.agent import Agent
-    from edge_agent.config import ConfigError, load_config
-    from edge_agent.state import StateError
-    from edge_agent.transport import TransportError
-    from exporters.artifact import ArtifactError
+    from edge_agent.config import load_config
 
     try:
         agent = Agent(load_config(Path(config_path) if config_path else None, flags=flags))
         return agent.run()
-    except (ConfigError, StateError, ArtifactError, TransportError, ValueError, OSError) as err:
+    except (BitfleetError, OSError) as err:
         text = str(err).strip()
         return _fail(text.splitlines()[0] if text else type(err).__name__)
 

@@ -14,13 +14,20 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from bitfleet.errors import BitfleetError
+from edge_agent.config import ConfigError
+from edge_agent.protocol import parse_infer
+
 __all__ = ["start_http_server", "MAX_BODY_BYTES"]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def start_http_server(agent: Any, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Serve ``agent`` on ``host:port`` in a daemon thread; ``shutdown()`` stops it."""
+    """Serve ``agent`` on ``host:port`` in a daemon thread; ``shutdown()`` stops it.
+
+    Raises :class:`~edge_agent.config.ConfigError` when the port cannot be bound (in use).
+    """
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "bitfleet-agent"
@@ -66,14 +73,19 @@ def start_http_server(agent: Any, port: int, host: str = "127.0.0.1") -> Threadi
                 )
                 return
             try:
-                body = json.loads(self.rfile.read(length))
-                result = agent.infer(body.get("inputs") if isinstance(body, dict) else None)
-            except (ValueError, UnicodeDecodeError) as err:
+                result = agent.infer(parse_infer(json.loads(self.rfile.read(length))).inputs)
+            except (BitfleetError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
                 self._send(400, {"error": str(err).splitlines()[0]})
                 return
             self._send(200, result)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot serve HTTP on {host}:{port} ({err.strerror or err}); pick another "
+            "--http-port, or 0 to turn it off"
+        ) from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="bitfleet-http", daemon=True).start()
     return server

@@ -53,6 +53,27 @@ over 1 MB by default) are cut by :func:`split_chunks` into signed ``"chunk"`` fr
 back together by a :class:`Reassembler`; :meth:`FrameVerifier.receive` does both sides of that
 for the agent: it returns the inner frame once every chunk has arrived, and ``None`` before.
 
+What the JSON frames carry is built and parsed here too, so the agent and
+:class:`toolkit.fleet.FleetClient` cannot drift apart. :class:`FrameKind` names the frame types
+and :class:`Command` the commands; every builder has a parser that checks what arrives and
+raises :class:`ProtocolError` (a :class:`~bitfleet.errors.BitfleetError`) for a body that breaks
+the protocol::
+
+    body = command_body("pi-7", Command.DEPLOY, deploy_args("lenet5", "3", digest), "c1")
+    # {"id": "c1", "target": "pi-7", "name": "deploy", "args": {"name": ..., "version": ...}}
+    request = parse_command(body, target="pi-7")      # CommandRequest(id, target, name, args)
+    reply_body(request.id, request.name, {"slot": ...})   # {"id", "name", "ok": true, "result"}
+    reply_body(request.id, request.name, error="...")     # {"id", "name", "ok": false, "error"}
+    parse_reply(body)                                     # Reply(id, name, ok, result, error)
+    infer_body(encode_inputs(batch), "r1")                # {"id", "inputs": {"b64", "shape"}}
+    decode_inputs(parse_infer(body).inputs)               # the float32 batch again
+
+An artifact travels as one signed ``"artifact"`` frame (header ``name``, ``version``, ``sha256``
+of the .tar bytes it carries), cut into chunks that are published, retained, on
+``artifacts/<name>/<version>/<index>`` (:func:`artifact_messages`); a device collects them from
+``artifacts/<name>/<version>/#`` with :meth:`FrameVerifier.receive` (``retained=True``), the
+same reassembly gossip and chunked replies go through.
+
 Keys are symmetric (HMAC, standard library only): whoever can verify a sender's frames can also
 sign as that sender. Per-device keys therefore protect a device from peers that do not hold its
 key (for example, only the device and the laptop hold it), not from those that do. Nor is the
@@ -63,6 +84,7 @@ to a peer whose replay cache has never seen it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import heapq
 import hmac
@@ -77,32 +99,64 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 
+from bitfleet.errors import BitfleetError
 from edge_agent.codecs import CODECS, CodecError, decode, encode
 
 __all__ = [
+    "BAD_REQUEST",
+    "CAPABILITIES",
+    "COMMANDS",
     "DEFAULT_CHUNK_BYTES",
     "DROP_REASONS",
     "KINDS",
     "MAGIC",
     "MIN_KEY_BYTES",
+    "MISADDRESSED",
+    "OFFLINE",
+    "ONLINE",
     "SCHEMA_VERSION",
+    "Command",
+    "CommandRequest",
+    "DeployArgs",
     "DropCounter",
     "Frame",
+    "FrameKind",
     "FrameRejected",
     "FrameVerifier",
+    "GossipInfo",
+    "InferRequest",
     "Keyring",
+    "ProtocolError",
     "Reassembler",
+    "Reply",
     "Topics",
+    "artifact_messages",
     "check_tensors",
+    "command_body",
+    "decode_inputs",
+    "deploy_args",
+    "encode_inputs",
+    "expect_binary",
+    "expect_json",
+    "gossip_extra",
+    "gossip_info",
+    "infer_body",
+    "parse_command",
+    "parse_deploy_args",
+    "parse_infer",
+    "parse_reply",
+    "reply_body",
     "seal_binary",
     "seal_json",
     "seal_tensors",
     "split_chunks",
+    "state_body",
+    "state_online",
     "validate_name",
 ]
 
@@ -118,8 +172,60 @@ MIN_KEY_BYTES = 32
 DEFAULT_CHUNK_BYTES = 256 * 1024
 """Largest payload sent as one message; bigger ones are split into chunk frames."""
 
-KINDS: tuple[str, ...] = ("state", "telemetry", "cmd", "reply", "gossip", "infer")
+
+class FrameKind:
+    """The frame types (a frame's ``type``); the first six are also per-device topic kinds."""
+
+    STATE = "state"
+    TELEMETRY = "telemetry"
+    CMD = "cmd"
+    REPLY = "reply"
+    GOSSIP = "gossip"
+    INFER = "infer"
+    ARTIFACT = "artifact"
+    CHUNK = "chunk"
+
+
+KINDS: tuple[str, ...] = (
+    FrameKind.STATE,
+    FrameKind.TELEMETRY,
+    FrameKind.CMD,
+    FrameKind.REPLY,
+    FrameKind.GOSSIP,
+    FrameKind.INFER,
+)
 """The per-device topic kinds, ``bitfleet/<fleet>/dev/<id>/<kind>``."""
+
+
+class Command:
+    """The commands a device obeys: the ``name`` of a command body."""
+
+    PING = "ping"
+    STATUS = "status"
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+    LEARN_START = "learn.start"
+    LEARN_STOP = "learn.stop"
+    CONFIG_SET = "config.set"
+
+
+COMMANDS: tuple[str, ...] = tuple(v for k, v in vars(Command).items() if k.isupper())
+"""Every command name, in the order :class:`Command` defines them (and messages list them)."""
+
+ONLINE = "online"
+"""The ``status`` of a device's retained state while it is connected."""
+
+CAPABILITIES: tuple[str, ...] = (FrameKind.INFER, Command.DEPLOY, "learn")
+"""What an agent offers, listed in its state's ``capabilities``."""
+
+OFFLINE = "offline"
+"""The ``status`` its last will and its clean shutdown publish."""
+
+BAD_REQUEST = "bad_request"
+"""Drop reason: a well-signed frame of the wrong type or with a body that breaks the protocol."""
+
+MISADDRESSED = "misaddressed"
+"""Drop reason: a frame meant for another device (or a state published for another sender)."""
 
 DROP_REASONS: tuple[str, ...] = (
     "oversized",
@@ -145,16 +251,41 @@ _MAC_BYTES = 32
 _LEN = struct.Struct(">I")
 _ENVELOPE = ("v", "type", "sender", "ts", "nonce")
 _JSON_KEYS = frozenset([*_ENVELOPE, "body", "sig"])
-_CHUNK = "chunk"
-_GOSSIP = "gossip"
+_CHUNK = FrameKind.CHUNK
+_GOSSIP = FrameKind.GOSSIP
+_DEV = "dev"
+_ARTIFACTS = "artifacts"
+_ANY_ONE = "+"  # MQTT wildcard: one topic level
+_ANY_BELOW = "#"  # MQTT wildcard: every level below
+_DEFAULT_DEPLOY_TIMEOUT_S = 60.0
 _CHUNK_OVERHEAD = 1024  # header + signature bytes a chunk frame may add to its slice
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+class ProtocolError(BitfleetError, ValueError):
+    """A name, body or frame that breaks the protocol, built here or received.
+
+    ``reason`` is a short machine-readable key, the drop counter a receiver counts it under
+    (:data:`BAD_REQUEST` unless said otherwise). ``reply`` is set when the sender deserves an
+    answer rather than silence: the error reply body (:func:`reply_body`) to send back, e.g. for
+    a command addressed to this device whose ``args`` are not a JSON object.
+    """
+
+    def __init__(
+        self, message: str, reason: str = BAD_REQUEST, *, reply: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.reply = reply
 
 
 # --------------------------------------------------------------------------- names and topics
 
 
 def validate_name(text: str, what: str = "name") -> str:
-    """Return ``text`` if it is a valid fleet, device or artifact name, else raise ValueError.
+    """Return ``text`` if it is a valid fleet, device or artifact name, else ProtocolError.
 
     Valid names are 1 to 64 characters of ``A-Z a-z 0-9 _ . -``: no MQTT separators or
     wildcards (``/ + #``), nothing a shell or a file path would read specially. ``"."`` and
@@ -162,7 +293,7 @@ def validate_name(text: str, what: str = "name") -> str:
     """
     if not isinstance(text, str) or not _NAME_RE.fullmatch(text) or text in (".", ".."):
         shown = _one_line(repr(text), 80)
-        raise ValueError(f"invalid {what} {shown}: use 1-64 characters of A-Z a-z 0-9 _ . -")
+        raise ProtocolError(f"invalid {what} {shown}: use 1-64 characters of A-Z a-z 0-9 _ . -")
     return text
 
 
@@ -187,48 +318,72 @@ class Topics:
         return f"{_ROOT}/{self.fleet}"
 
     def _dev(self, device: str, kind: str) -> str:
-        return f"{self.root}/dev/{validate_name(device, 'device id')}/{kind}"
+        return f"{self.root}/{_DEV}/{validate_name(device, 'device id')}/{kind}"
 
     def state(self, device: str) -> str:
         """Retained JSON state of ``device``; its last will publishes ``offline`` here."""
-        return self._dev(device, "state")
+        return self._dev(device, FrameKind.STATE)
 
     def telemetry(self, device: str) -> str:
         """Periodic JSON telemetry of ``device``."""
-        return self._dev(device, "telemetry")
+        return self._dev(device, FrameKind.TELEMETRY)
 
     def cmd(self, device: str) -> str:
         """Commands to ``device``."""
-        return self._dev(device, "cmd")
+        return self._dev(device, FrameKind.CMD)
 
     def reply(self, device: str) -> str:
         """Answers of ``device`` to its commands."""
-        return self._dev(device, "reply")
+        return self._dev(device, FrameKind.REPLY)
 
     def gossip(self, device: str) -> str:
         """Models pushed to ``device`` by its peers."""
-        return self._dev(device, "gossip")
+        return self._dev(device, FrameKind.GOSSIP)
 
     def infer(self, device: str) -> str:
         """Inference requests to ``device``."""
-        return self._dev(device, "infer")
+        return self._dev(device, FrameKind.INFER)
 
     def artifact(self, name: str, version: str) -> str:
         """Base topic of one artifact version (manifests and chunks go below it)."""
         name = validate_name(name, "artifact name")
         version = validate_name(version, "artifact version")
-        return f"{self.root}/artifacts/{name}/{version}"
+        return f"{self.root}/{_ARTIFACTS}/{name}/{version}"
+
+    def artifact_chunk(self, name: str, version: str, index: int) -> str:
+        """Where chunk ``index`` of an artifact is published (retained)."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ProtocolError(f"chunk index must be a non-negative integer, got {index!r}")
+        return f"{self.artifact(name, version)}/{index}"
+
+    def artifact_chunks(self, name: str, version: str) -> str:
+        """Wildcard subscription to every chunk of one artifact version."""
+        return f"{self.artifact(name, version)}/{_ANY_BELOW}"
+
+    def every_device(self, kind: str) -> str:
+        """Wildcard subscription to topic ``kind`` (one of :data:`KINDS`) of every device."""
+        if kind not in KINDS:
+            raise ProtocolError(f"unknown topic kind {kind!r}; known: {', '.join(KINDS)}")
+        return f"{self.root}/{_DEV}/{_ANY_ONE}/{kind}"
 
     def all_states(self) -> str:
         """Wildcard subscription to every device's state: how peers are discovered."""
-        return f"{self.root}/dev/+/state"
+        return self.every_device(FrameKind.STATE)
+
+    def all_replies(self) -> str:
+        """Wildcard subscription to every device's replies (the laptop's inbox)."""
+        return self.every_device(FrameKind.REPLY)
+
+    def all_telemetry(self) -> str:
+        """Wildcard subscription to every device's telemetry."""
+        return self.every_device(FrameKind.TELEMETRY)
 
     def parse(self, topic: str) -> tuple[str, str] | None:
         """``(device, kind)`` for a device topic of this fleet, else ``None``."""
         if not isinstance(topic, str):
             return None
         parts = topic.split("/")
-        if len(parts) != 5 or parts[:3] != [_ROOT, self.fleet, "dev"] or parts[4] not in KINDS:
+        if len(parts) != 5 or parts[:3] != [_ROOT, self.fleet, _DEV] or parts[4] not in KINDS:
             return None
         if not _NAME_RE.fullmatch(parts[3]) or parts[3] in (".", ".."):
             return None
@@ -263,13 +418,13 @@ class Keyring:
     ) -> Keyring:
         """A keyring whose fleet key is the raw bytes of the file at ``path`` (nothing stripped).
 
-        Raises ``ValueError`` if the file holds fewer than :data:`MIN_KEY_BYTES` bytes, and
-        ``OSError`` if it cannot be read.
+        Raises :class:`ProtocolError` if the file holds fewer than :data:`MIN_KEY_BYTES` bytes,
+        and ``OSError`` if it cannot be read.
         """
         with open(path, "rb") as handle:
             key = handle.read()
         if len(key) < MIN_KEY_BYTES:
-            raise ValueError(
+            raise ProtocolError(
                 f"key file {os.fspath(path)!r} holds {len(key)} bytes, need at least "
                 f"{MIN_KEY_BYTES}; generate one with: head -c 32 /dev/urandom > fleet.key"
             )
@@ -290,16 +445,16 @@ class Keyring:
 
 def _check_key(key: bytes, what: str) -> bytes:
     if not isinstance(key, (bytes, bytearray)):
-        raise ValueError(f"{what} must be bytes, got {type(key).__name__}")
+        raise ProtocolError(f"{what} must be bytes, got {type(key).__name__}")
     if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"{what} is too short: {len(key)} bytes, need at least {MIN_KEY_BYTES}")
+        raise ProtocolError(f"{what} is too short: {len(key)} bytes, need at least {MIN_KEY_BYTES}")
     return bytes(key)
 
 
 # --------------------------------------------------------------------------------------- frames
 
 
-class FrameRejected(Exception):
+class FrameRejected(ProtocolError):
     """A frame a receiver drops; ``reason`` names why (see :data:`DROP_REASONS`).
 
     Args:
@@ -308,9 +463,8 @@ class FrameRejected(Exception):
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
         self.detail = _one_line(detail)
-        super().__init__(f"{reason}: {self.detail}" if self.detail else reason)
+        super().__init__(f"{reason}: {self.detail}" if self.detail else reason, reason)
 
 
 @dataclass(frozen=True)
@@ -359,7 +513,7 @@ def _envelope(type: str, sender: str, now: float | None) -> dict[str, Any]:
     validate_name(sender, "sender")
     ts = time.time() if now is None else float(now)
     if not math.isfinite(ts):
-        raise ValueError(f"timestamp must be finite, got {ts}")
+        raise ProtocolError(f"timestamp must be finite, got {ts}")
     return {
         "v": SCHEMA_VERSION,
         "type": type,
@@ -379,21 +533,21 @@ def seal_json(
 ) -> bytes:
     """A signed JSON frame of ``type`` carrying ``body`` (a JSON object with string keys).
 
-    ``now`` overrides the timestamp (unix seconds). Raises ``ValueError`` for an invalid type
-    or sender, or a body that does not survive a JSON round trip unchanged (non-string keys,
-    NaN/Inf, objects JSON cannot hold).
+    ``now`` overrides the timestamp (unix seconds). Raises :class:`ProtocolError` for an invalid
+    type or sender, or a body that does not survive a JSON round trip unchanged (non-string
+    keys, NaN/Inf, objects JSON cannot hold).
     """
     if not isinstance(body, Mapping):
-        raise ValueError(f"body must be a JSON object, got {body.__class__.__name__}")
+        raise ProtocolError(f"body must be a JSON object, got {body.__class__.__name__}")
     obj = _envelope(type, sender, now)
     obj["body"] = dict(body)
     try:
         signed = _canonical(obj)
         stable = _canonical(json.loads(signed)) == signed
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"body is not JSON: {_one_line(exc)}") from None
+        raise ProtocolError(f"body is not JSON: {_one_line(exc)}") from None
     if not stable:
-        raise ValueError("body does not survive a JSON round trip (non-string keys?)")
+        raise ProtocolError("body does not survive a JSON round trip (non-string keys?)")
     obj["sig"] = hmac.new(keyring.key_for(sender), signed, hashlib.sha256).hexdigest()
     return _canonical(obj)
 
@@ -409,19 +563,19 @@ def seal_binary(
 ) -> bytes:
     """A signed binary frame of ``type``: type-specific ``header`` fields plus ``body`` bytes.
 
-    ``header`` may not use the envelope names ``v type sender ts nonce``. Raises ``ValueError``
-    for those, an invalid type or sender, or a header that is not JSON.
+    ``header`` may not use the envelope names ``v type sender ts nonce``. Raises
+    :class:`ProtocolError` for those, an invalid type or sender, or a header that is not JSON.
     """
     clash = sorted(set(header) & set(_ENVELOPE))
     if clash:
-        raise ValueError(f"header fields {clash} are reserved for the envelope")
+        raise ProtocolError(f"header fields {clash} are reserved for the envelope")
     if not isinstance(body, (bytes, bytearray, memoryview)):
-        raise ValueError(f"body must be bytes, got {body.__class__.__name__}")
+        raise ProtocolError(f"body must be bytes, got {body.__class__.__name__}")
     full = {**header, **_envelope(type, sender, now)}
     try:
         head = _canonical(full)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"header is not JSON: {_one_line(exc)}") from None
+        raise ProtocolError(f"header is not JSON: {_one_line(exc)}") from None
     signed = b"".join([MAGIC, _LEN.pack(len(head)), head, bytes(body)])
     return signed + hmac.new(keyring.key_for(sender), signed, hashlib.sha256).digest()
 
@@ -443,11 +597,328 @@ def seal_tensors(
     """
     extra = dict(extra or {})
     if "codec" in extra:
-        raise ValueError("extra may not set 'codec'; pass codec= instead")
+        raise ProtocolError("extra may not set 'codec'; pass codec= instead")
     payload = encode(tensors, codec=codec, binary_names=binary_names)
     return seal_binary(
         _GOSSIP, {**extra, "codec": codec}, payload, sender=sender, keyring=keyring, now=now
     )
+
+
+# ---------------------------------------------------------------------------- what frames carry
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """A checked command body (:func:`parse_command`).
+
+    Attributes:
+        id: the sender's id for the request, echoed in the reply (a string, an integer or
+            ``None``).
+        target: the device the command is for.
+        name: the command, usually one of :data:`COMMANDS` (a newer client may send others;
+            the device answers those with an error naming the commands it knows).
+        args: the command's arguments, a JSON object.
+    """
+
+    id: str | int | None
+    target: str
+    name: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A checked reply body (:func:`parse_reply`): ``result`` when ``ok``, else ``error``."""
+
+    id: str | int | None
+    name: str | None
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A checked inference request body (:func:`parse_infer`); ``inputs`` as sent."""
+
+    id: str | int | None
+    inputs: Any
+
+
+@dataclass(frozen=True)
+class GossipInfo:
+    """What a gossip frame's header says besides its codec (:func:`gossip_info`)."""
+
+    model: str | None
+    round: int | None
+    samples: float
+
+
+@dataclass(frozen=True)
+class DeployArgs:
+    """The arguments of a ``deploy`` command: which artifact, its SHA-256, how long to wait."""
+
+    name: str
+    version: str
+    sha256: str
+    timeout_s: float = _DEFAULT_DEPLOY_TIMEOUT_S
+
+
+def _request_id(body: Mapping[str, Any]) -> str | int | None:
+    value = body.get("id")
+    if value is None or isinstance(value, str) or _is_int(value):
+        return value
+    raise ProtocolError(f"request id must be a string or an integer, got {type(value).__name__}")
+
+
+def _json_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return dict(value)
+
+
+def state_body(
+    status: str,
+    *,
+    model: str | None,
+    version: str | None,
+    sha256: str | None,
+    agent_version: str,
+    learning: bool,
+    model_spec: str | None,
+    platform: str,
+) -> dict[str, Any]:
+    """The body of a device's retained ``"state"`` frame.
+
+    ``status`` is :data:`ONLINE` or :data:`OFFLINE`; the rest names the model it serves and what
+    it offers (:data:`CAPABILITIES`).
+    """
+    if status not in (ONLINE, OFFLINE):
+        raise ProtocolError(f"state status must be {ONLINE!r} or {OFFLINE!r}, got {status!r}")
+    return {
+        "status": status,
+        "model": model,
+        "version": version,
+        "sha256": sha256,
+        "agent_version": agent_version,
+        "capabilities": list(CAPABILITIES),
+        "learning": bool(learning),
+        "model_spec": model_spec,
+        "platform": platform,
+    }
+
+
+def state_online(body: Mapping[str, Any], *, learning: bool = False) -> bool:
+    """Whether a state body says its device is online (and, with ``learning``, learning)."""
+    return body.get("status") == ONLINE and (bool(body.get("learning")) or not learning)
+
+
+def command_body(
+    target: str, name: str, args: Mapping[str, Any] | None, id: str | int
+) -> dict[str, Any]:
+    """The body of a ``"cmd"`` frame: run command ``name`` with ``args`` on device ``target``.
+
+    Raises :class:`ProtocolError` for an invalid device id or command name, arguments that are
+    not a JSON object with string keys, or an id that is neither a string nor an integer.
+    """
+    validate_name(target, "device id")
+    validate_name(name, "command name")
+    body = {"id": id, "target": target, "name": name, "args": _json_object(args or {}, "args")}
+    _request_id(body)
+    return body
+
+
+def parse_command(body: Any, *, target: str | None = None) -> CommandRequest:
+    """Check a command body; with ``target``, also that it is addressed to that device.
+
+    Raises :class:`ProtocolError`: with reason :data:`BAD_REQUEST` for a body that is not an
+    object or names no valid target or id, :data:`MISADDRESSED` for a command sealed for
+    another device (replayed onto this one's topic), and with an error ``reply`` for a command
+    to this device whose ``name`` is not a string or whose ``args`` are not an object (the
+    sender gets that answer instead of waiting for a reply that never comes).
+    """
+    if not isinstance(body, Mapping):
+        raise ProtocolError(f"a command body must be a JSON object, got {type(body).__name__}")
+    to = body.get("target")
+    if not isinstance(to, str) or not _NAME_RE.fullmatch(to):
+        raise ProtocolError("a command must name its target device")
+    if target is not None and to != target:
+        raise ProtocolError(f"a command for {to!r} arrived at {target!r}", MISADDRESSED)
+    request_id = _request_id(body)
+    name, args = body.get("name"), body.get("args")
+    args = {} if args is None else args
+    if not isinstance(name, str) or not isinstance(args, Mapping):
+        problem = (
+            f"command name must be a string, got {type(name).__name__}"
+            if not isinstance(name, str)
+            else f"args of {name!r} must be a JSON object, got {type(args).__name__}"
+        )
+        shown = name if isinstance(name, str) else None
+        raise ProtocolError(problem, reply=reply_body(request_id, shown, error=problem))
+    return CommandRequest(request_id, to, name, dict(args))
+
+
+def reply_body(
+    request_id: str | int | None, name: str | None, result: Any = None, *, error: str | None = None
+) -> dict[str, Any]:
+    """The body of a ``"reply"`` frame: ``{"id", "name", "ok": true, "result"}``.
+
+    With ``error`` given: ``{"id", "name", "ok": false, "error"}``.
+    """
+    if error is not None:
+        return {"id": request_id, "name": name, "ok": False, "error": str(error)}
+    return {"id": request_id, "name": name, "ok": True, "result": result}
+
+
+def parse_reply(body: Any) -> Reply:
+    """Check a reply body; :class:`ProtocolError` unless it is what :func:`reply_body` builds."""
+    if not isinstance(body, Mapping):
+        raise ProtocolError(f"a reply body must be a JSON object, got {type(body).__name__}")
+    request_id = _request_id(body)
+    name, ok = body.get("name"), body.get("ok")
+    if name is not None and not isinstance(name, str):
+        raise ProtocolError(f"reply name must be a string, got {type(name).__name__}")
+    if not isinstance(ok, bool):
+        raise ProtocolError("a reply must say 'ok': true or false")
+    if ok:
+        if "result" not in body:
+            raise ProtocolError("a successful reply must carry a 'result'")
+        return Reply(request_id, name, True, result=body["result"])
+    error = body.get("error")
+    if not isinstance(error, str):
+        raise ProtocolError("a failed reply must carry an 'error' string")
+    return Reply(request_id, name, False, error=error)
+
+
+def infer_body(inputs: Any, id: str | int) -> dict[str, Any]:
+    """The body of an ``"infer"`` frame: ``inputs`` (see :func:`encode_inputs`) and the id."""
+    body = {"id": id, "inputs": inputs}
+    _request_id(body)
+    return body
+
+
+def parse_infer(body: Any) -> InferRequest:
+    """Check an inference request body (``inputs`` are checked by :func:`decode_inputs`)."""
+    if not isinstance(body, Mapping):
+        raise ProtocolError(f"an infer body must be a JSON object, got {type(body).__name__}")
+    return InferRequest(_request_id(body), body.get("inputs"))
+
+
+def encode_inputs(batch: npt.ArrayLike) -> dict[str, Any]:
+    """A batch as JSON: ``{"b64": base64 of little-endian float32 bytes, "shape": [...]}``."""
+    array = np.ascontiguousarray(batch, dtype="<f4")
+    return {"b64": base64.b64encode(array.tobytes()).decode("ascii"), "shape": list(array.shape)}
+
+
+def decode_inputs(inputs: Any) -> np.ndarray:
+    """A float32 batch from JSON: :func:`encode_inputs`'s form, or nested lists (N x C x H x W).
+
+    Raises :class:`ProtocolError` with a one-line message for anything else.
+    """
+    if isinstance(inputs, Mapping) and "b64" in inputs:
+        try:
+            raw = base64.b64decode(inputs["b64"], validate=True)
+            shape = tuple(int(d) for d in inputs["shape"])
+            return np.frombuffer(raw, dtype="<f4").reshape(shape)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ProtocolError(
+                f"bad b64 inputs ({err}); send float32 bytes and their shape"
+            ) from None
+    if not isinstance(inputs, list):
+        raise ProtocolError("inputs must be a nested list (N x C x H x W) or {'b64', 'shape'}")
+    try:
+        return np.asarray(inputs, dtype=np.float32)
+    except (ValueError, TypeError) as err:
+        raise ProtocolError(f"inputs are not a rectangular array of numbers ({err})") from None
+
+
+def deploy_args(
+    name: str, version: str, sha256: str, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """The ``args`` of a ``deploy`` command (``timeout_s``: how long the device waits)."""
+    args: dict[str, Any] = {"name": name, "version": version, "sha256": sha256}
+    if timeout_s is not None:
+        args["timeout_s"] = timeout_s
+    parse_deploy_args(args)
+    return args
+
+
+def parse_deploy_args(args: Mapping[str, Any]) -> DeployArgs:
+    """Check ``deploy`` args; :class:`ProtocolError` names what is missing or wrong."""
+    name, version, digest = args.get("name"), args.get("version"), args.get("sha256")
+    strings = isinstance(name, str) and isinstance(version, str) and isinstance(digest, str)
+    if not (strings and name and version and digest):
+        raise ProtocolError("deploy needs string args name, version and sha256")
+    validate_name(name, "artifact name")
+    validate_name(version, "artifact version")
+    if len(digest) != 64 or not _HEX_RE.fullmatch(digest):
+        raise ProtocolError("deploy sha256 must be 64 lowercase hex characters")
+    timeout = args.get("timeout_s", _DEFAULT_DEPLOY_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ProtocolError(f"deploy timeout_s must be a positive number, got {timeout!r}")
+    return DeployArgs(name, version, digest, float(timeout))
+
+
+def artifact_messages(
+    topics: Topics,
+    data: bytes,
+    *,
+    name: str,
+    version: str,
+    sender: str,
+    keyring: Keyring,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """What publishing an artifact takes: the ``deploy`` args, and ``(topic, chunk)`` messages.
+
+    ``data`` (the artifact's .tar bytes) is sealed as one ``"artifact"`` frame whose header
+    names it and holds its SHA-256, cut by :func:`split_chunks`; chunk ``i`` goes to
+    :meth:`Topics.artifact_chunk`, to be published retained.
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    args = deploy_args(name, version, digest)
+    frame = seal_binary(FrameKind.ARTIFACT, args, data, sender=sender, keyring=keyring)
+    chunks = split_chunks(frame, chunk_bytes=chunk_bytes, sender=sender, keyring=keyring)
+    messages = [(topics.artifact_chunk(name, version, i), c) for i, c in enumerate(chunks)]
+    return args, messages
+
+
+def gossip_extra(model: str, round: int, samples: int) -> dict[str, Any]:
+    """The header fields of a model push (``extra`` of :func:`seal_tensors`).
+
+    ``model`` names the network (peers drop models of another), ``round`` the sender's learning
+    round, ``samples`` how many training samples it has (the weight of its model in a merge).
+    """
+    return {"round": round, "samples": samples, "model": model}
+
+
+def gossip_info(frame: Frame) -> GossipInfo:
+    """:func:`gossip_extra`'s fields of a gossip frame; a missing or bad ``samples`` counts 1."""
+    header = frame.header
+    model, round_ = header.get("model"), header.get("round")
+    samples = header.get("samples", 1)
+    valid = isinstance(samples, (int, float)) and not isinstance(samples, bool) and samples > 0
+    return GossipInfo(
+        model if isinstance(model, str) else None,
+        round_ if _is_int(round_) else None,
+        float(samples) if valid and math.isfinite(samples) else 1.0,
+    )
+
+
+def expect_json(frame: Frame, kind: str) -> dict[str, Any]:
+    """The JSON body of ``frame`` if it is a JSON frame of type ``kind``, else ProtocolError."""
+    if frame.type != kind or frame.binary:
+        shape = "binary" if frame.binary else "JSON"
+        raise ProtocolError(f"expected a JSON {kind!r} frame, got a {shape} {frame.type!r} frame")
+    return frame.header
+
+
+def expect_binary(frame: Frame, kind: str) -> Frame:
+    """``frame`` if it is a binary frame of type ``kind``, else ProtocolError."""
+    if frame.type != kind or not frame.binary:
+        shape = "binary" if frame.binary else "JSON"
+        raise ProtocolError(f"expected a binary {kind!r} frame, got a {shape} {frame.type!r} frame")
+    return frame
 
 
 # ------------------------------------------------------------------------------------ counters
@@ -546,7 +1017,7 @@ def split_chunks(
     body is the slice; each frame is at most ``chunk_bytes + 1024`` bytes.
     """
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+        raise ProtocolError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
     payload = bytes(payload)
     if len(payload) <= chunk_bytes:
         return [payload]
@@ -566,7 +1037,7 @@ def split_chunks(
         }
         frame = seal_binary(_CHUNK, header, piece, sender=sender, keyring=keyring, now=now)
         if len(frame) > chunk_bytes + _CHUNK_OVERHEAD:  # only a huge sender name could do this
-            raise ValueError(f"chunk frame of {len(frame)} bytes exceeds its budget")
+            raise ProtocolError(f"chunk frame of {len(frame)} bytes exceeds its budget")
         frames.append(frame)
     return frames
 
@@ -592,7 +1063,7 @@ def _chunk_fields(frame: Frame) -> tuple[str, int, int, int, str]:
     )
     if not isinstance(transfer, str) or not _NAME_RE.fullmatch(transfer):
         raise FrameRejected("malformed", "chunk: bad transfer id")
-    if not all(_is_int(x) for x in (index, total, size)):
+    if not (_is_int(index) and _is_int(total) and _is_int(size)):
         raise FrameRejected("malformed", "chunk: index, total and size must be integers")
     if not isinstance(digest, str) or len(digest) != 64 or not _HEX_RE.fullmatch(digest):
         raise FrameRejected("malformed", "chunk: sha256 must be 64 lowercase hex characters")
@@ -769,7 +1240,7 @@ class _NonceCache:
         return True
 
 
-def _is_int(x: object) -> bool:
+def _is_int(x: object) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -886,21 +1357,24 @@ class FrameVerifier:
             self.drops.count(exc.reason)
             raise
 
-    def receive(self, payload: bytes) -> Frame | None:
+    def receive(self, payload: bytes, *, retained: bool = False) -> Frame | None:
         """Open a frame, reassembling chunked ones: the frame, or ``None`` while incomplete.
 
         A chunk frame feeds :attr:`reassembler`; when its transfer completes, the payload (a
         complete signed frame of its own, up to ``reassembly_max_bytes``) is opened like any
         other frame and returned. Every other frame is returned as :meth:`open` returns it.
+        ``retained=True`` is for retained chunks (an artifact's): as in :meth:`open`, neither
+        the chunks' nor the inner frame's age and nonce are checked.
         """
+        fresh = not retained
         try:
-            frame = self._open(payload)
+            frame = self._open(payload, fresh=fresh)
             if frame.type != _CHUNK:
                 return frame
             whole = self.reassembler.add(frame)
             if whole is None:
                 return None
-            inner = self._open(whole, self.reassembler.max_bytes)
+            inner = self._open(whole, self.reassembler.max_bytes, fresh=fresh)
             if inner.type == _CHUNK:
                 raise FrameRejected("malformed", "a chunked transfer holds another chunk")
             return inner

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -27,8 +28,20 @@ import exporters
 import models
 from edge_agent.agent import Agent
 from edge_agent.broker import free_port
+from edge_agent.commands import CommandError, CommandTable, Handler
 from edge_agent.config import AgentConfig, ConfigError, LearnSettings, load_config
-from edge_agent.protocol import Keyring, Topics, seal_binary, seal_json, split_chunks
+from edge_agent.protocol import (
+    COMMANDS,
+    Command,
+    CommandRequest,
+    FrameKind,
+    Keyring,
+    Topics,
+    parse_reply,
+    seal_binary,
+    seal_json,
+    split_chunks,
+)
 from exporters import runtime
 from toolkit.data import load_dataset
 from toolkit.fleet import FleetClient, FleetError
@@ -275,6 +288,93 @@ def test_commands_status_config_and_errors(mosquitto, fleet, agents, key_file, a
     assert telemetry_seen
     body = fleet.telemetry("pi-01")
     assert body["rss_mb"] > 0 and body["model"] == "digits" and "p95" in body["latency_ms"]
+
+
+def test_command_table_answers_every_command_and_names_the_known_ones():
+    def fails(args):
+        raise CommandError("cannot do that")
+
+    def buggy(args):
+        raise KeyError("oops")
+
+    handlers = {name: Handler(lambda args, name=name: {"ran": name, **args}) for name in COMMANDS}
+    handlers[Command.DEPLOY] = Handler(fails, slow=True)
+    handlers[Command.ROLLBACK] = Handler(buggy)
+    table = CommandTable(handlers)
+    assert table.run(CommandRequest("1", "pi", "ping", {"a": 1})) == {
+        "id": "1",
+        "name": "ping",
+        "ok": True,
+        "result": {"ran": "ping", "a": 1},
+    }
+    unknown = table.run(CommandRequest("2", "pi", "reboot", {}))
+    assert unknown == {
+        "id": "2",
+        "name": "reboot",
+        "ok": False,
+        "error": "unknown command 'reboot'; known: ping, status, deploy, rollback, "
+        "learn.start, learn.stop, config.set",
+    }
+    assert table.run(CommandRequest("3", "pi", "deploy", {}))["error"] == "cannot do that"
+    bug = table.run(CommandRequest("4", "pi", "rollback", {}))
+    assert not bug["ok"] and bug["error"].startswith("internal error: KeyError")
+    assert table.is_slow("deploy") and not table.is_slow("ping") and not table.is_slow("reboot")
+    assert table.names == COMMANDS
+    with pytest.raises(ValueError, match="no handler for \\['ping'\\]"):
+        CommandTable({k: v for k, v in handlers.items() if k != "ping"})
+    with pytest.raises(ValueError, match="unknown \\['reboot'\\]"):
+        CommandTable({**handlers, "reboot": Handler(fails)})
+
+
+def test_bad_commands_are_answered_and_misaddressed_ones_dropped(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path, transports
+):
+    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(_online("pi-01"))
+    topics, keys = Topics(FLEET), Keyring.from_file(key_file)
+    replies: queue.Queue[bytes] = queue.Queue()
+    watcher = transports(mosquitto.url)
+    watcher.subscribe(topics.reply("pi-01"), lambda _t, payload: replies.put(payload))
+    watcher.connect(timeout=10)
+    assert watcher.wait_subscribed(10)
+
+    def send(body: dict) -> None:
+        frame = seal_json(FrameKind.CMD, body, sender="laptop", keyring=keys)
+        fleet.transport.publish_and_wait(topics.cmd("pi-01"), frame)
+
+    send({"id": "x1", "target": "pi-01", "name": "ping", "args": [1]})
+    reply = parse_reply(json.loads(replies.get(timeout=10))["body"])
+    assert reply.id == "x1" and not reply.ok and "args of 'ping'" in reply.error
+    before = agent.drop_counts()
+    send({"id": "x2", "target": "pi-02", "name": "ping"})  # sealed for another device
+    send({"id": "x3", "name": "ping"})  # for no device at all
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        agent.drop_counts().get("misaddressed", 0) <= before.get("misaddressed", 0)
+        or agent.drop_counts().get("bad_request", 0) <= before.get("bad_request", 0)
+    ):
+        time.sleep(0.05)
+    assert agent.drop_counts()["misaddressed"] == before.get("misaddressed", 0) + 1
+    assert agent.drop_counts()["bad_request"] == before.get("bad_request", 0) + 1
+    assert fleet.command("pi-01", "ping")["ok"]
+    # the next reply is the ping's: x2 and x3 got none
+    assert parse_reply(json.loads(replies.get(timeout=10))["body"]).name == Command.PING
+    assert replies.empty()
+
+
+def test_a_reply_too_big_for_one_packet_arrives_in_chunks(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
+):
+    agent = agents(
+        _config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), chunk_bytes=1024)
+    )
+    assert fleet.wait_for(_online("pi-01"))
+    agent.transport.max_packet_bytes = 8192  # as a broker with small packets would need
+    batch = digits[1].x[:64]
+    reply = fleet.infer("pi-01", batch)  # ~25 KB of logits as JSON: ~25 chunks
+    assert reply["ok"], reply
+    direct = runtime.load(artifacts[0]).predict(batch)
+    np.testing.assert_allclose(np.asarray(reply["result"]["logits"]), direct, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- fuzz
@@ -657,14 +757,14 @@ def test_fleet_client_times_out_clearly(mosquitto, fleet):
 
 
 def test_latency_quantiles_match_numpy():
-    from edge_agent.agent import _quantile
+    from edge_agent.telemetry import quantile
 
     rng = np.random.default_rng(0)
     for n in (1, 2, 7, 1000):
         values = sorted(rng.random(n).tolist())
         for q in (0.5, 0.95):
-            assert _quantile(values, q) == pytest.approx(np.percentile(values, q * 100))
-    assert _quantile([], 0.5) is None
+            assert quantile(values, q) == pytest.approx(np.percentile(values, q * 100))
+    assert quantile([], 0.5) is None
 
 
 def test_learn_settings_take_rescale_binary_from_commands_and_files():

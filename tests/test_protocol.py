@@ -15,25 +15,54 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bitfleet.errors import BitfleetError
 from edge_agent.codecs import encode
 from edge_agent.protocol import (
+    BAD_REQUEST,
+    COMMANDS,
     DEFAULT_CHUNK_BYTES,
     DROP_REASONS,
     KINDS,
     MAGIC,
+    MISADDRESSED,
+    OFFLINE,
+    ONLINE,
     SCHEMA_VERSION,
+    Command,
+    CommandRequest,
+    DeployArgs,
     DropCounter,
     Frame,
+    FrameKind,
     FrameRejected,
     FrameVerifier,
     Keyring,
+    ProtocolError,
     Reassembler,
+    Reply,
     Topics,
+    artifact_messages,
     check_tensors,
+    command_body,
+    decode_inputs,
+    deploy_args,
+    encode_inputs,
+    expect_binary,
+    expect_json,
+    gossip_extra,
+    gossip_info,
+    infer_body,
+    parse_command,
+    parse_deploy_args,
+    parse_infer,
+    parse_reply,
+    reply_body,
     seal_binary,
     seal_json,
     seal_tensors,
     split_chunks,
+    state_body,
+    state_online,
     validate_name,
 )
 
@@ -812,6 +841,312 @@ def test_reassembly_rejects_inconsistent_chunks():
         assert info.value.reason == "malformed"
     with pytest.raises(FrameRejected, match="not a chunk"):
         Reassembler().add(verifier().open(cmd()))
+
+
+# ------------------------------------------------------------------- what frames carry
+
+
+def test_protocol_errors_are_bitfleet_errors_and_value_errors():
+    assert issubclass(ProtocolError, BitfleetError) and issubclass(ProtocolError, ValueError)
+    assert issubclass(FrameRejected, ProtocolError)
+    assert FrameRejected("forged", "x").reason == "forged"
+    with pytest.raises(ProtocolError, match="invalid device id"):
+        validate_name("a/b", "device id")
+    with pytest.raises(ProtocolError):
+        seal_json("cmd", {"x": float("nan")}, sender="laptop", keyring=KEYS)
+
+
+def test_frame_kinds_and_command_names_are_the_wire_strings():
+    assert KINDS == ("state", "telemetry", "cmd", "reply", "gossip", "infer")
+    assert (FrameKind.ARTIFACT, FrameKind.CHUNK) == ("artifact", "chunk")
+    assert COMMANDS == (
+        "ping",
+        "status",
+        "deploy",
+        "rollback",
+        "learn.start",
+        "learn.stop",
+        "config.set",
+    )
+    assert (Command.LEARN_START, Command.CONFIG_SET) == ("learn.start", "config.set")
+
+
+def test_topic_filters_and_artifact_chunk_topics():
+    topics = Topics("lab")
+    assert topics.every_device(FrameKind.STATE) == topics.all_states() == "bitfleet/lab/dev/+/state"
+    assert topics.all_replies() == "bitfleet/lab/dev/+/reply"
+    assert topics.all_telemetry() == "bitfleet/lab/dev/+/telemetry"
+    assert topics.artifact_chunk("m", "2", 7) == "bitfleet/lab/artifacts/m/2/7"
+    assert topics.artifact_chunks("m", "2") == "bitfleet/lab/artifacts/m/2/#"
+    with pytest.raises(ProtocolError, match="unknown topic kind"):
+        topics.every_device("artifact")
+    for bad in (-1, True, "0"):
+        with pytest.raises(ProtocolError, match="chunk index"):
+            topics.artifact_chunk("m", "2", bad)
+    with pytest.raises(ProtocolError):
+        topics.artifact_chunks("m", "a/b")
+
+
+def test_command_body_round_trip_and_wire_bytes():
+    body = command_body("pi-7", Command.DEPLOY, {"name": "m"}, "c1")
+    assert body == {"id": "c1", "target": "pi-7", "name": "deploy", "args": {"name": "m"}}
+    assert parse_command(body, target="pi-7") == CommandRequest(
+        "c1", "pi-7", "deploy", {"name": "m"}
+    )
+    assert parse_command(command_body("pi-7", "ping", None, 3)).args == {}
+    # what the laptop sent before these helpers existed, signed byte for byte the same way
+    by_hand = {"target": "pi-7", "name": "deploy", "args": {"name": "m"}, "id": "c1"}
+    sealed = [seal_json("cmd", b, sender="laptop", keyring=KEYS, now=NOW) for b in (body, by_hand)]
+    strip = [{k: v for k, v in json.loads(x).items() if k not in ("nonce", "sig")} for x in sealed]
+    assert strip[0] == strip[1]
+    # a newer client may send a command this device does not know: the table answers that
+    assert parse_command(command_body("pi-7", "reboot", {}, "c2")).name == "reboot"
+
+
+@pytest.mark.parametrize(
+    "target, name, args, request_id",
+    [
+        ("a/b", "ping", {}, "1"),
+        ("pi-7", "", {}, "1"),
+        ("pi-7", "x y", {}, "1"),
+        ("pi-7", "ping", [1], "1"),
+        ("pi-7", "ping", {1: 2}, "1"),
+        ("pi-7", "ping", {}, 1.5),
+        ("pi-7", "ping", {}, ["1"]),
+    ],
+)
+def test_command_body_refuses_bad_commands(target, name, args, request_id):
+    with pytest.raises(ProtocolError):
+        command_body(target, name, args, request_id)
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ([], BAD_REQUEST),
+        ("ping", BAD_REQUEST),
+        ({}, BAD_REQUEST),
+        ({"target": "a/b", "name": "ping"}, BAD_REQUEST),
+        ({"target": 7, "name": "ping"}, BAD_REQUEST),
+        ({"target": "pi-7", "name": "ping", "id": {"x": 1}}, BAD_REQUEST),
+        ({"target": "pi-7", "name": "ping", "id": True}, BAD_REQUEST),
+        ({"target": "pi-8", "name": "ping", "id": "1"}, MISADDRESSED),
+    ],
+)
+def test_parse_command_drops_bodies_that_cannot_be_answered(body, reason):
+    with pytest.raises(ProtocolError) as info:
+        parse_command(body, target="pi-7")
+    assert info.value.reason == reason and info.value.reply is None
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"target": "pi-7", "id": "9", "name": 5}, "command name must be a string"),
+        ({"target": "pi-7", "id": "9", "name": None}, "command name must be a string"),
+        ({"target": "pi-7", "id": "9", "name": "ping", "args": [1]}, "args of 'ping'"),
+        ({"target": "pi-7", "id": "9", "name": "ping", "args": "x"}, "must be a JSON object"),
+    ],
+)
+def test_parse_command_answers_a_bad_command_to_this_device(body, message):
+    with pytest.raises(ProtocolError, match=message) as info:
+        parse_command(body, target="pi-7")
+    reply = info.value.reply
+    assert reply["id"] == "9" and reply["ok"] is False and message in reply["error"]
+    assert parse_reply(reply).error == reply["error"]
+
+
+def test_reply_body_round_trip():
+    ok = reply_body("c1", "ping", {"pong": True})
+    assert ok == {"id": "c1", "name": "ping", "ok": True, "result": {"pong": True}}
+    assert parse_reply(ok) == Reply("c1", "ping", True, result={"pong": True})
+    failed = reply_body(7, "deploy", error="no such artifact")
+    assert failed == {"id": 7, "name": "deploy", "ok": False, "error": "no such artifact"}
+    assert parse_reply(failed) == Reply(7, "deploy", False, error="no such artifact")
+    assert parse_reply(reply_body(None, None)).result is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"id": "1", "name": "ping"},
+        {"id": "1", "name": "ping", "ok": "yes", "result": 1},
+        {"id": "1", "name": "ping", "ok": True},
+        {"id": "1", "name": "ping", "ok": False},
+        {"id": "1", "name": "ping", "ok": False, "error": 5},
+        {"id": "1", "name": 5, "ok": True, "result": 1},
+        {"id": 1.5, "name": "ping", "ok": True, "result": 1},
+    ],
+)
+def test_parse_reply_refuses_bad_replies(body):
+    with pytest.raises(ProtocolError):
+        parse_reply(body)
+
+
+def test_infer_body_and_inputs_round_trip():
+    batch = np.random.default_rng(0).normal(size=(3, 1, 4, 4)).astype(np.float32)
+    body = infer_body(encode_inputs(batch), "r1")
+    assert set(body) == {"id", "inputs"} and set(body["inputs"]) == {"b64", "shape"}
+    request = parse_infer(json.loads(json.dumps(body)))
+    assert request.id == "r1"
+    np.testing.assert_array_equal(decode_inputs(request.inputs), batch)
+    np.testing.assert_array_equal(decode_inputs(batch.tolist()), batch)
+    assert parse_infer({"id": 2}).inputs is None
+    with pytest.raises(ProtocolError):
+        parse_infer([1, 2])
+    with pytest.raises(ProtocolError):
+        infer_body([], 1.5)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (None, "nested list"),
+        ("abc", "nested list"),
+        ([[1, 2], [3]], "rectangular"),
+        ({"b64": "!!!", "shape": [1]}, "bad b64"),
+        ({"b64": encode_inputs(np.zeros(4))["b64"], "shape": [3]}, "bad b64"),
+        ({"b64": encode_inputs(np.zeros(4))["b64"]}, "bad b64"),
+    ],
+)
+def test_decode_inputs_refuses_bad_batches_in_one_line(inputs, message):
+    with pytest.raises(ProtocolError, match=message) as info:
+        decode_inputs(inputs)
+    assert "\n" not in str(info.value)
+
+
+def test_deploy_args_round_trip_and_refusals():
+    digest = "ab" * 32
+    args = deploy_args("m", "2", digest)
+    assert args == {"name": "m", "version": "2", "sha256": digest}
+    assert parse_deploy_args(args) == DeployArgs("m", "2", digest, 60.0)
+    assert parse_deploy_args(deploy_args("m", "2", digest, timeout_s=5)).timeout_s == 5.0
+    for bad in (
+        {"name": "m", "version": "2"},
+        {"name": "m", "version": "", "sha256": digest},
+        {"name": "m/x", "version": "2", "sha256": digest},
+        {"name": "m", "version": "2", "sha256": "AB" * 32},
+        {"name": "m", "version": "2", "sha256": "ab"},
+        {"name": "m", "version": "2", "sha256": digest, "timeout_s": 0},
+        {"name": "m", "version": "2", "sha256": digest, "timeout_s": "soon"},
+    ):
+        with pytest.raises(ProtocolError):
+            parse_deploy_args(bad)
+
+
+def test_state_body_and_presence_checks():
+    body = state_body(
+        ONLINE,
+        model="m",
+        version="1",
+        sha256=None,
+        agent_version="0.1",
+        learning=False,
+        model_spec="lenet5",
+        platform="aarch64",
+    )
+    assert body["status"] == "online" and body["capabilities"] == ["infer", "deploy", "learn"]
+    assert state_online(body) and not state_online(body, learning=True)
+    assert state_online({**body, "learning": True}, learning=True)
+    assert not state_online({**body, "status": OFFLINE})
+    with pytest.raises(ProtocolError):
+        state_body(
+            "asleep", **{k: v for k, v in body.items() if k not in ("status", "capabilities")}
+        )
+
+
+def test_gossip_header_round_trip():
+    v = verifier()
+    frame = v.open(gossip(extra=gossip_extra("lenet5", 4, 120)))
+    info = gossip_info(expect_binary(frame, FrameKind.GOSSIP))
+    assert (info.model, info.round, info.samples) == ("lenet5", 4, 120.0)
+    for samples in (-1, 0, "many", True, None):
+        odd = v.open(gossip(extra={"model": "m", "samples": samples}))
+        assert gossip_info(odd).samples == 1.0
+
+
+def test_expect_json_and_binary_check_the_frame_type():
+    v = verifier()
+    frame = v.open(cmd())
+    assert expect_json(frame, FrameKind.CMD) == {"id": "c1", "op": "ping"}
+    with pytest.raises(ProtocolError, match="expected a JSON 'reply' frame"):
+        expect_json(frame, FrameKind.REPLY)
+    with pytest.raises(ProtocolError, match="binary"):
+        expect_binary(frame, FrameKind.CMD)
+    with pytest.raises(ProtocolError) as info:
+        expect_json(v.open(gossip()), FrameKind.GOSSIP)
+    assert info.value.reason == BAD_REQUEST
+
+
+def _artifact(n: int = 700_000, chunk_bytes: int = 200_000) -> tuple[dict, list[tuple[str, bytes]]]:
+    return artifact_messages(
+        Topics("lab"),
+        blob(n),
+        name="m",
+        version="3",
+        sender="laptop",
+        keyring=KEYS,
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def _artifact_receiver(**kwargs) -> FrameVerifier:
+    # as a deploying device: retained chunks, large frames, sealed just now
+    return verifier(max_frame_bytes=2_000_000, clock=time.time, **kwargs)
+
+
+def test_artifact_messages_reassemble_out_of_order_with_duplicates():
+    args, messages = _artifact()
+    assert args == {
+        "name": "m",
+        "version": "3",
+        "sha256": hashlib.sha256(blob(700_000)).hexdigest(),
+    }
+    assert [t for t, _ in messages] == [f"bitfleet/lab/artifacts/m/3/{i}" for i in range(4)]
+    chunks = [c for _, c in messages]
+    order = [chunks[2], chunks[0], chunks[2], chunks[3], chunks[0], chunks[1]]
+    v = _artifact_receiver()
+    out = [v.receive(c, retained=True) for c in order]
+    assert out[:-1] == [None] * 5
+    frame = out[-1]
+    assert frame.type == FrameKind.ARTIFACT and frame.body == blob(700_000)
+    assert frame.header == args
+    # the broker hands retained chunks out again (a second deploy): they are not "replayed"
+    again = [v.receive(c, retained=True) for c in chunks]
+    assert again[:-1] == [None] * 3 and again[-1] is None  # a completed transfer is ignored
+    fresh = _artifact_receiver()
+    assert [fresh.receive(c, retained=True) for c in chunks][-1].body == blob(700_000)
+    assert v.drops.total == 0 and fresh.drops.total == 0
+
+
+def test_artifact_with_a_missing_chunk_never_completes_and_times_out():
+    _, messages = _artifact()
+    chunks = [c for _, c in messages]
+    clock = FakeClock(0.0)
+    v = _artifact_receiver(reassembly_timeout_s=10)
+    v.reassembler._clock = clock
+    assert [v.receive(c, retained=True) for c in chunks[:2] + chunks[3:]] == [None] * 3
+    assert len(v.reassembler) == 1
+    clock.t = 11
+    assert v.reassembler.expire() == 1
+    assert v.drops.snapshot()["chunk_timeout"] == 1 and v.reassembler.pending_bytes == 0
+
+
+def test_small_artifact_is_one_message():
+    args, messages = _artifact(n=1000)
+    assert len(messages) == 1 and messages[0][0].endswith("/m/3/0")
+    frame = _artifact_receiver().receive(messages[0][1], retained=True)
+    assert frame.type == FrameKind.ARTIFACT and frame.header["sha256"] == args["sha256"]
+
+
+def test_retained_receive_skips_age_but_fresh_receive_does_not():
+    _, messages = _artifact(n=1000)
+    late = verifier(clock=FakeClock(time.time() + 3600), max_frame_bytes=2_000_000)
+    assert late.receive(messages[0][1], retained=True) is not None
+    with pytest.raises(FrameRejected) as info:
+        late.receive(messages[0][1])
+    assert info.value.reason == "stale"
 
 
 # -------------------------------------------------------------------------------- fuzzing

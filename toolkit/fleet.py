@@ -3,30 +3,33 @@
 :class:`FleetClient` speaks exactly what :mod:`edge_agent.agent` understands, through the same
 protocol module (signed frames) and transport (one paho client)::
 
+    from edge_agent.protocol import Command
     from toolkit.fleet import FleetClient
 
     with FleetClient("mqtt://127.0.0.1:1883", fleet="lab", key_file="fleet.key") as fleet:
         fleet.devices()                                  # {"pi-01": {"status": "online", ...}}
-        fleet.publish_artifact("runs/art")               # retained, chunked, signed
-        fleet.command("pi-01", "deploy", {"name": ..., "version": ..., "sha256": ...})
+        args = fleet.publish_artifact("runs/art")        # retained, chunked, signed
+        fleet.command("pi-01", Command.DEPLOY, args)     # args: name, version, sha256
+        fleet.command("pi-01", Command.ROLLBACK)         # back to the last-good model
         fleet.infer("pi-01", batch)                      # logits from the device
 
-A command returns the device's reply body (``{"id", "name", "ok", "result" | "error"}``);
-:class:`FleetError` is raised when no reply comes within the timeout.
+A command returns the device's reply body (``{"id", "name", "ok", "result" | "error"}``, see
+:func:`edge_agent.protocol.reply_body`) plus the ``device`` that sent it; :class:`FleetError` is
+raised when no reply comes within the timeout. Every body is built and checked by
+:mod:`edge_agent.protocol`, the one definition of the wire format.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
+import json
 import os
 import queue
 import secrets
 import tarfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +37,19 @@ import numpy as np
 
 from bitfleet.errors import BitfleetError
 from edge_agent.protocol import (
-    FrameRejected,
+    DEFAULT_CHUNK_BYTES,
+    FrameKind,
     FrameVerifier,
     Keyring,
+    ProtocolError,
     Topics,
-    seal_binary,
+    artifact_messages,
+    command_body,
+    encode_inputs,
+    expect_json,
+    infer_body,
+    parse_reply,
     seal_json,
-    split_chunks,
 )
 from edge_agent.transport import MqttTransport
 from exporters.artifact import open_artifact
@@ -82,7 +91,7 @@ class FleetClient:
         sender: str = "laptop",
         username: str | None = None,
         password: str | None = None,
-        chunk_bytes: int = 256 * 1024,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         if keyring is None:
             if key_file is None:
@@ -112,10 +121,9 @@ class FleetClient:
         self.close()
 
     def connect(self, timeout: float = 10.0) -> None:
-        root = self.topics.root
-        self.transport.subscribe(f"{root}/dev/+/state", self._on_state)
-        self.transport.subscribe(f"{root}/dev/+/reply", self._on_reply)
-        self.transport.subscribe(f"{root}/dev/+/telemetry", self._on_telemetry)
+        self.transport.subscribe(self.topics.all_states(), self._on_state)
+        self.transport.subscribe(self.topics.all_replies(), self._on_reply)
+        self.transport.subscribe(self.topics.all_telemetry(), self._on_telemetry)
         self.transport.connect(timeout=timeout)
         self.transport.wait_subscribed(timeout)
 
@@ -129,31 +137,38 @@ class FleetClient:
             return
         try:
             frame = self.verifier.open(payload, retained=True)
-        except FrameRejected:
+            body = expect_json(frame, FrameKind.STATE)
+        except ProtocolError:
             return
         if frame.sender == parsed[0]:
             # the latest arrival wins, not the latest timestamp: a last will is sealed when
             # the device connects but published by the broker when it dies, after its online
             # states; MQTT keeps messages on one topic in order
             with self._lock:
-                self._states[frame.sender] = {**frame.json, "ts": frame.ts}
+                self._states[frame.sender] = {**body, "ts": frame.ts}
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
         try:
-            frame = self.verifier.open(payload)
-        except FrameRejected:
+            frame = self.verifier.receive(payload)
+            if frame is None:
+                return
+            body = expect_json(frame, FrameKind.TELEMETRY)
+        except ProtocolError:
             return
         with self._lock:
-            self._telemetry[frame.sender] = frame.json
+            self._telemetry[frame.sender] = body
 
     def _on_reply(self, topic: str, payload: bytes) -> None:
         try:
-            frame = self.verifier.open(payload)
-        except FrameRejected:
+            frame = self.verifier.receive(payload)  # a big reply comes in chunks
+            if frame is None:
+                return
+            body = expect_json(frame, FrameKind.REPLY)
+            reply = parse_reply(body)
+        except ProtocolError:
             return
-        body = frame.json
         with self._lock:
-            waiting = self._replies.get(str(body.get("id")))
+            waiting = self._replies.get(str(reply.id))
         if waiting is not None:
             waiting.put({**body, "device": frame.sender})
 
@@ -178,23 +193,31 @@ class FleetClient:
 
     # ------------------------------------------------------------------------------ requests
     def _request(
-        self, device: str, topic: str, kind: str, body: dict[str, Any], timeout: float
+        self,
+        device: str,
+        topic: str,
+        kind: str,
+        what: str,
+        body: Callable[[str], dict[str, Any]],
+        timeout: float,
     ) -> dict[str, Any]:
+        """Publish ``body(request id)`` as a ``kind`` frame on ``topic``; the reply (FleetError).
+
+        The body is built and sealed first, so a bad one raises before anything waits.
+        """
         request_id = secrets.token_hex(8)
+        frame = seal_json(kind, body(request_id), sender=self.sender, keyring=self.keyring)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         with self._lock:
             self._replies[request_id] = inbox
         try:
-            frame = seal_json(
-                kind, {**body, "id": request_id}, sender=self.sender, keyring=self.keyring
-            )
             self.transport.publish(topic, frame, qos=1)
             try:
                 return inbox.get(timeout=timeout)
             except queue.Empty:
                 raise FleetError(
-                    f"{device} did not answer {body.get('name', kind)!r} within {timeout:.0f} s "
-                    "(is it online? `bitfleet fleet ls`)"
+                    f"{device} did not answer {what!r} within {timeout:.0f} s (is it online? "
+                    "FleetClient.devices() lists every device and its status)"
                 ) from None
         finally:
             with self._lock:
@@ -203,9 +226,19 @@ class FleetClient:
     def command(
         self, device: str, name: str, args: Mapping[str, Any] | None = None, timeout: float = 30.0
     ) -> dict[str, Any]:
-        """Send a command to ``device``; its reply body."""
-        body = {"target": device, "name": name, "args": dict(args or {})}
-        return self._request(device, self.topics.cmd(device), "cmd", body, timeout)
+        """Send a command to ``device``; its reply body.
+
+        Raises ``ProtocolError`` (a ``ValueError``) for an invalid device id, command name or
+        arguments that are not a JSON object, before anything is sent.
+        """
+        return self._request(
+            device,
+            self.topics.cmd(device),
+            FrameKind.CMD,
+            name,
+            lambda request_id: command_body(device, name, args, request_id),
+            timeout,
+        )
 
     def infer(self, device: str, batch: np.ndarray, timeout: float = 30.0) -> dict[str, Any]:
         """Run a batch on ``device`` over MQTT; the reply (``result`` holds the logits).
@@ -214,21 +247,26 @@ class FleetClient:
         nested JSON lists). A request must fit one MQTT packet (``max_packet_bytes``, 1 MB by
         default): about 180 images of 1x32x32, or one of 3x224x224, per call.
         """
-        array = np.ascontiguousarray(batch, dtype="<f4")
+        array = np.asarray(batch)
         if array.ndim == 0 or len(array) == 0:
             raise ValueError("the batch is empty; send an array of shape N x C x H x W")
-        encoded = base64.b64encode(array.tobytes()).decode("ascii")
+        inputs = encode_inputs(array)
+        size = len(json.dumps(inputs))
         room = self.transport.max_packet_bytes - _FRAME_OVERHEAD
-        if len(encoded) > room:
-            per_item = len(encoded) / len(array)
+        if size > room:
+            per_item = size / len(array)
             raise ValueError(
-                f"a batch of {len(array)} inputs is {len(encoded)} bytes as base64, over the "
+                f"a batch of {len(array)} inputs is {size} bytes as base64, over the "
                 f"{room}-byte room of one MQTT packet; send at most "
                 f"{max(1, int(room // per_item))} per call"
             )
-        inputs = {"b64": encoded, "shape": list(array.shape)}
         return self._request(
-            device, self.topics.infer(device), "infer", {"inputs": inputs}, timeout
+            device,
+            self.topics.infer(device),
+            FrameKind.INFER,
+            FrameKind.INFER,
+            lambda request_id: infer_body(inputs, request_id),
+            timeout,
         )
 
     def publish_artifact(
@@ -238,18 +276,15 @@ class FleetClient:
         data, manifest = artifact_tar(path)
         name = name or str(manifest.get("name") or Path(path).name)
         version = version or str(manifest.get("version") or "1")
-        digest = hashlib.sha256(data).hexdigest()
-        frame = seal_binary(
-            "artifact",
-            {"name": name, "version": version, "sha256": digest},
+        args, messages = artifact_messages(
+            self.topics,
             data,
+            name=name,
+            version=version,
             sender=self.sender,
             keyring=self.keyring,
+            chunk_bytes=self.chunk_bytes,
         )
-        chunks = split_chunks(
-            frame, chunk_bytes=self.chunk_bytes, sender=self.sender, keyring=self.keyring
-        )
-        base = self.topics.artifact(name, version)
-        for index, chunk in enumerate(chunks):
-            self.transport.publish_and_wait(f"{base}/{index}", chunk, qos=1, retain=True)
-        return {"name": name, "version": version, "sha256": digest}
+        for topic, chunk in messages:
+            self.transport.publish_and_wait(topic, chunk, qos=1, retain=True)
+        return args

@@ -1,0 +1,224 @@
+"""On-device gossip learning, as the agent runs it: the loop thread, pushes, gossip receipt.
+
+:class:`LearningLoop` builds a :class:`edge_agent.learner.Learner` when learning starts (that
+import brings torch; a device that only serves never pays for it) and runs rounds on its own
+thread: train locally, push the model to peers chosen among the online learning ones (signed
+``"gossip"`` frames, chunked, flow-controlled), wait ``round_interval_s``, merge what peers
+pushed, checkpoint. :meth:`LearningLoop.on_gossip` is the MQTT handler of ``dev/<id>/gossip``:
+it reassembles and checks each model before handing it to the learner, and drops (and counts)
+what it cannot use: ``not_learning``, ``wrong_model``, or a bad frame.
+
+Learning may fail (bad local data, a model that cannot merge); serving never stops for it: the
+error is kept for telemetry and the fleet is told this device no longer learns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from bitfleet.errors import BitfleetError
+from edge_agent.commands import CommandError
+from edge_agent.context import AgentContext
+from edge_agent.protocol import (
+    FrameKind,
+    FrameRejected,
+    ProtocolError,
+    expect_binary,
+    gossip_extra,
+    gossip_info,
+    seal_tensors,
+    split_chunks,
+)
+from edge_agent.transport import TransportError
+
+if TYPE_CHECKING:
+    from edge_agent.learner import Learner
+
+__all__ = ["LearningLoop", "NOT_LEARNING", "WRONG_MODEL"]
+
+log = logging.getLogger("bitfleet.agent")
+
+NOT_LEARNING = "not_learning"
+"""Drop reason: a peer's model arrived while this device does not learn."""
+
+WRONG_MODEL = "wrong_model"
+"""Drop reason: a peer's model of another network than the one this device learns."""
+
+
+class LearningLoop:
+    """The learning thread of one agent, and what it sends and receives.
+
+    Unusable gossip is counted in the context's ``drops``, by reason.
+
+    Args:
+        ctx: the agent's shared pieces (settings ``learning``, ``data_dir``, ``chunk_bytes``;
+            the state directory, where the learner checkpoints).
+        spec: the network spec of the served model (``None``: nothing to learn).
+        peers: ``peers(learning_only)``: the online peers.
+        announce: re-publishes this device's state (learning on or off).
+        stopping: set when the agent shuts down.
+    """
+
+    def __init__(
+        self,
+        ctx: AgentContext,
+        *,
+        spec: Callable[[], dict[str, Any] | None],
+        peers: Callable[[bool], list[str]],
+        announce: Callable[[], None],
+        stopping: threading.Event,
+    ) -> None:
+        self.ctx = ctx
+        self._spec = spec
+        self._peers = peers
+        self._announce = announce
+        self._stopping = stopping
+        self.learner: Learner | None = None
+        self.error: str | None = None
+        self.push_failures = 0  # gossip pushes not acknowledged in time (broker gone, timeout)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def on(self) -> bool:
+        """Learning is on: the thread runs and nobody asked it to stop (it may finish a round)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stop.is_set()
+
+    def start(self, overrides: Any) -> dict[str, Any]:
+        """Build the learner (importing torch) and start the learning thread (``learn.start``)."""
+        if self.on:
+            raise CommandError("learning is already on; send learn.stop first")
+        if self._thread is not None:
+            self._thread.join()  # a stopped run may still be finishing its round
+        spec = self._spec()
+        if spec is None:
+            raise CommandError("no model with a network spec is deployed; deploy one first")
+        config = self.ctx.config
+        if not config.data_dir:
+            raise CommandError("no data_dir is configured; config.set data_dir first")
+        settings = config.learning.updated(overrides)
+        from edge_agent.learner import Learner, load_local_data
+
+        data = load_local_data(config.data_dir)
+        learner = Learner(spec, data, settings, self.ctx.store, self.ctx.device)
+        self.learner = learner
+        self._stop.clear()
+        self.error = None
+        self._thread = threading.Thread(target=self._loop, name="bitfleet-learn", daemon=True)
+        self._thread.start()
+        self._announce()
+        return {"round": learner.round, "settings": asdict(settings)}
+
+    def stop(self, wait: bool = True) -> None:
+        """Ask the thread to stop after its round; with ``wait``, until it has."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and wait and thread is not threading.current_thread():
+            thread.join()
+
+    def stop_command(self, args: Any) -> dict[str, Any]:
+        """``learn.stop``: stop, tell the fleet, and say where learning got to."""
+        was = self.on
+        self.stop(wait=True)
+        self._announce()
+        return {"stopped": was, "round": self.learner.round if self.learner else 0}
+
+    def status(self) -> dict[str, Any]:
+        """The ``learning`` part of telemetry."""
+        learner = self.learner
+        return {
+            "on": self.on,
+            "round": learner.round if learner else None,
+            "accuracy": learner.metrics.get("accuracy") if learner else None,
+            "merges": learner.merges if learner else None,
+            "pending": learner.pending if learner else None,
+            "error": self.error,
+            "push_failures": self.push_failures,
+        }
+
+    # ---------------------------------------------------------------------------- the thread
+    def _loop(self) -> None:
+        learner = self.learner
+        assert learner is not None
+        settings = learner.settings
+        try:
+            while not self._stop.is_set() and not self._stopping.is_set():
+                if settings.rounds and learner.round >= settings.rounds:
+                    break
+                metrics = learner.train_round()
+                self._push(learner)
+                self._stop.wait(settings.round_interval_s)
+                merged = learner.merge()
+                learner.finish_round(metrics, merged)
+        except BitfleetError as err:
+            log.warning("learning stopped: %s", err)
+            self.error = str(err)
+        except Exception as err:  # noqa: BLE001 - torch may fail too; serving must go on
+            log.exception("learning stopped by an error")
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            self._stop.set()
+            if not self._stopping.is_set():
+                # a run that ended by itself (rounds reached, error) tells the fleet, so peers
+                # stop sending models this device would drop
+                self._announce()
+
+    def _push(self, learner: Learner) -> None:
+        peers = learner.choose_peers(self._peers(True))
+        if not peers:
+            return
+        ctx = self.ctx
+        frame = seal_tensors(
+            learner.state(),
+            codec=learner.settings.codec,
+            binary_names=learner.binary_names,
+            sender=ctx.device,
+            keyring=ctx.keyring,
+            extra=gossip_extra(learner.model_name, learner.round, len(learner.data)),
+        )
+        chunks = split_chunks(
+            frame, chunk_bytes=ctx.config.chunk_bytes, sender=ctx.device, keyring=ctx.keyring
+        )
+        messages = [(ctx.topics.gossip(peer), chunk) for peer in peers for chunk in chunks]
+        try:
+            # flow-controlled: a model of more chunks than the transport's queue still arrives
+            ctx.transport.publish_many(messages, qos=1, cancel=self._stop)
+        except TransportError as err:
+            if self._stop.is_set():  # learn.stop or shutdown cut the push short
+                log.info("round %d: push to %s cut short: learning stops", learner.round, peers)
+                return
+            self.push_failures += 1
+            log.warning("round %d: push to %s incomplete: %s", learner.round, peers, err)
+
+    # ------------------------------------------------------------------------------- receipt
+    def on_gossip(self, topic: str, payload: bytes) -> None:
+        """MQTT handler of ``dev/<id>/gossip``: a peer's model, maybe in chunks."""
+        verifier, drops = self.ctx.verifier, self.ctx.drops
+        try:
+            frame = verifier.receive(payload)
+            if frame is None:
+                return
+            expect_binary(frame, FrameKind.GOSSIP)
+        except FrameRejected:
+            return  # the verifier counted it
+        except ProtocolError as err:
+            drops.count(err.reason)
+            return
+        learner = self.learner
+        if learner is None or not self.on:
+            drops.count(NOT_LEARNING)
+            return
+        info = gossip_info(frame)
+        if info.model != learner.model_name:
+            drops.count(WRONG_MODEL)
+            return
+        try:
+            _, tensors = verifier.open_tensors(frame, learner.expected)
+        except FrameRejected:
+            return  # the verifier counted it
+        learner.receive(frame.sender, tensors, info.samples)

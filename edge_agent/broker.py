@@ -1,7 +1,7 @@
 """Real MQTT brokers on a free loopback port, for tests and for ``python -m edge_agent.broker``.
 
-bitfleet talks to a real broker (DESIGN.md section 5), so its tests do too: no mocks. Two kinds
-are started here, both as child processes listening on ``127.0.0.1`` only::
+bitfleet talks to a real broker (docs/design.md, section 5), so its tests do too: no mocks. Two
+kinds are started here, both as child processes listening on ``127.0.0.1`` only::
 
     from edge_agent.broker import EmbeddedBroker, MosquittoBroker, mosquitto_available
 

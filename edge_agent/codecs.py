@@ -20,7 +20,7 @@ Codecs (:data:`CODECS`):
 - ``sign``: tensors named in ``binary_names`` (the latent weights of binary layers, whose
   forward pass only sees their sign anyway) as 1 bit per element plus one float32 scale,
   ``mean|t|``; decoded as ``scale * sign(t)`` in float32. Bits use the packed-bit artifact
-  convention (DESIGN.md section 3): bit 1 means negative, zero counts as positive (bit 0),
+  convention (docs/design.md, section 3): bit 1 means negative, zero counts as positive (bit 0),
   packed LSB-first with ``numpy.packbits(bitorder="little")``. Every other float tensor (first
   and last layers, batch-norm parameters and statistics) travels as fp16: binary networks keep
   those in higher precision on purpose, 1 bit would wreck them, and fp32 would let these small

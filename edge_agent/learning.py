@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from bitfleet.errors import BitfleetError
+from bitfleet.errors import BitfleetError, require
 from edge_agent.commands import CommandError
 from edge_agent.context import AgentContext
 from edge_agent.protocol import (
@@ -102,6 +102,8 @@ class LearningLoop:
         if not config.data_dir:
             raise CommandError("no data_dir is configured; config.set data_dir first")
         settings = config.learning.updated(overrides)
+        # torch and the models come with the `learn` extra, which a serving-only device omits
+        require("torch", "learn", "on-device learning")
         from edge_agent.learner import Learner, load_local_data
 
         data = load_local_data(config.data_dir)

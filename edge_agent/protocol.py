@@ -1,8 +1,8 @@
 """The MQTT protocol of a bitfleet fleet: topics, signed frames, and the checks receivers make.
 
 This module is the one definition of what travels between devices, the broker and the laptop
-(DESIGN.md section 5). It is pure Python plus numpy and :mod:`edge_agent.codecs`: it builds and
-checks bytes, and never touches the network, so the agent, the CLI and the tests share it.
+(docs/design.md, section 5). It is pure Python plus numpy and :mod:`edge_agent.codecs`: it builds
+and checks bytes, and never touches the network, so the agent, the CLI and the tests share it.
 
 Topics live under ``bitfleet/<fleet>/`` (:class:`Topics`)::
 

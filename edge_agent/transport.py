@@ -395,7 +395,7 @@ class MqttTransport:
             # Half-close first: the broker sees the connection end without a DISCONNECT right
             # away (and publishes the will); the loop then stops before it could reconnect.
             sock = self._client.socket()
-            if sock is not None:
+            if isinstance(sock, socket.socket):  # TLS sockets too; paho's type is wider
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
             self._client.loop_stop()
@@ -788,9 +788,10 @@ class MqttTransport:
             return
         with self._lock:
             handlers = [h for f, (h, _) in self._subs.items() if mqtt.topic_matches_sub(f, topic)]
+        payload = bytes(message.payload)  # paho types it bytes | bytearray; handlers take bytes
         for handler in handlers:
             try:
-                handler(topic, message.payload)
+                handler(topic, payload)
             except Exception:
                 self.handler_errors += 1
                 logger.exception("%s: handler %r failed on %s", self.client_id, handler, topic)

@@ -1,7 +1,7 @@
 """XNOR + popcount kernels of the fast ONNX runtime (numpy + numba, torch-free).
 
 Only the fast runtime imports this module: numba costs about 60 MB of resident memory, which a
-device serving the portable flavour should not pay (DESIGN.md section 3).
+device serving the portable flavour should not pay (docs/design.md, section 3).
 
 How a binary convolution runs, and why it is laid out this way:
 

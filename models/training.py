@@ -2,7 +2,7 @@
 
 The laptop's trainer (:mod:`toolkit.train`), the gossip simulator (:mod:`toolkit.simulate`) and
 the device agent's learner (:mod:`edge_agent.learner`) must train the same way, or the
-simulator's figures say nothing about the fleet. The layering (DESIGN.md section 1) lets the
+simulator's figures say nothing about the fleet. The layering (docs/design.md, section 1) lets the
 agent import ``models`` but never ``toolkit``, so local training lives here, in one place:
 
 - steps: :func:`make_optimizer`, :func:`distillation_loss` and :func:`train_steps`, which runs

@@ -99,6 +99,8 @@ def test_base_install_has_no_torch_and_the_agent_serves(base_venv, mosquitto, tm
             str(key),
             "--http-port",
             "0",
+            "--data-dir",
+            str(tmp_path / "data"),
         ],
         env=env,
         cwd=tmp_path,
@@ -117,6 +119,10 @@ def test_base_install_has_no_torch_and_the_agent_serves(base_venv, mosquitto, tm
             assert np.asarray(reply["result"]["logits"]).shape == (2, 10)
             telemetry = fleet.command("pi-base", "status", timeout=30)["result"]["telemetry"]
             assert telemetry["torch_loaded"] is False
+            # learning needs the `learn` extra: an error reply naming it, and serving goes on
+            learn = fleet.command("pi-base", "learn.start", timeout=30)
+            assert not learn["ok"] and "pip install 'bitfleet[learn]'" in learn["error"], learn
+            assert fleet.infer("pi-base", batch, timeout=30)["ok"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

@@ -509,7 +509,8 @@ def test_merger_clear_discard_and_errors():
 
 
 def test_merge_torch_lenet5_state_dict():
-    torch = pytest.importorskip("torch")
+    import torch
+
     import models
 
     def numpy_state(seed: int) -> dict[str, np.ndarray]:

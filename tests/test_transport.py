@@ -15,13 +15,11 @@ from edge_agent.broker import (
     BrokerError,
     MosquittoBroker,
     free_port,
-    mosquitto_available,
     write_password_file,
 )
 from edge_agent.transport import MqttTransport, TransportError, parse_broker_url
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_mosquitto = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto not installed")
 
 
 def wait_for(predicate, timeout: float = 3.0) -> bool:
@@ -444,7 +442,6 @@ def test_waiting_for_an_absent_broker_warns_once_not_per_retry(transports, caplo
     assert "retrying" in warnings[0].getMessage() and len(retries) >= 2
 
 
-@needs_mosquitto
 def test_username_and_password(tmp_path, transports):
     passwd = write_password_file(tmp_path / "passwd", {"pi-01": "right", "laptop": "other"})
     assert (passwd.stat().st_mode & 0o777) == 0o600
@@ -460,7 +457,6 @@ def test_username_and_password(tmp_path, transports):
             assert not bad.connected
 
 
-@needs_mosquitto
 def test_broker_packet_limit_is_enforced_before_sending_on_mqtt5(transports):
     with MosquittoBroker(max_packet_size=2048) as broker:
         t = transports(broker.url, protocol="5")
@@ -475,7 +471,6 @@ def test_broker_packet_limit_is_enforced_before_sending_on_mqtt5(transports):
 # -- the broker helpers ------------------------------------------------------------------------
 
 
-@needs_mosquitto
 def test_mosquitto_start_failure_shows_its_log():
     broker = MosquittoBroker(extra_config="no_such_option 1")
     with pytest.raises(BrokerError, match="(?s)exited with status.*no_such_option"):
@@ -507,7 +502,6 @@ def tls_files(tmp_path):
     return tmp_path
 
 
-@needs_mosquitto
 def test_tls(tls_files, transports):
     port = free_port()
     listener = (

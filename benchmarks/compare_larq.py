@@ -1,4 +1,4 @@
-"""Bi-Real-18 training, bitfleet vs larq-zoo, measured side by side on this machine.
+"""Bi-Real-18 training, bitfleet vs larq-zoo, measured side by side on the same machine.
 
 Runs the two benchmark scripts alternately (bitfleet, larq, bitfleet, larq, ...) ``--repeats``
 times, each in a fresh process with the same thread count, and reports per framework the

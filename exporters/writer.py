@@ -27,7 +27,7 @@ __all__ = ["export"]
 def export(
     model_or_checkpoint: nn.Module | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    format: str = FORMAT_FAST,  # noqa: A002 - the issue's contract names it `format`
+    format: str = FORMAT_FAST,  # noqa: A002 - the public API names it `format`
     *,
     name: str | None = None,
     version: str = "1",

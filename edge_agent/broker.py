@@ -50,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from bitfleet.errors import BitfleetError
+from bitfleet.errors import BitfleetError, MissingExtraError, require
 
 __all__ = [
     "BrokerError",
@@ -448,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log amqtt at INFO level")
     args = parser.parse_args(argv)
+    try:
+        require("amqtt", "train", "the embedded broker")
+    except MissingExtraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
     import asyncio
     import logging

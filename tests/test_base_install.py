@@ -138,6 +138,9 @@ def test_base_install_names_the_extra_a_command_needs(base_venv):
     assert "pip install 'bitfleet[train]'" in result.stderr
     assert "Traceback" not in result.stderr
     assert _run(base_venv, "bitfleet", "--help").returncode == 0
+    broker = _run(base_venv, "python", "-m", "edge_agent.broker", "--port", "0")
+    assert broker.returncode == 1
+    assert "pip install 'bitfleet[train]'" in broker.stderr and "Traceback" not in broker.stderr
 
 
 @pytest.mark.slow

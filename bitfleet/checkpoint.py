@@ -8,8 +8,11 @@ Layout of a checkpoint directory::
 
 ``spec.json`` is written last and names the SHA-256 of every other file, so it is the commit
 point: a directory whose ``spec.json`` is missing or does not match its files is a torn write
-(a crash mid-save) and :func:`verify` says so instead of letting half a model load. Every file
-is written atomically (temp file, fsync, rename).
+(a crash mid-save) and :func:`verify` says so instead of letting half a model load. The spec
+also carries the SHA-256 of its own content (``"sha256"``, over the canonical JSON of every
+other key), because it decides what network the weights are loaded into: an edited quantizer or
+width would otherwise load silently as a different model. Every file is written atomically
+(temp file, fsync, rename).
 
 This module knows files, not networks: :mod:`models.checkpoint` saves and rebuilds a torch
 model through it, and torch-free code (a device, a script that lists runs) reads the spec and
@@ -19,6 +22,7 @@ directory is itself a checkpoint: its final weights sit at its top level.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -42,9 +46,12 @@ __all__ = [
     "verify",
     "load_tensors",
     "safetensors_metadata",
+    "seal",
 ]
 
-CHECKPOINT_FORMAT = "bitfleet-checkpoint/1"
+CHECKPOINT_FORMAT = "bitfleet-checkpoint/2"
+#: Read for compatibility: the same layout without the spec's own checksum.
+LEGACY_FORMATS = ("bitfleet-checkpoint/1",)
 MODEL_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -78,8 +85,24 @@ def write(
         "meta": json.loads(json.dumps(dict(meta), default=str)),
         "files": {name: sha256_file(path / name) for name in files},
     }
-    atomic_write_json(path / SPEC_FILE, document)
+    atomic_write_json(path / SPEC_FILE, seal(document))
     return path
+
+
+def _content_digest(document: Mapping[str, Any]) -> str:
+    content = {k: v for k, v in document.items() if k != "sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def seal(document: Mapping[str, Any]) -> dict[str, Any]:
+    """``document`` with its ``"sha256"``: the digest of the canonical JSON of the rest.
+
+    The digest does not depend on how the file is indented or its keys are ordered, only on
+    what it says.
+    """
+    content = {k: v for k, v in document.items() if k != "sha256"}
+    return {**content, "sha256": _content_digest(content)}
 
 
 def is_checkpoint(directory: str | os.PathLike[str]) -> bool:
@@ -108,10 +131,15 @@ def read_spec_file(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"{spec_path} is not valid JSON ({err}); the checkpoint is damaged"
         ) from None
-    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
-        found = document.get("format") if isinstance(document, dict) else None
+    found = document.get("format") if isinstance(document, dict) else None
+    if found not in (CHECKPOINT_FORMAT, *LEGACY_FORMATS):
         raise CheckpointError(
             f"{spec_path} has format {found!r}; this bitfleet reads {CHECKPOINT_FORMAT!r}"
+        )
+    if found == CHECKPOINT_FORMAT and document.get("sha256") != _content_digest(document):
+        raise CheckpointError(
+            f"{spec_path} does not match its own checksum: it was edited or damaged after the "
+            "save; restore it or re-save the model"
         )
     return document
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from bitfleet import checkpoint as checkpoint_format
 from models import checkpoint
 from models.checkpoint import CheckpointError
 from models.training import make_optimizer
@@ -159,7 +160,8 @@ def test_edited_spec_args_do_not_match_the_weights(saved):
     _, _, path = saved
     document = json.loads((path / "spec.json").read_text())
     document["model"]["args"]["width"] = 0.25
-    (path / "spec.json").write_text(json.dumps(document))
+    # sealed again: a consistent spec that names another architecture (copied from another run)
+    (path / "spec.json").write_text(json.dumps(checkpoint_format.seal(document)))
     with pytest.raises(CheckpointError, match="do not match"):
         checkpoint.load(path)
 
@@ -168,7 +170,7 @@ def test_spec_naming_an_unknown_model(saved):
     _, _, path = saved
     document = json.loads((path / "spec.json").read_text())
     document["model"]["name"] = "bireal99"
-    (path / "spec.json").write_text(json.dumps(document))
+    (path / "spec.json").write_text(json.dumps(checkpoint_format.seal(document)))
     with pytest.raises(CheckpointError, match="cannot rebuild"):
         checkpoint.load(path)
 
@@ -210,3 +212,32 @@ def test_model_without_spec_cannot_be_saved(tmp_path):
     with pytest.raises(models.SpecError):
         checkpoint.save(torch.nn.Linear(2, 2), tmp_path / "c")
     assert not (tmp_path / "c" / "spec.json").exists()
+
+
+def test_an_edited_spec_fails_its_own_checksum(saved):
+    _, _, path = saved
+    document = json.loads((path / "spec.json").read_text())
+    layer_args = json.dumps(document["model"])
+    assert "approx_sign" in layer_args or "ste_sign" in layer_args
+    document["model"] = json.loads(layer_args.replace("approx_sign", "ste_sign", 1))
+    (path / "spec.json").write_text(json.dumps(document, indent=2))
+    with pytest.raises(CheckpointError, match=r"spec\.json does not match its own checksum"):
+        checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="its own checksum"):
+        checkpoint.load(path, verify=False)  # the spec decides the network: always checked
+
+
+def test_reformatting_the_spec_keeps_it_valid(saved):
+    _, _, path = saved
+    document = json.loads((path / "spec.json").read_text())
+    (path / "spec.json").write_text(json.dumps(dict(reversed(document.items())), indent=7))
+    checkpoint.load(path)
+
+
+def test_a_legacy_spec_without_its_own_checksum_still_loads(saved):
+    _, _, path = saved
+    document = json.loads((path / "spec.json").read_text())
+    del document["sha256"]
+    document["format"] = "bitfleet-checkpoint/1"
+    (path / "spec.json").write_text(json.dumps(document))
+    checkpoint.load(path)

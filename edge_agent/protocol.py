@@ -15,27 +15,39 @@ Topics live under ``bitfleet/<fleet>/`` (:class:`Topics`)::
     bitfleet/<fleet>/artifacts/<name>/<version>   manifests and chunks for rollout
 
 Every frame carries an envelope: schema version ``v`` (:data:`SCHEMA_VERSION`), ``type``,
-``sender``, ``ts`` (unix seconds) and a random ``nonce`` (16 bytes, 32 hex characters), and is
-signed with HMAC-SHA256 under :meth:`Keyring.key_for` of its sender. Two encodings:
+``sender``, ``ts`` (unix seconds) and a random ``nonce`` (16 bytes, 32 lowercase hex
+characters), and is signed with HMAC-SHA256 under :meth:`Keyring.key_for` of its sender, over
+the exact bytes that travel: a receiver checks the signature over the bytes it received and
+never re-serialises anything, so a client in any language may format its JSON as it likes
+(key order, spacing, ``1796109625.500000`` for a float). Two encodings (docs/protocol.md
+describes both byte for byte, with a signed ``ping`` sent from a shell):
 
 - **JSON frames** (commands, replies, state, telemetry, inference) are one UTF-8 JSON object
-  ``{"v", "type", "sender", "ts", "nonce", "body": {...}, "sig": "<hex>"}``; the signature is
-  over the canonical JSON (sorted keys, no spaces, UTF-8) of the object without ``"sig"``.
+  ``{"v": 2, "sender": "<id>", "payload": "<JSON text>", "sig": "<hex>"}``. ``payload`` is a
+  JSON string holding the envelope and body as JSON text,
+  ``{"v", "type", "sender", "ts", "nonce", "body": {...}}``; ``sig`` is the HMAC over the
+  UTF-8 bytes of that string. The outer ``sender`` names the key to verify with, so the
+  payload is authenticated before it is parsed; it must equal the ``sender`` inside.
 - **Binary frames** (gossip tensors, chunks, artifact chunks) are laid out as::
 
-      b"BFF1" | header length (uint32, big-endian) | header (canonical JSON) | body | HMAC (32)
+      MAGIC (b"BFF2") | header length (uint32, big-endian) | header (JSON) | body | HMAC (32)
 
   where the header holds the envelope plus type-specific fields (``codec`` for gossip) and the
   HMAC covers every byte before it. Tensors travel as :mod:`edge_agent.codecs` payloads
-  (safetensors, never pickle).
+  (safetensors, never pickle). The digit of :data:`MAGIC` is the schema version.
 
 A receiver trusts nothing it has not checked. :meth:`FrameVerifier.open` drops a frame with
-:class:`FrameRejected`, whose ``reason`` is one of :data:`DROP_REASONS`, checked in this order:
-``oversized`` (before parsing anything), ``malformed``, ``version``, ``unsigned``, ``forged``,
-``stale``, ``future``, ``replayed``. The signature is checked before the nonce is recorded, so a
-forged frame cannot poison the replay cache; :meth:`FrameVerifier.open_tensors` adds
-``bad_tensor`` (names, shapes, dtype kinds, NaN/Inf). The verifier counts every drop in its
-:class:`DropCounter`, which the agent reports in telemetry::
+:class:`FrameRejected`, whose ``reason`` is one of :data:`DROP_REASONS`: ``oversized`` (before
+parsing anything), then ``malformed`` or ``version`` for a frame whose outer layout (the JSON
+wrapper; the binary framing and header) it cannot read or whose version is not its own, then
+``unsigned`` and ``forged``; only a frame whose signature verifies has its payload parsed and
+its envelope checked (``malformed``, ``version``; ``forged`` for a payload whose sender is not
+the one the frame was verified as), and then ``stale``, ``future``, ``replayed``. The signature
+is checked before the nonce is recorded, so a forged frame cannot poison the replay cache;
+:meth:`FrameVerifier.open_tensors` adds ``bad_tensor`` (names, shapes, dtype kinds, NaN/Inf).
+The verifier counts every drop in its :class:`DropCounter`, which the agent reports in
+telemetry, and logs it at debug level on the ``bitfleet.protocol`` logger, with the reason and
+the sender (and topic) where known, so ``--log-level debug`` shows why a frame vanished::
 
     from edge_agent.protocol import FrameVerifier, Keyring, Topics, seal_tensors
 
@@ -85,10 +97,12 @@ to a peer whose replay cache has never seen it.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import heapq
 import hmac
 import json
+import logging
 import math
 import os
 import re
@@ -99,7 +113,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, ParamSpec, TypeGuard, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -160,11 +174,15 @@ __all__ = [
     "validate_name",
 ]
 
-SCHEMA_VERSION = 1
-"""The envelope version every frame carries as ``v``; receivers drop any other."""
+SCHEMA_VERSION = 2
+"""The protocol version every frame carries as ``v`` (and binary frames in :data:`MAGIC`).
 
-MAGIC = b"BFF1"
-"""The first four bytes of a binary frame (bitfleet frame, layout 1)."""
+Receivers drop a frame of any other version as ``"version"``. Version 1 signed a JSON frame
+over a re-serialised canonical form of it; version 2 signs the bytes that travel.
+"""
+
+MAGIC = b"BFF%d" % SCHEMA_VERSION
+"""The first four bytes of a binary frame: ``b"BFF"`` and the schema version's digit."""
 
 MIN_KEY_BYTES = 32
 """Shortest key accepted: 256 bits, the output size of SHA-256."""
@@ -238,19 +256,26 @@ DROP_REASONS: tuple[str, ...] = (
     "replayed",
     "bad_tensor",
 )
-"""Why a frame was dropped, in the order :meth:`FrameVerifier.open` checks (then tensors).
+"""Why a frame was dropped, roughly in the order :meth:`FrameVerifier.open` checks (then tensors).
 
+Exactly: ``oversized``; ``malformed``/``version`` for the outer layout (JSON wrapper, binary
+framing and header); ``unsigned``; ``forged``; then, for the verified payload, ``malformed``/
+``version`` (and ``forged`` if it names another sender); ``stale``; ``future``; ``replayed``.
 The reassembler adds ``"chunk_overflow"`` and ``"chunk_timeout"``.
 """
 
+_MAGIC_FAMILY = MAGIC[:3]  # a binary frame of any version starts with these
 _ROOT = "bitfleet"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX_RE = re.compile(r"[0-9a-f]*")
+_SIG_RE = re.compile(r"[0-9a-fA-F]*")
 _NONCE_BYTES = 16
 _MAC_BYTES = 32
 _LEN = struct.Struct(">I")
 _ENVELOPE = ("v", "type", "sender", "ts", "nonce")
-_JSON_KEYS = frozenset([*_ENVELOPE, "body", "sig"])
+_JSON_KEYS = frozenset([*_ENVELOPE, "body"])  # the payload of a JSON frame
+_WRAPPER_KEYS = frozenset(["v", "sender", "payload", "sig"])  # the JSON frame around it
+_JSON_WHITESPACE = b" \t\r\n"
 _CHUNK = FrameKind.CHUNK
 _GOSSIP = FrameKind.GOSSIP
 _DEV = "dev"
@@ -259,6 +284,8 @@ _ANY_ONE = "+"  # MQTT wildcard: one topic level
 _ANY_BELOW = "#"  # MQTT wildcard: every level below
 _DEFAULT_DEPLOY_TIMEOUT_S = 60.0
 _CHUNK_OVERHEAD = 1024  # header + signature bytes a chunk frame may add to its slice
+
+log = logging.getLogger("bitfleet.protocol")
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -460,10 +487,17 @@ class FrameRejected(ProtocolError):
     Args:
         reason: a short machine-readable reason, the key of the drop counter.
         detail: a human-readable explanation, shortened to one line.
+
+    Attributes:
+        sender: the sender the frame claims, once the verifier has read it (else ``None``;
+            claimed, not proven, unless the reason comes after the signature check).
+        frame_type: the frame's ``type``, once the verifier has read it (else ``None``).
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:
         self.detail = _one_line(detail)
+        self.sender: str | None = None
+        self.frame_type: str | None = None
         super().__init__(f"{reason}: {self.detail}" if self.detail else reason, reason)
 
 
@@ -501,11 +535,19 @@ class Frame:
 
 
 def _canonical(obj: Any) -> bytes:
-    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN/Inf. The bytes that get signed."""
+    """Sorted keys, no spaces, UTF-8, no NaN/Inf: how this module writes a binary header.
+
+    Receivers never re-serialise: they verify the bytes they get, so any JSON formatting works.
+    """
     text = json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
     return text.encode("utf-8")
+
+
+def _compact(obj: Any) -> str:
+    """JSON text in the object's own key order, no spaces, no NaN/Inf: a JSON frame's payload."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _envelope(type: str, sender: str, now: float | None) -> dict[str, Any]:
@@ -533,23 +575,29 @@ def seal_json(
 ) -> bytes:
     """A signed JSON frame of ``type`` carrying ``body`` (a JSON object with string keys).
 
+    The frame is ``{"v": 2, "sender": sender, "payload": text, "sig": hex}``: ``text`` is the
+    JSON of ``{"v", "type", "sender", "ts", "nonce", "body"}`` and ``sig`` the HMAC-SHA256 of
+    its UTF-8 bytes under ``keyring.key_for(sender)``.
+
     ``now`` overrides the timestamp (unix seconds). Raises :class:`ProtocolError` for an invalid
     type or sender, or a body that does not survive a JSON round trip unchanged (non-string
-    keys, NaN/Inf, objects JSON cannot hold).
+    keys, NaN/Inf, lone surrogates, objects JSON cannot hold).
     """
     if not isinstance(body, Mapping):
         raise ProtocolError(f"body must be a JSON object, got {body.__class__.__name__}")
     obj = _envelope(type, sender, now)
     obj["body"] = dict(body)
     try:
-        signed = _canonical(obj)
-        stable = _canonical(json.loads(signed)) == signed
-    except (TypeError, ValueError) as exc:
+        text = _compact(obj)
+        stable = _compact(json.loads(text)) == text
+        signed = text.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise ProtocolError(f"body is not JSON: {_one_line(exc)}") from None
     if not stable:
         raise ProtocolError("body does not survive a JSON round trip (non-string keys?)")
-    obj["sig"] = hmac.new(keyring.key_for(sender), signed, hashlib.sha256).hexdigest()
-    return _canonical(obj)
+    sig = hmac.new(keyring.key_for(sender), signed, hashlib.sha256).hexdigest()
+    frame = {"v": SCHEMA_VERSION, "sender": sender, "payload": text, "sig": sig}
+    return _compact(frame).encode("utf-8")
 
 
 def seal_binary(
@@ -664,6 +712,28 @@ class DeployArgs:
     timeout_s: float = _DEFAULT_DEPLOY_TIMEOUT_S
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _logs_refusals(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Make a parser of received bodies log each body it refuses, at debug level."""
+
+    def decorate(parse: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(parse)
+        def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return parse(*args, **kwargs)
+            except ProtocolError as err:
+                fate = "answered with an error" if err.reply is not None else "dropped"
+                log.debug("refused %s body (%s): reason=%s: %s", what, fate, err.reason, err)
+                raise
+
+        return checked
+
+    return decorate
+
+
 def _request_id(body: Mapping[str, Any]) -> str | int | None:
     value = body.get("id")
     if value is None or isinstance(value, str) or _is_int(value):
@@ -728,6 +798,7 @@ def command_body(
     return body
 
 
+@_logs_refusals("command")
 def parse_command(body: Any, *, target: str | None = None) -> CommandRequest:
     """Check a command body; with ``target``, also that it is addressed to that device.
 
@@ -770,6 +841,7 @@ def reply_body(
     return {"id": request_id, "name": name, "ok": True, "result": result}
 
 
+@_logs_refusals("reply")
 def parse_reply(body: Any) -> Reply:
     """Check a reply body; :class:`ProtocolError` unless it is what :func:`reply_body` builds."""
     if not isinstance(body, Mapping):
@@ -797,6 +869,7 @@ def infer_body(inputs: Any, id: str | int) -> dict[str, Any]:
     return body
 
 
+@_logs_refusals("infer")
 def parse_infer(body: Any) -> InferRequest:
     """Check an inference request body (``inputs`` are checked by :func:`decode_inputs`)."""
     if not isinstance(body, Mapping):
@@ -908,17 +981,23 @@ def gossip_info(frame: Frame) -> GossipInfo:
 def expect_json(frame: Frame, kind: str) -> dict[str, Any]:
     """The JSON body of ``frame`` if it is a JSON frame of type ``kind``, else ProtocolError."""
     if frame.type != kind or frame.binary:
-        shape = "binary" if frame.binary else "JSON"
-        raise ProtocolError(f"expected a JSON {kind!r} frame, got a {shape} {frame.type!r} frame")
+        raise _wrong_kind(frame, "JSON", kind)
     return frame.header
 
 
 def expect_binary(frame: Frame, kind: str) -> Frame:
     """``frame`` if it is a binary frame of type ``kind``, else ProtocolError."""
     if frame.type != kind or not frame.binary:
-        shape = "binary" if frame.binary else "JSON"
-        raise ProtocolError(f"expected a binary {kind!r} frame, got a {shape} {frame.type!r} frame")
+        raise _wrong_kind(frame, "binary", kind)
     return frame
+
+
+def _wrong_kind(frame: Frame, shape: str, kind: str) -> ProtocolError:
+    got = "binary" if frame.binary else "JSON"
+    err = ProtocolError(f"expected a {shape} {kind!r} frame, got a {got} {frame.type!r} frame")
+    what = f"reason={err.reason} sender={frame.sender} type={frame.type}"
+    log.debug("refused frame: %s: %s", what, err)
+    return err
 
 
 # ------------------------------------------------------------------------------------ counters
@@ -1131,6 +1210,16 @@ class Reassembler:
     def _expire(self, now: float) -> int:
         old = [k for k, t in self._transfers.items() if now - t.last_seen > self.timeout_s]
         for key in old:
+            transfer = self._transfers[key]
+            log.debug(
+                "dropped transfer: reason=chunk_timeout sender=%s: transfer %s idle over %.0f s "
+                "with %d of %d chunks",
+                key[0],
+                key[1],
+                self.timeout_s,
+                len(transfer.chunks),
+                transfer.total,
+            )
             self._drop(key)
         if old and self._drops is not None:
             self._drops.count("chunk_timeout", len(old))
@@ -1249,33 +1338,59 @@ def _reject_constant(name: str) -> Any:
 
 
 def _loads(data: bytes, what: str) -> dict[str, Any]:
-    """A JSON object from UTF-8 bytes (NaN/Infinity refused), or ``FrameRejected("malformed")``."""
+    r"""A JSON object from UTF-8 bytes, or ``FrameRejected("malformed")``.
+
+    Refused: invalid UTF-8, NaN/Infinity, and strings holding a lone surrogate (``"\ud800"``),
+    which no UTF-8 text can hold and no reply could echo.
+    """
     try:
         obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if b"\\u" in data:  # only a \u escape can smuggle in a lone surrogate
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
         raise FrameRejected("malformed", f"{what}: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
         raise FrameRejected("malformed", f"{what} is not a JSON object")
     return obj
 
 
-def _check_envelope(obj: dict[str, Any]) -> tuple[str, str, float, str]:
-    """Version, then the envelope fields' types: ``(type, sender, ts, nonce)``."""
+def _check_version(obj: Mapping[str, Any], what: str) -> None:
+    """``FrameRejected``: ``"malformed"`` without an integer ``v``, ``"version"`` for another."""
     v = obj.get("v")
     if not _is_int(v):
-        raise FrameRejected("malformed", "missing or non-integer schema version 'v'")
+        raise FrameRejected("malformed", f"{what}: missing or non-integer version 'v'")
     if v != SCHEMA_VERSION:
-        raise FrameRejected("version", f"schema version {v}, this receiver speaks {SCHEMA_VERSION}")
-    ftype, sender, ts, nonce = (obj.get(k) for k in ("type", "sender", "ts", "nonce"))
-    if not isinstance(ftype, str) or not _NAME_RE.fullmatch(ftype):
-        raise FrameRejected("malformed", "missing or invalid 'type'")
+        raise FrameRejected(
+            "version", f"{what} of version {v}, this receiver speaks {SCHEMA_VERSION}"
+        )
+
+
+def _check_sender(sender: Any) -> str:
     if not isinstance(sender, str) or not _NAME_RE.fullmatch(sender):
         raise FrameRejected("malformed", "missing or invalid 'sender'")
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+    return sender
+
+
+def _check_fields(obj: Mapping[str, Any]) -> tuple[str, float, str]:
+    """The other envelope fields of a verified frame, checked: ``(type, ts, nonce)``."""
+    ftype, ts, nonce = (obj.get(k) for k in ("type", "ts", "nonce"))
+    if not isinstance(ftype, str) or not _NAME_RE.fullmatch(ftype):
+        raise FrameRejected("malformed", "missing or invalid 'type'")
+    try:
+        when = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else math.nan
+    except OverflowError:  # an integer beyond any float
+        when = math.nan
+    if not math.isfinite(when):
         raise FrameRejected("malformed", "missing or non-numeric timestamp 'ts'")
     if not isinstance(nonce, str) or len(nonce) != 2 * _NONCE_BYTES or not _HEX_RE.fullmatch(nonce):
         raise FrameRejected("malformed", "nonce must be 32 lowercase hex characters")
-    return ftype, sender, float(ts), nonce
+    return ftype, when, nonce
+
+
+def _rejected(reason: str, detail: str, frame: Frame) -> FrameRejected:
+    exc = FrameRejected(reason, detail)
+    exc.sender, exc.frame_type = frame.sender, frame.type
+    return exc
 
 
 class FrameVerifier:
@@ -1326,38 +1441,47 @@ class FrameVerifier:
             timeout_s=reassembly_timeout_s, max_bytes=reassembly_max_bytes, drops=self.drops
         )
 
-    def open(self, payload: bytes, *, retained: bool = False) -> Frame:
+    def open(self, payload: bytes, *, retained: bool = False, topic: str | None = None) -> Frame:
         """Parse and verify one frame; raises :class:`FrameRejected` if it must be dropped.
 
         ``retained=True`` is for retained messages (MQTT ``msg.retain``, e.g. ``state`` and its
         last will), which the broker hands out again, long after they were sealed: their age and
         nonce are not checked (everything else is), so compare ``ts`` with the newest frame seen
-        from that sender before acting on one.
+        from that sender before acting on one. ``topic``, where given, is named in the debug log
+        line of a dropped frame.
         """
         try:
             return self._open(payload, self.max_frame_bytes, fresh=not retained)
         except FrameRejected as exc:
-            self.drops.count(exc.reason)
+            self._dropped(exc, topic)
             raise
 
     def open_tensors(
         self,
         payload: bytes | Frame,
         expected: Mapping[str, tuple[tuple[int, ...], npt.DTypeLike]] | None = None,
+        *,
+        topic: str | None = None,
     ) -> tuple[Frame, dict[str, np.ndarray]]:
         """Open a ``"gossip"`` frame and decode its tensors, checked with :func:`check_tensors`.
 
         ``payload`` is raw bytes, or a gossip :class:`Frame` that :meth:`receive` already
         opened (a model big enough to be chunked). Returns the frame and the tensors.
         """
+        frame: Frame | None = None
         try:
-            frame = payload if isinstance(payload, Frame) else self._open(payload)
-            return frame, self._tensors(frame, expected)
+            opened = payload if isinstance(payload, Frame) else self._open(payload)
+            frame = opened
+            return opened, self._tensors(opened, expected)
         except FrameRejected as exc:
-            self.drops.count(exc.reason)
+            if frame is not None and exc.sender is None:
+                exc.sender, exc.frame_type = frame.sender, frame.type
+            self._dropped(exc, topic)
             raise
 
-    def receive(self, payload: bytes, *, retained: bool = False) -> Frame | None:
+    def receive(
+        self, payload: bytes, *, retained: bool = False, topic: str | None = None
+    ) -> Frame | None:
         """Open a frame, reassembling chunked ones: the frame, or ``None`` while incomplete.
 
         A chunk frame feeds :attr:`reassembler`; when its transfer completes, the payload (a
@@ -1367,6 +1491,7 @@ class FrameVerifier:
         the chunks' nor the inner frame's age and nonce are checked.
         """
         fresh = not retained
+        frame: Frame | None = None
         try:
             frame = self._open(payload, fresh=fresh)
             if frame.type != _CHUNK:
@@ -1374,13 +1499,24 @@ class FrameVerifier:
             whole = self.reassembler.add(frame)
             if whole is None:
                 return None
+            frame = None  # what fails from here on is the inner frame
             inner = self._open(whole, self.reassembler.max_bytes, fresh=fresh)
             if inner.type == _CHUNK:
-                raise FrameRejected("malformed", "a chunked transfer holds another chunk")
+                raise _rejected("malformed", "a chunked transfer holds another chunk", inner)
             return inner
         except FrameRejected as exc:
-            self.drops.count(exc.reason)
+            if frame is not None and exc.sender is None:
+                exc.sender, exc.frame_type = frame.sender, frame.type
+            self._dropped(exc, topic)
             raise
+
+    def _dropped(self, exc: FrameRejected, topic: str | None) -> None:
+        """Count a dropped frame, and say why on the debug log."""
+        self.drops.count(exc.reason)
+        if log.isEnabledFor(logging.DEBUG):
+            known = [("sender", exc.sender), ("type", exc.frame_type), ("topic", topic)]
+            where = "".join(f" {k}={v}" for k, v in known if v is not None)
+            log.debug("dropped frame: reason=%s%s: %s", exc.reason, where, exc.detail)
 
     # The checks themselves; they raise FrameRejected and count nothing.
 
@@ -1408,54 +1544,74 @@ class FrameVerifier:
             raise FrameRejected("oversized", f"{len(payload)} bytes, limit {limit}")
         payload = bytes(payload)
         if payload[:4] == MAGIC:
-            frame, signed, sig, expected_sig = self._parse_binary(payload)
-        elif payload[:1] == b"{":
-            frame, signed, sig, expected_sig = self._parse_json(payload)
+            frame = self._open_binary(payload)
+        elif payload[: len(_MAGIC_FAMILY)] == _MAGIC_FAMILY:
+            raise FrameRejected(
+                "version", f"binary frame layout {payload[:4]!r}, this receiver speaks {MAGIC!r}"
+            )
+        elif payload.lstrip(_JSON_WHITESPACE)[:1] == b"{":
+            frame = self._open_json(payload)
         else:
             raise FrameRejected("malformed", f"unknown frame start {payload[:4]!r}")
-        if not sig:
-            raise FrameRejected("unsigned", f"{frame.type!r} frame from {frame.sender!r}")
-        if not hmac.compare_digest(sig, expected_sig(self.keyring.key_for(frame.sender), signed)):
-            raise FrameRejected(
-                "forged", f"bad signature on {frame.type!r} frame from {frame.sender!r}"
-            )
         now = self._clock()
         if fresh and frame.ts < now - self.max_age_s:
-            raise FrameRejected("stale", f"{now - frame.ts:.1f} s old")
+            raise _rejected("stale", f"{now - frame.ts:.1f} s old", frame)
         if frame.ts > now + self.max_future_s:
-            raise FrameRejected("future", f"dated {frame.ts - now:.1f} s ahead")
+            raise _rejected("future", f"dated {frame.ts - now:.1f} s ahead", frame)
         if fresh:
             with self._lock:
                 if not self._nonces.add((frame.sender, frame.nonce), frame.ts, now):
-                    raise FrameRejected(
-                        "replayed", f"nonce {frame.nonce} from {frame.sender!r} seen before"
-                    )
+                    raise _rejected("replayed", f"nonce {frame.nonce} seen before", frame)
         return frame
 
-    @staticmethod
-    def _parse_json(payload: bytes) -> tuple[Frame, bytes, Any, Callable[[bytes, bytes], Any]]:
-        obj = _loads(payload, "JSON frame")
-        ftype, sender, ts, nonce = _check_envelope(obj)
-        unknown = sorted(set(obj) - _JSON_KEYS)
+    def _open_json(self, payload: bytes) -> Frame:
+        """A JSON frame: read the wrapper, verify ``sig`` over ``payload``, then parse it."""
+        wrapper = _loads(payload, "JSON frame")
+        _check_version(wrapper, "JSON frame")
+        unknown = sorted(set(wrapper) - _WRAPPER_KEYS)
         if unknown:
             raise FrameRejected("malformed", f"unknown fields {_few(unknown)}")
-        body = obj.get("body")
-        if not isinstance(body, dict):
-            raise FrameRejected("malformed", "'body' must be a JSON object")
-        sig = obj.pop("sig", None)
-        if sig is not None and not isinstance(sig, str):
-            raise FrameRejected("malformed", "'sig' must be a hex string")
-        if sig and (len(sig) != 2 * _MAC_BYTES or not _HEX_RE.fullmatch(sig)):
-            raise FrameRejected("malformed", "'sig' must be 64 lowercase hex characters")
+        sender = _check_sender(wrapper.get("sender"))
+        ftype: str | None = None
         try:
-            signed = _canonical(obj)
-        except (ValueError, UnicodeEncodeError, RecursionError) as exc:  # lone surrogates etc.
-            raise FrameRejected("malformed", f"not canonical JSON: {exc}") from None
-        frame = Frame(SCHEMA_VERSION, ftype, sender, ts, nonce, body)
-        return frame, signed, sig, _hex_mac
+            text, sig = wrapper.get("payload"), wrapper.get("sig")
+            if not isinstance(text, str):
+                raise FrameRejected("malformed", "'payload' must be a JSON string")
+            if sig is not None and not isinstance(sig, str):
+                raise FrameRejected("malformed", "'sig' must be a hex string")
+            if sig and (len(sig) != 2 * _MAC_BYTES or not _SIG_RE.fullmatch(sig)):
+                raise FrameRejected("malformed", "'sig' must be 64 hex characters")
+            if not sig:
+                raise FrameRejected("unsigned", "no 'sig'")
+            try:
+                signed = text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") has no UTF-8 bytes
+                raise FrameRejected("malformed", "'payload' is not valid Unicode") from None
+            expected = hmac.new(self.keyring.key_for(sender), signed, hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(sig.lower(), expected):
+                raise FrameRejected("forged", "bad signature")
+            # Signed by the key of `sender`: only now is the payload parsed.
+            inner = _loads(signed, "JSON frame payload")
+            claimed = inner.get("type")
+            ftype = claimed if isinstance(claimed, str) and _NAME_RE.fullmatch(claimed) else None
+            _check_version(inner, "payload")
+            named = _check_sender(inner.get("sender"))
+            ftype, ts, nonce = _check_fields(inner)
+            if named != sender:
+                raise FrameRejected("forged", f"signed as {sender!r}, the payload names {named!r}")
+            unknown = sorted(set(inner) - _JSON_KEYS)
+            if unknown:
+                raise FrameRejected("malformed", f"unknown payload fields {_few(unknown)}")
+            body = inner.get("body")
+            if not isinstance(body, dict):
+                raise FrameRejected("malformed", "'body' must be a JSON object")
+        except FrameRejected as exc:
+            exc.sender, exc.frame_type = sender, ftype
+            raise
+        return Frame(SCHEMA_VERSION, ftype, sender, ts, nonce, body)
 
-    @staticmethod
-    def _parse_binary(payload: bytes) -> tuple[Frame, bytes, Any, Callable[[bytes, bytes], Any]]:
+    def _open_binary(self, payload: bytes) -> Frame:
+        """A binary frame: read the header's version and sender, verify the HMAC, then the rest."""
         if len(payload) < len(MAGIC) + _LEN.size + _MAC_BYTES:
             raise FrameRejected("malformed", f"binary frame of {len(payload)} bytes is too short")
         (hlen,) = _LEN.unpack_from(payload, len(MAGIC))
@@ -1466,23 +1622,25 @@ class FrameVerifier:
                 "malformed", f"header length {hlen} overruns a {len(payload)}-byte frame"
             )
         header = _loads(payload[start:end], "binary frame header")
-        ftype, sender, ts, nonce = _check_envelope(header)
+        _check_version(header, "binary frame")
+        sender = _check_sender(header.get("sender"))
+        claimed = header.get("type")
+        ftype = claimed if isinstance(claimed, str) and _NAME_RE.fullmatch(claimed) else None
+        try:
+            signed, sig = payload[:-_MAC_BYTES], payload[-_MAC_BYTES:]
+            if sig == bytes(_MAC_BYTES):
+                raise FrameRejected("unsigned", "all-zero MAC")
+            expected = hmac.new(self.keyring.key_for(sender), signed, hashlib.sha256).digest()
+            if not hmac.compare_digest(sig, expected):
+                raise FrameRejected("forged", "bad signature")
+            ftype, ts, nonce = _check_fields(header)
+        except FrameRejected as exc:
+            exc.sender, exc.frame_type = sender, ftype
+            raise
         fields = {k: v for k, v in header.items() if k not in _ENVELOPE}
-        signed, sig = payload[:-_MAC_BYTES], payload[-_MAC_BYTES:]
-        if sig == bytes(_MAC_BYTES):
-            sig = b""  # an all-zero MAC is how an unsigned binary frame looks
-        frame = Frame(
+        return Frame(
             SCHEMA_VERSION, ftype, sender, ts, nonce, fields, payload[end:-_MAC_BYTES], True
         )
-        return frame, signed, sig, _raw_mac
-
-
-def _raw_mac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
-
-
-def _hex_mac(key: bytes, data: bytes) -> str:
-    return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def _one_line(text: object, limit: int = 200) -> str:

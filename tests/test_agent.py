@@ -35,6 +35,7 @@ from edge_agent.protocol import (
     Command,
     CommandRequest,
     FrameKind,
+    FrameVerifier,
     Keyring,
     Topics,
     parse_reply,
@@ -343,7 +344,7 @@ def test_bad_commands_are_answered_and_misaddressed_ones_dropped(
         fleet.transport.publish_and_wait(topics.cmd("pi-01"), frame)
 
     send({"id": "x1", "target": "pi-01", "name": "ping", "args": [1]})
-    reply = parse_reply(json.loads(replies.get(timeout=10))["body"])
+    reply = parse_reply(FrameVerifier(keys).open(replies.get(timeout=10)).json)
     assert reply.id == "x1" and not reply.ok and "args of 'ping'" in reply.error
     before = agent.drop_counts()
     send({"id": "x2", "target": "pi-02", "name": "ping"})  # sealed for another device
@@ -358,7 +359,7 @@ def test_bad_commands_are_answered_and_misaddressed_ones_dropped(
     assert agent.drop_counts()["bad_request"] == before.get("bad_request", 0) + 1
     assert fleet.command("pi-01", "ping")["ok"]
     # the next reply is the ping's: x2 and x3 got none
-    assert parse_reply(json.loads(replies.get(timeout=10))["body"]).name == Command.PING
+    assert parse_reply(FrameVerifier(keys).open(replies.get(timeout=10)).json).name == Command.PING
     assert replies.empty()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import random
 import struct
 import threading
@@ -117,11 +118,22 @@ def gossip(tensors=None, **kwargs) -> bytes:
     return seal_tensors(model() if tensors is None else tensors, **kwargs)
 
 
-def signed_json(obj: dict, key: bytes = FLEET_KEY) -> bytes:
-    """A JSON frame from an arbitrary object, correctly signed: for crafting odd frames."""
-    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    sig = hmac.new(key, canon.encode(), hashlib.sha256).hexdigest()
-    return json.dumps({**obj, "sig": sig}).encode()
+def signed_json(inner: dict | str, key: bytes = FLEET_KEY, **wrapper) -> bytes:
+    """A JSON frame around an arbitrary payload, correctly signed: for crafting odd frames.
+
+    ``inner`` is the payload object (written with json.dumps' default spacing) or its exact
+    text; the wrapper's ``sender`` is the payload's unless ``wrapper`` says otherwise.
+    """
+    text = inner if isinstance(inner, str) else json.dumps(inner)
+    sig = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+    sender = inner.get("sender") if isinstance(inner, dict) else "laptop"
+    frame = {"v": SCHEMA_VERSION, "sender": sender, "payload": text, "sig": sig, **wrapper}
+    return json.dumps(frame).encode()
+
+
+def payload_of(frame: bytes) -> dict:
+    """The payload object of a JSON frame (envelope and body), unverified."""
+    return json.loads(json.loads(frame)["payload"])
 
 
 def signed_binary(header: dict, body: bytes, key: bytes = FLEET_KEY) -> bytes:
@@ -132,7 +144,7 @@ def signed_binary(header: dict, body: bytes, key: bytes = FLEET_KEY) -> bytes:
 
 
 def envelope(**fields) -> dict:
-    base = {"v": 1, "type": "cmd", "sender": "laptop", "ts": NOW, "nonce": "ab" * 16}
+    base = {"v": SCHEMA_VERSION, "type": "cmd", "sender": "laptop", "ts": NOW, "nonce": "ab" * 16}
     return {**base, **fields}
 
 
@@ -230,26 +242,29 @@ def test_json_frame_round_trip():
     v = verifier()
     frame = v.open(seal_json("reply", {"id": "c1", "ok": True, "x": [1.5, "é"]},
                              sender="pi-2", keyring=KEYS, now=NOW))  # fmt: skip
-    assert (frame.version, frame.type, frame.sender, frame.ts) == (1, "reply", "pi-2", NOW)
+    assert (frame.version, frame.type, frame.sender, frame.ts) == (2, "reply", "pi-2", NOW)
     assert len(frame.nonce) == 32 and int(frame.nonce, 16) >= 0
     assert frame.json == {"id": "c1", "ok": True, "x": [1.5, "é"]}
     assert frame.body == b"" and not frame.binary
     assert v.drops.total == 0
 
 
-def test_json_frame_layout_is_canonical_and_signed():
+def test_json_frame_layout_signs_the_payload_bytes():
     payload = cmd()
     obj = json.loads(payload)
-    assert set(obj) == {"v", "type", "sender", "ts", "nonce", "body", "sig"}
-    assert obj["v"] == SCHEMA_VERSION
-    sig = obj.pop("sig")
-    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    assert sig == hmac.new(FLEET_KEY, canon, hashlib.sha256).hexdigest()
+    assert list(obj) == ["v", "sender", "payload", "sig"]
+    assert (obj["v"], obj["sender"], SCHEMA_VERSION) == (2, "laptop", 2)
+    assert obj["sig"] == hmac.new(FLEET_KEY, obj["payload"].encode(), hashlib.sha256).hexdigest()
+    inner = json.loads(obj["payload"])
+    assert list(inner) == ["v", "type", "sender", "ts", "nonce", "body"]
+    assert inner["v"] == SCHEMA_VERSION and inner["sender"] == "laptop" and inner["ts"] == NOW
+    assert inner["body"] == {"id": "c1", "op": "ping"}
+    assert MAGIC == b"BFF2"  # binary frames carry the same version
 
 
 def test_frames_get_fresh_nonces_and_default_timestamps():
-    a = json.loads(seal_json("cmd", {}, sender="laptop", keyring=KEYS))
-    b = json.loads(seal_json("cmd", {}, sender="laptop", keyring=KEYS))
+    a = payload_of(seal_json("cmd", {}, sender="laptop", keyring=KEYS))
+    b = payload_of(seal_json("cmd", {}, sender="laptop", keyring=KEYS))
     assert a["nonce"] != b["nonce"]
     assert abs(a["ts"] - time.time()) < 60
     assert FrameVerifier(KEYS).open(seal_json("cmd", {}, sender="laptop", keyring=KEYS))
@@ -262,7 +277,7 @@ def test_binary_frame_round_trip():
     assert payload[:4] == MAGIC
     (hlen,) = struct.unpack(">I", payload[4:8])
     header = json.loads(payload[8 : 8 + hlen])
-    assert header == {"v": 1, "type": "blob", "sender": "pi-1", "ts": NOW,
+    assert header == {"v": 2, "type": "blob", "sender": "pi-1", "ts": NOW,
                       "nonce": header["nonce"], "part": 2, "name": "x"}  # fmt: skip
     assert payload[8 + hlen : -32] == body
     frame = verifier().open(payload)
@@ -340,13 +355,67 @@ def test_unsigned_frames():
 
 def test_forged_json_frames():
     payload = cmd()
-    assert b'"ping"' in payload
-    assert reason(verifier(), payload.replace(b'"ping"', b'"pong"')) == "forged"  # body
-    assert reason(verifier(), payload.replace(b'"laptop"', b'"laptoq"')) == "forged"  # envelope
+    assert payload.count(b"ping") == 1 and payload.count(b"laptop") == 2
+    assert reason(verifier(), payload.replace(b"ping", b"pong")) == "forged"  # body
+    assert reason(verifier(), payload.replace(b"laptop", b"laptoq")) == "forged"  # both senders
     obj = json.loads(payload)
     sig = obj["sig"]
     obj["sig"] = ("0" if sig[0] != "0" else "1") + sig[1:]
     assert reason(verifier(), json.dumps(obj).encode()) == "forged"  # signature
+
+
+def test_a_payload_naming_another_sender_is_forged():
+    # Signed with the fleet key, which "laptoq" uses too: only the sender check catches it,
+    # and without it the frame would slip past the replay cache under another name.
+    relabelled = cmd().replace(b'"sender":"laptop"', b'"sender":"laptoq"')
+    assert reason(verifier(), relabelled) == "forged"
+    inner = {**envelope(sender="pi-a"), "body": {}}
+    assert reason(verifier(), signed_json(inner, sender="pi-b")) == "forged"
+
+
+def test_json_frames_verify_however_the_sender_formats_its_json():
+    """Another language's JSON: its own float format, key order, spacing and hex case."""
+    ts = "1796109625.500000"
+    text = (
+        '{ "body" : {"name": "ping", "args": {}, "target": "pi-01", "id": 7},\n'
+        '  "nonce": "00112233445566778899aabbccddeeff", "ts": ' + ts + ", "
+        '"sender": "laptop", "type": "cmd", "v": 2 }'
+    )
+    sig = hmac.new(FLEET_KEY, text.encode(), hashlib.sha256).hexdigest().upper()
+    frame = '{\n  "sig": "' + sig + '",\n  "payload": ' + json.dumps(text)
+    frame += ',\n  "sender": "laptop", "v": 2.0e0 }\n'
+    assert b"1796109625.500000" in frame.encode()
+    with pytest.raises(FrameRejected, match="non-integer version"):
+        verifier(clock=FakeClock(1796109625.0)).open(frame.encode())  # v must be an integer
+    frame = frame.replace("2.0e0", "2")
+    opened = verifier(clock=FakeClock(1796109625.0)).open(frame.encode())
+    assert (opened.type, opened.sender, opened.ts) == ("cmd", "laptop", 1796109625.5)
+    assert parse_command(opened.json, target="pi-01") == CommandRequest(7, "pi-01", "ping", {})
+
+
+def test_flipping_any_byte_of_the_payload_is_forged():
+    frame = cmd()
+    start = frame.index(b'"payload":"') + len(b'"payload":"')
+    end = frame.index(b'","sig":"')
+    assert end - start > 100
+    tried = 0
+    for i in range(start, end):
+        flipped = frame[i] ^ 0x01
+        if b"\\" in frame[i : i + 1] + bytes([flipped]) or b'"' in bytes([frame[i], flipped]):
+            continue  # would break the JSON string around the payload, not the payload
+        assert reason(verifier(), flip(frame, i)) == "forged", (i, flip(frame, i))
+        tried += 1
+    assert tried > 100
+
+
+def test_the_signature_is_checked_before_the_payload_is_parsed():
+    not_json = signed_json("not JSON at all")
+    assert reason(verifier(), not_json) == "malformed"  # signed: parsed, and refused
+    obj = json.loads(not_json)
+    obj["sig"] = "0" * 64
+    assert reason(verifier(), json.dumps(obj).encode()) == "forged"  # never parsed
+    del obj["sig"]
+    assert reason(verifier(), json.dumps(obj).encode()) == "unsigned"
 
 
 def test_forged_binary_frames():
@@ -409,11 +478,14 @@ def test_oversized_is_checked_before_parsing():
         b'{"v": true}',
         b"\xff\xfe{}",
         b"{\xff}",
-        b"BFF2" + bytes(100),  # unknown magic
+        b"BFX2" + bytes(100),  # unknown magic
+        MAGIC + bytes(100),  # an empty header
         MAGIC,
         MAGIC + struct.pack(">I", 1000) + b"{}" + bytes(32),  # header overruns
         MAGIC + struct.pack(">I", 2) + b"[]" + bytes(32),
-        b" " + b'{"v":1}',  # canonical frames start with "{"
+        b" " + b'{"v":2}',  # no sender, payload or sig
+        b'{"v": 2, "sender": "laptop", "payload": {}, "sig": "' + b"ab" * 32 + b'"}',
+        b'{"v": 2, "sender": "laptop", "payload": "{}", "sig": "ab", "x": 1}',
         b"[" * 100_000,
         "nope",  # not bytes at all
     ],
@@ -431,6 +503,7 @@ def test_malformed_frames(payload):
         {"sender": ""},
         {"ts": "now"},
         {"ts": True},
+        {"ts": 10**400},
         {"nonce": "xyz"},
         {"nonce": "AB" * 16},
         {"body": [1, 2]},
@@ -442,27 +515,42 @@ def test_malformed_json_envelopes_even_when_signed(change):
     assert reason(verifier(), signed_json(obj)) == "malformed"
 
 
+@pytest.mark.parametrize("payload", ["[]", "{}", '{"v": 2}', "", "{" * 100_000])
+def test_malformed_payloads_even_when_signed(payload):
+    assert reason(verifier(), signed_json(payload)) == "malformed"
+
+
 def test_malformed_special_json():
-    ok = signed_json({**envelope(), "body": {}})
-    assert verifier().open(ok)
-    assert reason(verifier(), ok.replace(str(NOW).encode(), b"NaN")) == "malformed"
-    assert reason(verifier(), ok.replace(str(NOW).encode(), b"1e999")) == "malformed"
-    obj = json.loads(ok)
+    text = json.dumps({**envelope(), "body": {}})
+    assert verifier().open(signed_json(text))
+    assert reason(verifier(), signed_json(text.replace(str(NOW), "NaN"))) == "malformed"
+    assert reason(verifier(), signed_json(text.replace(str(NOW), "1e999"))) == "malformed"
+    obj = json.loads(signed_json(text))
     obj["sig"] = "zz" * 32
     assert reason(verifier(), json.dumps(obj).encode()) == "malformed"
     obj["sig"] = 5
     assert reason(verifier(), json.dumps(obj).encode()) == "malformed"
-    surrogate = ok.replace(b'"body": {}', b'"body": {"x": "\\ud800"}')
-    assert b"ud800" in surrogate
-    assert reason(verifier(), surrogate) == "malformed"
+    surrogate = text.replace('"body": {}', '"body": {"x": "\\ud800"}')
+    assert "ud800" in surrogate
+    assert reason(verifier(), signed_json(surrogate)) == "malformed"  # in the payload
+    obj = json.loads(signed_json(text))
+    outer = json.dumps(obj).replace('"payload": "{', '"payload": "\\ud800{')
+    assert reason(verifier(), outer.encode()) == "malformed"  # around it: no UTF-8 bytes to sign
 
 
 def test_wrong_schema_version():
-    assert reason(verifier(), signed_json({**envelope(v=2), "body": {}})) == "version"
-    header = {**envelope(v=2, type="gossip"), "codec": "fp32"}
+    assert reason(verifier(), signed_json({**envelope(), "body": {}}, v=3)) == "version"
+    assert reason(verifier(), signed_json({**envelope(v=3), "body": {}})) == "version"  # inside
+    header = {**envelope(v=3, type="gossip"), "codec": "fp32"}
     assert reason(verifier(), signed_binary(header, encode(model()))) == "version"
+    assert reason(verifier(), b"BFF1" + gossip()[4:]) == "version"  # a version 1 binary frame
     # Checked before the signature: a receiver cannot know how another version signs.
     assert reason(verifier(), json.dumps({**envelope(v=0), "body": {}}).encode()) == "version"
+    # A version 1 JSON frame: the envelope, body and a signature over their canonical JSON.
+    old = {**envelope(v=1), "body": {}}
+    canon = json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
+    old["sig"] = hmac.new(FLEET_KEY, canon, hashlib.sha256).hexdigest()
+    assert reason(verifier(), json.dumps(old).encode()) == "version"
 
 
 def test_signature_is_checked_before_time():
@@ -519,7 +607,7 @@ def _tensor_reason(payload: bytes) -> str:
 
 def test_rejection_message_is_one_line():
     with pytest.raises(FrameRejected) as info:
-        verifier().open(b'{"v": 1,\n\n "type": 5}')
+        verifier().open(b'{"v": 2,\n\n "type": 5')
     assert "\n" not in str(info.value)
     assert str(info.value).startswith("malformed: ")
     assert info.value.detail and info.value.reason == "malformed"
@@ -546,8 +634,8 @@ def test_per_device_keys():
 def test_forged_frames_do_not_poison_the_nonce_cache():
     v = verifier()
     genuine = cmd()
-    forged = genuine.replace(b'"ping"', b'"boom"')
-    assert json.loads(forged)["nonce"] == json.loads(genuine)["nonce"]
+    forged = genuine.replace(b"ping", b"boom")
+    assert payload_of(forged)["nonce"] == payload_of(genuine)["nonce"]
     assert reason(v, forged) == "forged"
     assert v.open(genuine).json["op"] == "ping"
     assert reason(v, genuine) == "replayed"
@@ -633,6 +721,45 @@ def test_drop_counter():
     for t in threads:
         t.join()
     assert drops.snapshot()["stale"] == 2000
+
+
+def test_every_drop_is_logged_at_debug_level_with_its_reason(caplog):
+    caplog.set_level(logging.DEBUG, logger="bitfleet.protocol")
+    topic = "bitfleet/lab/dev/pi-01/cmd"
+    obj = json.loads(cmd())
+    del obj["sig"]
+    unsigned = json.dumps(obj).encode()
+    v = verifier()
+    for payload in (unsigned, cmd(keyring=Keyring(OTHER_KEY)), b"junk", cmd(now=NOW - 999)):
+        with pytest.raises(FrameRejected):
+            v.open(payload, topic=topic)
+    with pytest.raises(FrameRejected):
+        v.open_tensors(gossip({"w": np.array([np.nan], np.float32)}), topic="t/gossip")
+    lines = [r.getMessage() for r in caplog.records if r.name == "bitfleet.protocol"]
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+    assert len(lines) == 5, lines
+    assert lines[0] == f"dropped frame: reason=unsigned sender=laptop topic={topic}: no 'sig'"
+    assert lines[1].startswith(f"dropped frame: reason=forged sender=laptop topic={topic}: ")
+    assert lines[2].startswith(f"dropped frame: reason=malformed topic={topic}: unknown frame")
+    assert lines[3].startswith("dropped frame: reason=stale sender=laptop type=cmd topic=")
+    assert lines[4].startswith("dropped frame: reason=bad_tensor sender=pi-1 type=gossip topic=")
+
+
+def test_refused_bodies_and_chunk_timeouts_are_logged_too(caplog):
+    caplog.set_level(logging.DEBUG, logger="bitfleet.protocol")
+    with pytest.raises(ProtocolError):
+        parse_command(command_body("pi-02", "ping", {}, "c1"), target="pi-01")
+    with pytest.raises(ProtocolError):
+        expect_json(verifier().open(gossip()), FrameKind.CMD)
+    clock = FakeClock(0.0)
+    r = Reassembler(timeout_s=5, clock=clock)
+    r.add(chunk_frames(big_frame(), chunk_bytes=DEFAULT_CHUNK_BYTES)[0])
+    clock.t = 6.0
+    assert r.expire() == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "bitfleet.protocol"]
+    assert lines[0].startswith("refused command body (dropped): reason=misaddressed: ")
+    assert lines[1].startswith("refused frame: reason=bad_request sender=pi-1 type=gossip: ")
+    assert lines[2].startswith("dropped transfer: reason=chunk_timeout sender=pi-1: ")
 
 
 def test_verifier_counts_every_drop_once():
@@ -894,10 +1021,10 @@ def test_command_body_round_trip_and_wire_bytes():
         "c1", "pi-7", "deploy", {"name": "m"}
     )
     assert parse_command(command_body("pi-7", "ping", None, 3)).args == {}
-    # what the laptop sent before these helpers existed, signed byte for byte the same way
+    # what the laptop sent before these helpers existed: the same payload but for the nonce
     by_hand = {"target": "pi-7", "name": "deploy", "args": {"name": "m"}, "id": "c1"}
     sealed = [seal_json("cmd", b, sender="laptop", keyring=KEYS, now=NOW) for b in (body, by_hand)]
-    strip = [{k: v for k, v in json.loads(x).items() if k not in ("nonce", "sig")} for x in sealed]
+    strip = [{k: v for k, v in payload_of(x).items() if k != "nonce"} for x in sealed]
     assert strip[0] == strip[1]
     # a newer client may send a command this device does not know: the table answers that
     assert parse_command(command_body("pi-7", "reboot", {}, "c2")).name == "reboot"

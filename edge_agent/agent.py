@@ -18,8 +18,10 @@ and checked by :class:`edge_agent.protocol.FrameVerifier`, and every dropped fra
 reason and reported in telemetry):
 
 - ``dev/<id>/state`` (retained): ``{"status": "online", model, version, agent_version,
-  capabilities, learning}``, re-published on every (re)connect; the last will and a clean
-  shutdown set ``"status": "offline"``.
+  capabilities, learning, instance, since}``, re-published on every (re)connect; the last will
+  and a clean shutdown set ``"status": "offline"``. A state of another ``instance`` on this
+  topic means a second agent runs with this device's id: the one started later stops, with an
+  error, rather than take the connection from the other again and again.
 - ``dev/<id>/telemetry``: every ``heartbeat_s``: CPU, RSS, temperature where the OS exposes it,
   model version, inference latency p50/p95, learning round and accuracy, drop counters.
 - ``dev/<id>/infer``: inference requests (:func:`edge_agent.protocol.infer_body`), answered on
@@ -40,13 +42,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bitfleet.errors import BitfleetError
 from edge_agent.artifacts import ArtifactDownloads
 from edge_agent.commands import (
     CommandTable,
@@ -58,7 +63,7 @@ from edge_agent.commands import (
 )
 from edge_agent.config import AgentConfig, ConfigError, apply
 from edge_agent.context import AgentContext
-from edge_agent.learning import LearningLoop
+from edge_agent.learning import LearningLoop, check_local_data
 from edge_agent.protocol import (
     ONLINE,
     Command,
@@ -77,12 +82,17 @@ from exporters import runtime
 if TYPE_CHECKING:
     from edge_agent.learner import Learner
 
-__all__ = ["Agent", "load_keyring"]
+__all__ = ["Agent", "DuplicateIdError", "load_keyring"]
 
 log = logging.getLogger("bitfleet.agent")
 
 _OFFLINE_TIMEOUT_S = 5.0  # how long shutdown waits for the broker to take the offline state
 _JOIN_TIMEOUT_S = 5.0
+_MAX_DUPLICATES = 5  # another agent's states seen before even the first agent gives up
+
+
+class DuplicateIdError(BitfleetError):
+    """Another agent is connected with this device's id; this one stopped rather than fight."""
 
 
 class Agent:
@@ -90,14 +100,21 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config: AgentConfig = config.check()
-        self.store: StateStore = StateStore(config.state_dir)
-        apply(self.config, self.store.config_overrides(), "the state directory's config.json")
+        # what can fail comes before the state directory is created, so that a failed start
+        # leaves none behind (start() removes it again if it created it and then fails)
         self.keyring: Keyring = load_keyring(config)
         self.topics: Topics = Topics(config.fleet)
         self.verifier: FrameVerifier = FrameVerifier(self.keyring)
         self.drops: DropCounter = DropCounter()  # agent-level reasons; the verifier counts its own
         self.stopping: threading.Event = threading.Event()
         self.transport: MqttTransport = _transport(config)
+        self._made_state: Path | None = _first_missing(Path(config.state_dir).expanduser())
+        self.store: StateStore = StateStore(config.state_dir)
+        apply(self.config, self.store.config_overrides(), "the state directory's config.json")
+        #: Why this agent stopped by itself: another agent uses its device id (else None).
+        self.conflict: str | None = None
+        self._duplicates = 0
+        self._done = False
         ctx = AgentContext(
             self.config,
             self.store,
@@ -107,8 +124,10 @@ class Agent:
             self.verifier,
             self.drops,
         )
-        self.serving: ModelServer = ModelServer(self.config, self.store)
-        self.presence: Presence = Presence(ctx, self.serving, learning=lambda: self.learning)
+        self.serving: ModelServer = ModelServer(self.config, self.store, self.drops)
+        self.presence: Presence = Presence(
+            ctx, self.serving, learning=lambda: self.learning, on_duplicate=self._on_duplicate
+        )
         self.learning_loop: LearningLoop = LearningLoop(
             ctx,
             spec=self.serving.spec,
@@ -138,7 +157,23 @@ class Agent:
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self, connect_timeout: float | None = 30.0) -> None:
-        """Load the model, connect, subscribe, and start the worker and heartbeat threads."""
+        """Load the model, connect, subscribe, and start the worker and heartbeat threads.
+
+        A start that fails (with ``learn`` on but no usable ``data_dir``, an artifact that does
+        not load, a port in use, a broker not reached within ``connect_timeout``) raises, after
+        stopping what it started and removing the state directory if this run created it.
+        ``connect_timeout=None`` returns without waiting for the broker: the connection is then
+        made in the background, retried with backoff until the broker answers.
+        """
+        try:
+            self._start(connect_timeout)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _start(self, connect_timeout: float | None) -> None:
+        if self.config.learn:  # before anything runs: learning would fail later, on its thread
+            check_local_data(self.config.data_dir)
         self.serving.start(self.config.artifact or None)
         self.presence.set_will()
         t, me = self.topics, self.config.id
@@ -159,16 +194,36 @@ class Agent:
         self.transport.connect(timeout=connect_timeout)
         if self.config.learn:
             self.worker.submit(lambda: self.start_learning({}))
-        log.info("agent %s serving in fleet %s via %s", me, self.config.fleet, self.config.broker)
+        fleet, url = self.config.fleet, self.transport.url
+        if self.transport.connected:
+            log.info("agent %s serving in fleet %s via %s", me, fleet, url)
+        else:
+            low, high = self.transport.reconnect_delays
+            log.info(
+                "agent %s serving in fleet %s; connecting to broker %s in the background "
+                "(retrying every %g s, backing off to every %g s, until it answers)",
+                me,
+                fleet,
+                url,
+                low,
+                high,
+            )
 
     def run(self) -> int:
-        """Start, then serve until SIGTERM/SIGINT; shut down cleanly. Returns the exit code."""
+        """Start, then serve until SIGTERM/SIGINT; shut down cleanly. Returns the exit code.
+
+        Raises :class:`DuplicateIdError` after shutting down when another agent uses this
+        device's id (see :meth:`_on_duplicate`).
+        """
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.start(connect_timeout=None)
         self.wait()
-        log.info("agent %s stopping: finish the round, checkpoint, go offline", self.config.id)
+        if self.conflict is None:
+            log.info("agent %s stopping: finish the round, checkpoint, go offline", self.config.id)
         self.shutdown()
+        if self.conflict is not None:
+            raise DuplicateIdError(self.conflict)
         log.info("agent %s stopped", self.config.id)
         return 0
 
@@ -176,14 +231,19 @@ class Agent:
         return self.stopping.wait(timeout)
 
     def shutdown(self) -> None:
-        """Finish the current learning round, checkpoint, publish offline, disconnect."""
+        """Finish the current learning round, checkpoint, publish offline, disconnect.
+
+        Stopped because another agent uses this device's id, it leaves the retained state to
+        that agent rather than publishing offline. Calling it again does nothing.
+        """
+        if self._done:
+            return
+        self._done = True
         self.stopping.set()
         self.stop_learning(wait=True)
         self.worker.stop(timeout=_JOIN_TIMEOUT_S)
-        if self.http is not None:
-            self.http.shutdown()
-            self.http.server_close()
-        if self.transport.connected:
+        self._stop_http()
+        if self.transport.connected and self.conflict is None:
             try:
                 self.presence.go_offline(timeout=_OFFLINE_TIMEOUT_S)
             except TransportError as err:  # the broker may be gone; the last will covers it
@@ -192,6 +252,75 @@ class Agent:
         self.reporter.save_counters()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=_JOIN_TIMEOUT_S)
+
+    def _abort(self) -> None:
+        """Undo a failed start: stop what started, remove the state directory if it is new."""
+        self._done = True
+        self.stopping.set()
+        self.worker.stop(timeout=_JOIN_TIMEOUT_S)
+        self._stop_http()
+        self.transport.close(clean=True)
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=_JOIN_TIMEOUT_S)
+        self._remove_made_state()
+
+    def _stop_http(self) -> None:
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
+
+    def _remove_made_state(self) -> None:
+        if self._made_state is not None:
+            shutil.rmtree(self._made_state, ignore_errors=True)
+            self._made_state = None
+
+    def _on_duplicate(self, other: Mapping[str, Any]) -> None:
+        """Another agent publishes this device's state: two agents share one id (MQTT thread).
+
+        A broker such as Mosquitto lets one client per id connect, so each connect of one
+        disconnects the other, and both would keep reconnecting for ever. The agent that
+        started later stops (``conflict`` says why; :meth:`run` raises it as
+        :class:`DuplicateIdError`); the one that was there first warns once and serves on. If
+        the duplicates keep coming (clocks that disagree, or an agent that does not check), it
+        stops too.
+        """
+        self._duplicates += 1
+        me, url = self.config.id, self.transport.url
+        instance = str(other.get("instance") or "unknown")
+        value = other.get("since")
+        since = (
+            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        )
+        first = since is not None and (since, instance) < (
+            self.presence.since,
+            self.presence.instance,
+        )
+        if first or self._duplicates >= _MAX_DUPLICATES:
+            if self.conflict is not None:
+                return
+            started = f"started {_when(since)}" if since is not None else "start time unknown"
+            self.conflict = (
+                f"another agent with device id {me!r} is connected to {url} (instance "
+                f"{instance}, {started}; this one started {_when(self.presence.since)}): the "
+                "broker lets one client per id connect, so each would keep disconnecting the "
+                "other. This one stops; give every agent its own --id"
+            )
+            log.error(
+                "another agent with device id %r (instance %s) is connected to %s: stopping",
+                me,
+                instance,
+                url,
+            )
+            self.stopping.set()
+        elif self._duplicates == 1:
+            log.warning(
+                "another agent with device id %r started later (instance %s) and takes over "
+                "this agent's connection to %s; it stops once it notices, this one serves on",
+                me,
+                instance,
+                url,
+            )
 
     # -------------------------------------------------------------------------------- serving
     @property
@@ -281,6 +410,20 @@ def load_keyring(config: AgentConfig) -> Keyring:
         return Keyring.from_file(config.key_file, device_keys)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot use the keys ({err})") from None
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (None: it exists)."""
+    missing = None
+    for candidate in (path.absolute(), *path.absolute().parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def _transport(config: AgentConfig) -> MqttTransport:

@@ -45,7 +45,7 @@ class ArtifactDownloads:
 
     def download(self, args: DeployArgs) -> ArtifactRef:
         """Fetch and install the artifact ``args`` name; its slot, not yet served."""
-        return self.install(self.fetch(args))
+        return self.install(self.fetch(args), label=f"{args.name} {args.version}")
 
     def fetch(self, args: DeployArgs) -> bytes:
         """The artifact's .tar bytes, once every chunk arrived and the SHA-256 matches."""
@@ -91,15 +91,18 @@ class ArtifactDownloads:
         finally:
             transport.unsubscribe(topic)
 
-    def install(self, data: bytes) -> ArtifactRef:
-        """Verify and install .tar bytes in the state directory; the slot."""
+    def install(self, data: bytes, label: str = "the deployed artifact") -> ArtifactRef:
+        """Verify and install .tar bytes in the state directory; the slot.
+
+        Errors name the artifact as ``label`` (its name and version), not the staging file.
+        """
         store = self.ctx.store
         folder: Path | None = None
         try:
             folder = Path(tempfile.mkdtemp(prefix="deploy-", dir=store.root))
             tar = folder / "artifact.tar"
             tar.write_bytes(data)
-            return store.install(tar)
+            return store.install(tar, label=label)
         except OSError as err:
             raise StateError(
                 f"cannot stage the artifact in {store.root}: {err.strerror or err}"

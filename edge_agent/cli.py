@@ -10,7 +10,8 @@ file is enough::
 ``bitfleet-agent config`` prints the settings the agent would run with (secrets masked).
 
 Every expected failure (a :class:`~bitfleet.errors.BitfleetError`) ends the command with one
-``error:`` line on stderr and exit code 1, never a traceback.
+``error:`` line on stderr and exit code 1, never a traceback; ``bitfleet-agent --debug ...``
+shows the traceback instead, as ``bitfleet --debug`` does.
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for inference.
 LogOpt = Annotated[str, typer.Option(help="Log level: debug, info, warning, error.")]
 
 
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
 def _flags(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -132,10 +145,11 @@ def run(
         threads=threads,
     )
     config_path = str(config) if config is not None else None
+    debug = _state["debug"]
     if _as_program:
         # the daemon leaves typer, click and pydantic behind: see edge_agent.daemon
-        exec_daemon(config_path, flags, log_level)
-    raise typer.Exit(serve(config_path, flags, log_level))
+        exec_daemon(config_path, flags, log_level, debug)
+    raise typer.Exit(serve(config_path, flags, log_level, debug))
 
 
 @app.command("config")
@@ -152,6 +166,8 @@ def show_config(
     try:
         effective = load_config(config, flags=flags)
     except BitfleetError as err:
+        if _state["debug"]:
+            raise
         _fail(str(err))
     typer.echo(json.dumps(effective.public(), indent=2))
 

@@ -176,9 +176,20 @@ class RequestDispatcher:
         self._worker = worker
 
     def reply(self, body: dict[str, Any]) -> None:
-        """Send a reply body on ``dev/<id>/reply``: one message, in chunks only if too big."""
+        """Send a reply body on ``dev/<id>/reply``: one message, in chunks only if too big.
+
+        A body that cannot be sealed (a result holding NaN, say: a bug) is logged and replaced
+        by an error reply, so the sender still gets an answer.
+        """
         ctx = self.ctx
-        frame = ctx.seal(FrameKind.REPLY, body)
+        try:
+            frame = ctx.seal(FrameKind.REPLY, body)
+        except ProtocolError as err:
+            log.error("reply to %s %r is not JSON: %s", body.get("name"), body.get("id"), err)
+            problem = f"internal error: the reply is not JSON ({err})"
+            frame = ctx.seal(
+                FrameKind.REPLY, reply_body(body.get("id"), body.get("name"), error=problem)
+            )
         chunks = [frame]
         if len(frame) > ctx.transport.max_packet_bytes:
             chunks = split_chunks(

@@ -28,12 +28,16 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PIPE_ROOM = 60_000
 
 
-def serve(config_path: str | None, flags: dict[str, Any], log_level: str = "info") -> int:
+def serve(
+    config_path: str | None, flags: dict[str, Any], log_level: str = "info", debug: bool = False
+) -> int:
     """Load the settings, run the agent until SIGTERM/SIGINT; the exit code.
 
     Every expected failure (a :class:`~bitfleet.errors.BitfleetError`: bad settings, unreadable
-    state or artifact, unreachable broker; or the operating system refusing a file) prints one
-    ``error:`` line on stderr and returns 1. Anything else is a bug and keeps its traceback.
+    state or artifact, unreachable broker, another agent with this device id; or the operating
+    system refusing a file) prints one ``error:`` line on stderr and returns 1; with ``debug``
+    (``bitfleet-agent --debug``) it is raised with its traceback instead. Anything else is a bug
+    and keeps its traceback.
     """
     if log_level.lower() not in _LOG_LEVELS:
         return _fail(f"unknown log level {log_level!r}; use one of {', '.join(_LOG_LEVELS)}")
@@ -48,17 +52,22 @@ def serve(config_path: str | None, flags: dict[str, Any], log_level: str = "info
         agent = Agent(load_config(Path(config_path) if config_path else None, flags=flags))
         return agent.run()
     except (BitfleetError, OSError) as err:
+        if debug:
+            raise
         text = str(err).strip()
         return _fail(text.splitlines()[0] if text else type(err).__name__)
 
 
-def exec_daemon(config_path: str | None, flags: dict[str, Any], log_level: str) -> None:
+def exec_daemon(
+    config_path: str | None, flags: dict[str, Any], log_level: str, debug: bool = False
+) -> None:
     """Replace this process with a fresh ``python -m edge_agent.daemon`` (POSIX only).
 
     Returns only if it cannot exec (not POSIX, or settings too large for a pipe): the caller
     then runs :func:`serve` itself.
     """
-    payload = json.dumps({"config": config_path, "flags": flags, "log_level": log_level})
+    settings = {"config": config_path, "flags": flags, "log_level": log_level, "debug": debug}
+    payload = json.dumps(settings)
     if os.name != "posix" or len(payload.encode()) > _PIPE_ROOM:
         return
     read_end, write_end = os.pipe()
@@ -98,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = _read_settings(sys.argv[1:] if argv is None else argv)
     except (OSError, ValueError) as err:
         return _fail(str(err))
-    return serve(settings.get("config"), settings["flags"], settings.get("log_level", "info"))
+    return serve(
+        settings.get("config"),
+        settings["flags"],
+        settings.get("log_level", "info"),
+        debug=bool(settings.get("debug", False)),
+    )
 
 
 if __name__ == "__main__":

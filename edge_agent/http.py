@@ -5,6 +5,11 @@
 float32 bytes, "shape": [...]}}``) returns the same ``{"logits", "top1", "latency_ms"}`` as an
 inference request over MQTT. It binds 127.0.0.1 only: the fleet reaches the device through the
 broker, where every frame is signed; this port is for processes on the same machine.
+
+Every answer is strict JSON: a batch holding NaN or Inf (which Python's ``json`` writes and reads
+as ``NaN`` and ``Infinity``), or a model answering with non-finite logits, is a 400 with a JSON
+``error``, checked by :meth:`edge_agent.serving.ModelServer.infer` as over MQTT; and a body that
+still could not be written as JSON would be a 500 with a JSON ``error``, never a ``NaN``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,12 @@ def start_http_server(agent: Any, port: int, host: str = "127.0.0.1") -> Threadi
             pass  # requests are not worth a log line each on a device
 
         def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
+            try:
+                data = json.dumps(body, allow_nan=False).encode()
+            except (TypeError, ValueError) as err:  # a bug: still answer in JSON
+                status = 500
+                problem = f"internal error: the answer is not JSON ({err})"
+                data = json.dumps({"error": problem}).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

@@ -18,10 +18,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitfleet.errors import BitfleetError, require
 from edge_agent.commands import CommandError
+from edge_agent.config import ConfigError
 from edge_agent.context import AgentContext
 from edge_agent.protocol import (
     FrameKind,
@@ -38,7 +40,7 @@ from edge_agent.transport import TransportError
 if TYPE_CHECKING:
     from edge_agent.learner import Learner
 
-__all__ = ["LearningLoop", "NOT_LEARNING", "WRONG_MODEL"]
+__all__ = ["LearningLoop", "NOT_LEARNING", "WRONG_MODEL", "check_local_data"]
 
 log = logging.getLogger("bitfleet.agent")
 
@@ -47,6 +49,41 @@ NOT_LEARNING = "not_learning"
 
 WRONG_MODEL = "wrong_model"
 """Drop reason: a peer's model of another network than the one this device learns."""
+
+
+def check_local_data(data_dir: str) -> None:
+    """Raise :class:`~edge_agent.config.ConfigError` unless ``data_dir`` holds usable local data.
+
+    What the learner will read must be there: ``train.safetensors`` with tensors ``x`` (N x C x
+    H x W images) and ``y`` (N labels). Only the file's header is read, and torch is not
+    imported, so an agent started with ``learn`` on checks this before it serves and stops with
+    one line, rather than failing later on its learning thread.
+    """
+    from safetensors import safe_open
+
+    root = Path(data_dir).expanduser()
+    train = root / "train.safetensors"
+    if not root.is_dir():
+        raise ConfigError(
+            f"learn is on but data_dir {root} does not exist; pass --data-dir with the directory "
+            "that holds train.safetensors"
+        )
+    if not train.is_file():
+        raise ConfigError(
+            f"learn is on but data_dir {root} has no train.safetensors (tensors x: N x C x H x W "
+            "images, y: N labels; write them with safetensors.numpy.save_file)"
+        )
+    try:
+        with safe_open(str(train), framework="numpy") as file:
+            shapes = {name: list(file.get_slice(name).get_shape()) for name in file.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types, and OSError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{train} is not a readable safetensors file ({first})") from None
+    x, y = shapes.get("x"), shapes.get("y")
+    if x is None or y is None:
+        raise ConfigError(f"{train} must hold tensors 'x' (images) and 'y' (labels)")
+    if len(x) != 4 or len(y) != 1 or x[0] != y[0] or y[0] == 0:
+        raise ConfigError(f"{train}: x must be N x C x H x W and y N labels, got {x} and {y}")
 
 
 class LearningLoop:

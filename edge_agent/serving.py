@@ -8,8 +8,11 @@ before keeps serving whenever any step fails. Start-up (:meth:`ModelServer.start
 and ``rollback`` (:meth:`ModelServer.rollback`) all go through it.
 
 :meth:`ModelServer.infer` decodes a JSON batch (:func:`edge_agent.protocol.decode_inputs`) and
-returns logits, top-1 classes and the latency, which it also records for telemetry. Imports no
-torch.
+returns logits, top-1 classes and the latency, which it also records for telemetry. It is the
+one check both inference paths (MQTT and the local HTTP port) go through: a batch holding NaN
+or Inf is refused (drop reason :data:`BAD_INPUT`), and so are non-finite logits from the model
+(:data:`BAD_OUTPUT`), each with an :class:`InferenceError` whose message is the error reply, so
+no reply ever carries a number JSON cannot hold. Imports no torch.
 """
 
 from __future__ import annotations
@@ -27,17 +30,23 @@ import numpy as np
 
 from bitfleet.errors import BitfleetError
 from edge_agent.config import AgentConfig
-from edge_agent.protocol import decode_inputs
+from edge_agent.protocol import DropCounter, decode_inputs
 from edge_agent.state import ArtifactRef, StateStore
 from exporters import runtime
 from exporters.artifact import ArtifactError
 
-__all__ = ["InferenceError", "ModelServer", "LATENCY_WINDOW"]
+__all__ = ["BAD_INPUT", "BAD_OUTPUT", "InferenceError", "ModelServer", "LATENCY_WINDOW"]
 
 log = logging.getLogger("bitfleet.agent")
 
 LATENCY_WINDOW = 1000
 """How many recent inference latencies telemetry summarises."""
+
+BAD_INPUT = "bad_input"
+"""Drop reason: an inference request whose batch holds NaN or Inf."""
+
+BAD_OUTPUT = "bad_output"
+"""Drop reason: an inference request for which the model returned non-finite logits."""
 
 _PROBE_BATCH = 2
 
@@ -53,11 +62,16 @@ class ModelServer:
         config: the agent's settings (``threads`` is read at every load, so ``config.set``
             applies to the next model).
         store: the state directory, whose ``active`` and ``last_good`` pointers it keeps.
+        drops: where refused inference requests are counted, by reason (:data:`BAD_INPUT`,
+            :data:`BAD_OUTPUT`); a private counter when omitted.
     """
 
-    def __init__(self, config: AgentConfig, store: StateStore) -> None:
+    def __init__(
+        self, config: AgentConfig, store: StateStore, drops: DropCounter | None = None
+    ) -> None:
         self.config = config
         self.store = store
+        self.drops = drops if drops is not None else DropCounter()
         self._lock = threading.Lock()
         self._predictor: runtime.Predictor | None = None
         self._artifact: ArtifactRef | None = None
@@ -74,14 +88,25 @@ class ModelServer:
         return self._artifact
 
     # ------------------------------------------------------------------------- load and serve
-    def serve(self, ref: ArtifactRef, record: Callable[[], object] | None = None) -> None:
+    def serve(
+        self,
+        ref: ArtifactRef,
+        record: Callable[[], object] | None = None,
+        label: str | None = None,
+    ) -> None:
         """Load ``ref``, health-check it, run ``record`` (a state update), then swap it in.
 
         Raises :class:`ArtifactError` (or the error of ``record``) and leaves the serving model
-        untouched when any step fails.
+        untouched when any step fails. ``label`` is how that error names the artifact (the path
+        the user gave, say) instead of its slot in the state directory.
         """
-        predictor = runtime.load(ref.path, threads=self.config.threads)
-        _health_check(predictor)
+        try:
+            predictor = runtime.load(ref.path, threads=self.config.threads)
+            _health_check(predictor)
+        except ArtifactError as err:
+            if label is None:
+                raise
+            raise ArtifactError(_named(str(err), ref.path, label)) from None
         if record is not None:
             record()
         with self._lock:
@@ -95,11 +120,11 @@ class ModelServer:
             self.serve(ref)
         elif initial:
             installed = self.store.install(initial)
-            self.serve(installed, record=lambda: self.store.activate(installed))
+            self.serve(installed, record=lambda: self.store.activate(installed), label=initial)
 
     def activate(self, ref: ArtifactRef) -> None:
         """Serve a freshly installed artifact; the one serving before becomes last-good."""
-        self.serve(ref, record=lambda: self.store.activate(ref))
+        self.serve(ref, record=lambda: self.store.activate(ref), label=f"{ref.name} {ref.version}")
 
     def rollback(self) -> ArtifactRef:
         """Serve the last-good artifact again; the one serving now becomes last-good.
@@ -124,18 +149,35 @@ class ModelServer:
 
     # ------------------------------------------------------------------------------ inference
     def infer(self, inputs: Any) -> dict[str, Any]:
-        """Logits and top-1 class for a JSON batch; :class:`InferenceError` (one line) if bad."""
+        """Logits and top-1 class for a JSON batch; :class:`InferenceError` (one line) if bad.
+
+        A batch with NaN or Inf, and a model that answers with non-finite logits, are refused
+        and counted in ``drops``.
+        """
         batch = decode_inputs(inputs)
         with self._lock:
             predictor, ref = self._predictor, self._artifact
         if predictor is None:
             raise InferenceError("no model is deployed on this device yet; send a deploy command")
+        bad = _first_non_finite(batch)
+        if bad is not None:
+            self.drops.count(BAD_INPUT)
+            raise InferenceError(
+                f"inputs hold NaN or Inf (the first at index {bad}); send finite numbers"
+            )
         start = time.perf_counter()
         try:
             logits = predictor.predict(batch)
         except ValueError as err:  # the runtime's check of the batch's shape and dtype
             raise InferenceError(str(err)) from None
         elapsed = (time.perf_counter() - start) * 1000.0
+        bad = _first_non_finite(logits)
+        if bad is not None:
+            self.drops.count(BAD_OUTPUT)
+            raise InferenceError(
+                f"the model returned non-finite logits (the first at index {bad}) for this "
+                "batch: its inputs are probably far outside the range the model was trained on"
+            )
         self.latencies.append(elapsed)
         return {
             "logits": logits.tolist(),
@@ -144,6 +186,14 @@ class ModelServer:
             "model": ref.name if ref else None,
             "version": ref.version if ref else None,
         }
+
+
+def _first_non_finite(array: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN or Inf in a numeric array, or ``None`` when all are finite."""
+    finite = np.isfinite(array)
+    if bool(finite.all()):
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), finite.shape))
 
 
 def _health_check(predictor: runtime.Predictor) -> None:
@@ -155,6 +205,12 @@ def _health_check(predictor: runtime.Predictor) -> None:
             f"health check failed: the model returned {logits.shape} "
             f"{'' if finite else 'non-finite '}logits on a probe batch"
         )
+
+
+def _named(message: str, slot: Path, label: str) -> str:
+    """``message`` naming the artifact as ``label`` rather than by its ``slot`` directory."""
+    message = message.replace(str(slot), label)
+    return message if label in message else f"artifact {label}: {message}"
 
 
 def _manifest_spec(path: Path) -> dict[str, Any] | None:

@@ -87,28 +87,23 @@ class StateStore:
         self._clean_leftovers()
 
     # ----------------------------------------------------------------------------- artifacts
-    def install(self, source: str | os.PathLike[str]) -> ArtifactRef:
+    def install(self, source: str | os.PathLike[str], label: str | None = None) -> ArtifactRef:
         """Copy an artifact (directory or .tar) into the store, verified; return its slot.
 
         Installing the same artifact twice returns the existing slot. Raises ArtifactError for
-        a damaged or tampered artifact; nothing is left behind then.
+        a damaged, tampered or unreadable artifact, naming it as ``label`` (default: ``source``),
+        never by the temporary copy it checked; nothing is left behind then.
         """
         source = Path(source)
-        tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=self.root / "artifacts"))
+        label = label or str(source)
         try:
-            if source.is_file():
-                if not tarfile.is_tarfile(source):
-                    raise ArtifactError(f"{source} is neither an artifact directory nor a .tar")
-                with tarfile.open(source) as archive:
-                    archive.extractall(tmp / "x", filter="data")
-                entries = list((tmp / "x").iterdir())
-                staged = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp / "x"
-            elif source.is_dir():
-                staged = tmp / "x"
-                shutil.copytree(source, staged)
-            else:
-                raise ArtifactError(f"artifact {source} does not exist")
-            manifest = verify_artifact(staged)
+            tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=self.root / "artifacts"))
+        except OSError as err:
+            raise StateError(
+                f"cannot install artifacts in {self.root / 'artifacts'}: {err.strerror or err}"
+            ) from None
+        try:
+            staged, manifest = _stage(source, tmp / "x", label)
             digest = _manifest_digest(staged)
             name = str(manifest.get("name") or "model")
             version = str(manifest.get("version") or "0")
@@ -233,6 +228,44 @@ class StateStore:
             raise StateError(
                 f"{path} is unreadable ({err}); remove it to reset that state"
             ) from None
+
+
+def _stage(source: Path, target: Path, label: str) -> tuple[Path, dict[str, Any]]:
+    """Copy or extract the artifact at ``source`` into ``target`` and verify it there.
+
+    Returns the verified copy's root and its manifest. Raises ArtifactError naming the artifact
+    as ``label`` for one that is missing, unreadable, damaged or tampered with.
+    """
+    staged = target
+    try:
+        if source.is_file():
+            if not tarfile.is_tarfile(source):
+                raise ArtifactError(f"{label} is neither an artifact directory nor a .tar")
+            with tarfile.open(source) as archive:
+                archive.extractall(target, filter="data")
+            entries = list(target.iterdir())
+            staged = entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+        elif source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            raise ArtifactError(f"artifact {label} does not exist")
+        return staged, verify_artifact(staged)
+    except ArtifactError as err:
+        raise ArtifactError(_renamed(str(err), staged, label)) from None
+    except (OSError, tarfile.TarError) as err:
+        why = getattr(err, "strerror", None) or err
+        raise ArtifactError(
+            f"cannot read artifact {label}: {_renamed(str(why), staged, label)}"
+        ) from None
+
+
+def _renamed(message: str, staged: Path, label: str) -> str:
+    """``message`` with the temporary copy ``staged`` called ``label``, the name the user knows.
+
+    ``<staged>/model.onnx does not match ...`` becomes ``<label>: model.onnx does not match ...``.
+    """
+    message = message.replace(f"{staged}{os.sep}", f"{label}: ").replace(str(staged), label)
+    return message
 
 
 def _slot_name(name: str, version: str, digest: str) -> str:

@@ -3,7 +3,8 @@
 :class:`Presence` owns ``dev/<id>/state``: the retained ``online`` state it re-publishes after
 every (re)connect and model change, the ``offline`` last will (re-sealed each time, so it names
 the serving model), the clean ``offline`` at shutdown, and the table of peers' states read from
-``dev/+/state``, from which learning peers are chosen.
+``dev/+/state``, from which learning peers are chosen. It also watches its own state topic for
+a second agent started with the same device id (see :meth:`Presence.on_state`).
 
 :class:`TelemetryReporter` builds the telemetry document (CPU, RSS, temperature where the OS
 exposes it, model, inference latency p50/p95, learning, drop counters), publishes it every
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import secrets
 import sys
 import threading
 import time
@@ -53,26 +55,45 @@ class Presence:
     A state published under another device's topic is counted in the context's ``drops`` as
     ``misaddressed``.
 
+    Every state this process publishes carries, besides :func:`edge_agent.protocol.state_body`'s
+    fields, ``instance`` (random, one per process) and ``since`` (when the process started).
+    The broker lets one client per id connect: a second agent started with the same device id
+    takes the connection, the first reconnects and takes it back, and so on. Each takeover shows
+    on this device's own state topic as a state (or a last will) of another instance; once
+    this process has seen its own state come back, and for states sealed after it started (so
+    a state left by an earlier run of this device never counts), :meth:`on_state` hands such a
+    state to ``on_duplicate(body)``.
+
     Args:
         ctx: the agent's shared pieces.
         server: the model being served, named in the state.
         learning: whether this device learns now.
+        on_duplicate: called (on the MQTT thread) with the state body of another agent using
+            this device's id.
     """
 
     def __init__(
-        self, ctx: AgentContext, server: ModelServer, learning: Callable[[], bool]
+        self,
+        ctx: AgentContext,
+        server: ModelServer,
+        learning: Callable[[], bool],
+        on_duplicate: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.server = server
         self._learning = learning
+        self._on_duplicate = on_duplicate
         self._lock = threading.Lock()
         self.peers: dict[str, dict[str, Any]] = {}
+        self.instance: str = secrets.token_hex(8)
+        self.since: float = time.time()
+        self._seen_own = False  # our own state came back from the broker at least once
 
     def body(self, status: str) -> dict[str, Any]:
         """The state document: ``status`` plus model, versions, capabilities, learning."""
         ref = self.server.artifact
         spec = self.server.spec()
-        return state_body(
+        body = state_body(
             status,
             model=ref.name if ref else None,
             version=ref.version if ref else None,
@@ -82,6 +103,7 @@ class Presence:
             model_spec=spec.get("name") if spec else None,
             platform=platform.machine(),
         )
+        return {**body, "instance": self.instance, "since": self.since}
 
     def _frame(self, status: str) -> bytes:
         return self.ctx.seal(FrameKind.STATE, self.body(status))
@@ -112,9 +134,15 @@ class Presence:
         )
 
     def on_state(self, topic: str, payload: bytes) -> None:
-        """MQTT handler of ``dev/+/state``: remember each peer's latest state."""
+        """MQTT handler of ``dev/+/state``: remember each peer's latest state.
+
+        This device's own topic is watched for another agent with the same id instead.
+        """
         parsed = self.ctx.topics.parse(topic)
-        if parsed is None or parsed[0] == self.ctx.device or not payload:
+        if parsed is None or not payload:
+            return
+        if parsed[0] == self.ctx.device:
+            self._on_own_state(payload)
             return
         try:
             frame = self.ctx.verifier.open(payload, retained=True)
@@ -129,6 +157,27 @@ class Presence:
             return
         with self._lock:  # latest arrival wins (a last will carries its connect time)
             self.peers[frame.sender] = {"ts": frame.ts, **body}
+
+    def _on_own_state(self, payload: bytes) -> None:
+        try:
+            frame = self.ctx.verifier.open(payload, retained=True)
+            body = expect_json(frame, FrameKind.STATE)
+        except FrameRejected:
+            return  # the verifier counted it
+        except ProtocolError:
+            self.ctx.drops.count(MISADDRESSED)
+            return
+        if frame.sender != self.ctx.device:
+            self.ctx.drops.count(MISADDRESSED)
+            return
+        if body.get("instance") == self.instance:
+            self._seen_own = True
+            return
+        # a state of another process signed as this device: an earlier run's (retained, or its
+        # last will), which arrives before our own and was sealed before we started; or a
+        # second agent's, which keeps coming after ours
+        if self._seen_own and frame.ts >= self.since and self._on_duplicate is not None:
+            self._on_duplicate(body)
 
     def online_peers(self, learning_only: bool = False) -> list[str]:
         """The peers whose latest state is online (and learning, with ``learning_only``)."""

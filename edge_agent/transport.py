@@ -104,7 +104,7 @@ _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _PUBLISH_OVERHEAD = 16
 _MAX_REFUSALS = 256  # PUBACK refusals kept for publish_and_wait to find
 _MAX_ACKS = 4096  # recent acknowledged packet ids kept for publish_many to find
-_FAIL_LOG_INTERVAL_S = 60.0  # while a broker stays unreachable, warn at most this often
+_FAIL_LOG_INTERVAL_S = 600.0  # while a broker stays unreachable, remind this often
 _URL_FORM = "expected mqtt://host[:port] or mqtts://host[:port]"
 
 
@@ -284,7 +284,10 @@ class MqttTransport:
         # acknowledged when its ack is newer than the publish (ids recur only every 65535).
         self._ack_seq = 0
         self._acks: OrderedDict[int, int] = OrderedDict()
-        self._fail_logged: tuple[str | None, float] = (None, 0.0)  # last warned failure, when
+        # failures of the current outage already warned about, and when the last warning was
+        self._fail_logged: tuple[frozenset[str], float] = (frozenset(), 0.0)
+        self._fail_count = 0  # failed attempts in the current outage
+        self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
         self._started = False
         self._closing = False
@@ -322,6 +325,11 @@ class MqttTransport:
             self.set_will(*will)
 
     # -- connection ----------------------------------------------------------------------------
+
+    @property
+    def reconnect_delays(self) -> tuple[float, float]:
+        """``(reconnect_min_s, reconnect_max_s)``: the first delay between attempts, and its cap."""
+        return self._reconnect_min_s, self._reconnect_max_s
 
     @property
     def connected(self) -> bool:
@@ -661,7 +669,8 @@ class MqttTransport:
             filters = [(f, qos) for f, (_, qos) in self._subs.items()]
             self.connect_count += 1
             self.last_error = None
-            self._fail_logged = (None, 0.0)  # the next outage is reported again
+            self._fail_logged = (frozenset(), 0.0)  # the next outage is reported again
+            self._fail_count = 0
             self._connected.set()
             self._update_subscribed()
             self._cond.notify_all()
@@ -686,16 +695,30 @@ class MqttTransport:
             if isinstance(exc, ssl.SSLCertVerificationError):  # a wrong CA or name stays wrong
                 self._fatal = f"cannot connect to broker {self.url}: {why}"
             self._cond.notify_all()
-        # Warn on the first failure, when the reason changes, and once a minute while it lasts:
-        # a daemon started before its broker must say why it is not online, without flooding.
+        # Say once what fails and what happens next (the retry schedule), again for a reason not
+        # seen yet in this outage, and then every _FAIL_LOG_INTERVAL_S while it lasts: a daemon
+        # started before its broker must say why it is not online, without flooding its log.
         now = time.monotonic()
-        last_why, last_at = self._fail_logged
-        if why != last_why or now - last_at >= _FAIL_LOG_INTERVAL_S:
-            self._fail_logged = (why, now)
+        self._fail_count += 1
+        said, last_at = self._fail_logged
+        if why not in said:
+            self._fail_logged = (said | {why}, now)
             logger.warning(
-                "%s: cannot reach broker %s (%s); retrying with backoff up to %g s",
+                "%s: cannot reach broker %s (%s); retrying every %g s, backing off to every %g s, "
+                "until it answers",
                 self.client_id,
                 self.url,
+                why,
+                self._reconnect_min_s,
+                self._reconnect_max_s,
+            )
+        elif now - last_at >= _FAIL_LOG_INTERVAL_S:
+            self._fail_logged = (said, now)
+            logger.warning(
+                "%s: still cannot reach broker %s after %d attempts (%s); retrying every %g s",
+                self.client_id,
+                self.url,
+                self._fail_count,
                 why,
                 self._reconnect_max_s,
             )

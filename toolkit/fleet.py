@@ -15,8 +15,16 @@ protocol module (signed frames) and transport (one paho client)::
 
 A command returns the device's reply body (``{"id", "name", "ok", "result" | "error"}``, see
 :func:`edge_agent.protocol.reply_body`) plus the ``device`` that sent it; :class:`FleetError` is
-raised when no reply comes within the timeout. Every body is built and checked by
-:mod:`edge_agent.protocol`, the one definition of the wire format.
+raised when no reply comes within the timeout, and says when the key may be to blame: frames
+from the device that fail verification with this client's key, or a device whose state says it
+is online but that does not answer (a device drops, silently, commands it cannot verify). A
+``deploy`` waits at least as long as the device waits for the artifact (the args'
+``timeout_s``), plus a margin, so the device's own error arrives. Every body is built and
+checked by :mod:`edge_agent.protocol`, the one definition of the wire format.
+
+:meth:`FleetClient.connect` returns once the broker has handed over the retained states: it
+sends itself a message after subscribing, which the broker delivers after them, so
+:meth:`FleetClient.devices` lists the fleet right away.
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ import numpy as np
 from bitfleet.errors import BitfleetError
 from edge_agent.protocol import (
     DEFAULT_CHUNK_BYTES,
+    ONLINE,
+    Command,
     FrameKind,
+    FrameRejected,
     FrameVerifier,
     Keyring,
     ProtocolError,
@@ -48,7 +59,9 @@ from edge_agent.protocol import (
     encode_inputs,
     expect_json,
     infer_body,
+    parse_deploy_args,
     parse_reply,
+    reply_body,
     seal_json,
 )
 from edge_agent.transport import MqttTransport
@@ -76,6 +89,13 @@ def artifact_tar(path: str | os.PathLike[str]) -> tuple[bytes, dict[str, Any]]:
 
 # bytes a sealed JSON request adds around its inputs (header, id, signature), with a margin
 _FRAME_OVERHEAD = 2048
+_TIMEOUT_S = 30.0  # how long a request waits for its reply by default
+# a deploy waits for the device's artifact wait plus this: installing, the health check, and a
+# slow command that may run before it on the device's worker
+_DEPLOY_MARGIN_S = 30.0
+_SYNC_S = 5.0  # longest wait, after subscribing, for the broker to hand over the retained states
+# drop reasons that mean "signed with another key" (the others: clocks, replays, damage)
+_KEY_REASONS = frozenset({"forged", "unsigned"})
 
 
 class FleetClient:
@@ -111,6 +131,7 @@ class FleetClient:
         self._states: dict[str, dict[str, Any]] = {}
         self._telemetry: dict[str, dict[str, Any]] = {}
         self._replies: dict[str, queue.Queue[dict[str, Any]]] = {}
+        self._unverified: dict[str, str] = {}  # device -> why its last frame failed verification
         self._lock = threading.Lock()
 
     def __enter__(self) -> FleetClient:
@@ -121,16 +142,54 @@ class FleetClient:
         self.close()
 
     def connect(self, timeout: float = 10.0) -> None:
+        """Connect and subscribe; return once the retained device states have arrived."""
         self.transport.subscribe(self.topics.all_states(), self._on_state)
         self.transport.subscribe(self.topics.all_replies(), self._on_reply)
         self.transport.subscribe(self.topics.all_telemetry(), self._on_telemetry)
         self.transport.connect(timeout=timeout)
         self.transport.wait_subscribed(timeout)
+        self._sync(min(timeout, _SYNC_S))
+
+    def _sync(self, timeout: float) -> None:
+        """Wait until the broker has delivered what it holds for our subscriptions.
+
+        A broker sends the retained messages of a subscription after acknowledging it, so they
+        are still on their way when :meth:`connect` has its acknowledgements. A message we
+        publish to a topic we subscribe to (a signed reply to ourselves, which other clients
+        ignore) comes back after them. A broker that refuses it (an ACL) costs ``timeout``.
+        """
+        token = f"sync-{secrets.token_hex(8)}"
+        inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        body = reply_body(token, "sync", {})
+        frame = seal_json(FrameKind.REPLY, body, sender=self.sender, keyring=self.keyring)
+        with self._lock:
+            self._replies[token] = inbox
+        try:
+            self.transport.publish(self.topics.reply(self.sender), frame, qos=1)
+            try:
+                inbox.get(timeout=timeout)
+            except queue.Empty:
+                pass  # devices() then answers with what arrived so far
+        finally:
+            with self._lock:
+                self._replies.pop(token, None)
 
     def close(self) -> None:
         self.transport.close()
 
     # ------------------------------------------------------------------------------ incoming
+    def _refused(self, topic: str, err: FrameRejected) -> None:
+        """Remember that a frame on a device's topic failed verification with our keys."""
+        parsed = self.topics.parse(topic)
+        if parsed is not None and err.reason in _KEY_REASONS:
+            with self._lock:
+                self._unverified[parsed[0]] = err.reason
+
+    def _verified(self, device: str) -> None:
+        if self._unverified:
+            with self._lock:
+                self._unverified.pop(device, None)
+
     def _on_state(self, topic: str, payload: bytes) -> None:
         parsed = self.topics.parse(topic)
         if parsed is None or not payload:
@@ -138,9 +197,13 @@ class FleetClient:
         try:
             frame = self.verifier.open(payload, retained=True)
             body = expect_json(frame, FrameKind.STATE)
+        except FrameRejected as err:
+            self._refused(topic, err)
+            return
         except ProtocolError:
             return
         if frame.sender == parsed[0]:
+            self._verified(frame.sender)
             # the latest arrival wins, not the latest timestamp: a last will is sealed when
             # the device connects but published by the broker when it dies, after its online
             # states; MQTT keeps messages on one topic in order
@@ -153,6 +216,9 @@ class FleetClient:
             if frame is None:
                 return
             body = expect_json(frame, FrameKind.TELEMETRY)
+        except FrameRejected as err:
+            self._refused(topic, err)
+            return
         except ProtocolError:
             return
         with self._lock:
@@ -165,6 +231,9 @@ class FleetClient:
                 return
             body = expect_json(frame, FrameKind.REPLY)
             reply = parse_reply(body)
+        except FrameRejected as err:
+            self._refused(topic, err)
+            return
         except ProtocolError:
             return
         with self._lock:
@@ -215,29 +284,67 @@ class FleetClient:
             try:
                 return inbox.get(timeout=timeout)
             except queue.Empty:
-                raise FleetError(
-                    f"{device} did not answer {what!r} within {timeout:.0f} s (is it online? "
-                    "FleetClient.devices() lists every device and its status)"
-                ) from None
+                raise FleetError(self._no_answer(device, what, timeout)) from None
         finally:
             with self._lock:
                 self._replies.pop(request_id, None)
 
+    def _no_answer(self, device: str, what: str, timeout: float) -> str:
+        """Why ``device`` may not have answered ``what``: the message of the FleetError."""
+        with self._lock:
+            refused = self._unverified.get(device)
+            state = self._states.get(device)
+        late = f"did not answer {what!r} within {timeout:g} s"
+        if refused is not None:
+            return (
+                f"{device} {late}, and its frames fail verification with this client's key "
+                f"({refused}): the key may be wrong. Use the key the device runs with (its "
+                "--key-file, or its own key with per-device keys); a device drops, without a "
+                "word, commands it cannot verify"
+            )
+        if state is not None and state.get("status") == ONLINE:
+            return (
+                f"{device} is online but {late}: it may be busy, or its key may differ from "
+                "this client's (a device drops, without a word, commands it cannot verify); "
+                "check that both use the same key"
+            )
+        if state is not None:
+            return f"{device} {late}: its last state says it is {state.get('status')}"
+        return (
+            f"{device} {late} (is it online? FleetClient.devices() lists every device and its "
+            "status)"
+        )
+
     def command(
-        self, device: str, name: str, args: Mapping[str, Any] | None = None, timeout: float = 30.0
+        self,
+        device: str,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Send a command to ``device``; its reply body.
 
-        Raises ``ProtocolError`` (a ``ValueError``) for an invalid device id, command name or
-        arguments that are not a JSON object, before anything is sent.
+        ``timeout`` (default 30 s) is how long to wait for the reply. A ``deploy`` waits at
+        least as long as the device waits for the artifact's chunks (its args' ``timeout_s``,
+        60 s by default) plus a margin, so that the device's own error, "did not arrive", say,
+        is what the caller gets. Raises ``ProtocolError`` (a ``ValueError``) for an invalid
+        device id, command name or arguments that are not a JSON object, before anything is
+        sent.
         """
+        wait = _TIMEOUT_S if timeout is None else float(timeout)
+        if name == Command.DEPLOY and isinstance(args, Mapping):
+            try:
+                device_wait = parse_deploy_args(args or {}).timeout_s
+            except ProtocolError:
+                device_wait = 0.0  # bad args: the device answers at once
+            wait = max(wait, device_wait + _DEPLOY_MARGIN_S if device_wait else 0.0)
         return self._request(
             device,
             self.topics.cmd(device),
             FrameKind.CMD,
             name,
             lambda request_id: command_body(device, name, args, request_id),
-            timeout,
+            wait,
         )
 
     def infer(self, device: str, batch: np.ndarray, timeout: float = 30.0) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 The artifact is a directory with ``model.onnx`` and ``manifest.json`` (see
 :mod:`exporters.artifact`). When given a checkpoint (a run directory), the input shape,
 labels and normalisation come from its training metadata; for a bare module, pass them.
+
+An ``input_shape`` must agree with what the network records: its channels always, its height
+and width unless ``allow_resize=True`` and the network takes any size, which the spec tells: a
+spec with an ``image_size`` (LeNet-5's flattening classifier) fixes it; one without (the
+ResNets, global pooling before the classifier) does not.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 import bitfleet
 import models
 from models.checkpoint import load as load_checkpoint
 
-from .artifact import write_artifact
+from .artifact import MANIFEST_FILE, write_artifact
 from .conventions import CUSTOM_DOMAIN, FORMAT_FAST, FORMATS
 from .onnx_writer import OPSET, ExportError, to_onnx
 
@@ -35,8 +41,14 @@ def export(
     labels: list[str] | None = None,
     normalisation: dict[str, list[float]] | None = None,
     overwrite: bool = False,
+    allow_resize: bool = False,
 ) -> Path:
-    """Export a model or checkpoint to an artifact directory; return its path."""
+    """Export a model or checkpoint to an artifact directory; return its path.
+
+    Raises :class:`ExportError` for an ``input_shape`` the network cannot take or does not
+    record (see the module's doc), and for an ``out_dir`` that is the checkpoint itself, holds
+    it, or (with ``overwrite``) is something other than an artifact.
+    """
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
     meta: dict[str, Any] = {}
@@ -47,12 +59,18 @@ def export(
         checkpoint = load_checkpoint(model_or_checkpoint)
         model, meta = checkpoint.model, checkpoint.meta
         source = str(model_or_checkpoint)
+        _check_out_dir(Path(out_dir), Path(model_or_checkpoint), overwrite)
     spec = models.spec_of(model)
-    shape = input_shape or _shape_from(meta, spec)
+    recorded = _shape_from(meta, spec)
+    if input_shape is None:
+        shape = recorded
+    else:
+        shape = _checked_shape(input_shape, meta, spec, allow_resize)
     if shape is None:
         raise ExportError(
             "the input shape is unknown: pass input_shape=(C, H, W) (--input-shape C,H,W)"
         )
+    _check_forward(model, shape, spec["name"])
     proto = to_onnx(model.eval(), shape, format)
     custom_ops = sorted(
         {f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain == CUSTOM_DOMAIN}
@@ -82,6 +100,69 @@ def export(
     return write_artifact(
         out_dir, {"model.onnx": proto.SerializeToString()}, manifest, overwrite=overwrite
     )
+
+
+def _checked_shape(
+    shape: Any, meta: dict[str, Any], spec: dict[str, Any], allow_resize: bool
+) -> tuple[int, int, int]:
+    """``shape`` as (C, H, W) if the network takes it, else one-line ExportError."""
+    try:
+        values = tuple(int(v) for v in shape)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or min(values) < 1 or values != tuple(shape):
+        raise ExportError(
+            f"input_shape must be three positive integers (C, H, W), got {shape!r} "
+            "(--input-shape C,H,W)"
+        )
+    c, h, w = values
+    args = spec.get("args", {})
+    channels = args.get("in_channels", meta.get("channels"))
+    if channels is not None and c != int(channels):
+        raise ExportError(
+            f"{spec['name']} takes {channels}-channel input, not {c}: export it with "
+            f"input_shape ({channels}, H, W) (--input-shape {channels},H,W)"
+        )
+    fixed = args.get("image_size")
+    if fixed is not None and (h, w) != (int(fixed), int(fixed)):
+        raise ExportError(
+            f"{spec['name']} is built for {fixed}x{fixed} input (its spec fixes image_size), "
+            f"not {h}x{w}: export it at ({c}, {fixed}, {fixed}) (--input-shape {c},{fixed},{fixed})"
+        )
+    size = meta.get("image_size")
+    if size is not None and (h, w) != (int(size), int(size)) and not allow_resize:
+        raise ExportError(
+            f"the checkpoint records {size}x{size} input, not {h}x{w}; {spec['name']} takes any "
+            "size, so pass allow_resize=True (--allow-resize) to export it at this one"
+        )
+    return (c, h, w)
+
+
+def _check_forward(model: nn.Module, shape: tuple[int, int, int], name: str) -> None:
+    """One forward pass at ``shape``: a network that cannot take it fails here, in one line."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *shape)))
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ExportError(f"{name} cannot take input of shape {shape}: {first}") from None
+    finally:
+        model.train(was_training)
+
+
+def _check_out_dir(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse to write over the checkpoint being exported, or over what is not an artifact."""
+    target, source = out.resolve(), checkpoint.resolve()
+    if target == source or target in source.parents:
+        raise ExportError(
+            f"{out} is the checkpoint being exported (or holds it); choose another --out"
+        )
+    if overwrite and out.exists() and not (out / MANIFEST_FILE).is_file():
+        raise ExportError(
+            f"{out} exists and is not an artifact, so it is not replaced; choose another --out"
+        )
 
 
 def _shape_from(meta: dict[str, Any], spec: dict[str, Any]) -> tuple[int, int, int] | None:

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -84,3 +85,57 @@ def test_bench_json(run_dir):
 def test_bench_bad_threads():
     result = runner.invoke(app, ["bench", "lenet5", "--threads", "0"])
     assert result.exit_code == 1 and "--threads" in result.output
+
+
+def test_export_shape_must_agree_with_the_checkpoint(run_dir, tmp_path):
+    def export(*args):
+        return runner.invoke(app, ["export", str(run_dir), *args])
+
+    # channels: never
+    result = export("--input-shape", "1,32,32", "--out", str(tmp_path / "a"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "takes 3-channel input, not 1" in result.output
+    # another size: refused unless asked for, since the checkpoint records 32x32
+    result = export("--input-shape", "3,64,64", "--out", str(tmp_path / "b"))
+    assert result.exit_code == 1 and "--allow-resize" in result.output
+    assert not (tmp_path / "b").exists()
+    # bireal18 pools globally (no image_size in its spec), so it may be exported at 64x64
+    result = export("--input-shape", "3,64,64", "--allow-resize", "--out", str(tmp_path / "c"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["input"]["shape"] == [
+        None,
+        3,
+        64,
+        64,
+    ]
+    from exporters import runtime
+
+    logits = runtime.load(tmp_path / "c", threads=1).predict(np.zeros((2, 3, 64, 64), np.float32))
+    assert logits.shape == (2, 10)
+
+
+def test_export_api_checks_shape_and_destination(run_dir, tmp_path):
+    import exporters
+    import models
+    from exporters.onnx_writer import ExportError
+
+    with pytest.raises(ExportError, match="3-channel"):
+        exporters.export(run_dir, tmp_path / "a", input_shape=(1, 32, 32))
+    with pytest.raises(ExportError, match="allow_resize=True"):
+        exporters.export(run_dir, tmp_path / "b", input_shape=(3, 64, 64))
+    lenet = models.create("lenet5")  # its classifier is sized for 32x32: never resized
+    with pytest.raises(ExportError, match="fixes image_size"):
+        exporters.export(lenet, tmp_path / "c", input_shape=(1, 8, 8), allow_resize=True)
+    with pytest.raises(ExportError, match="three positive integers"):
+        exporters.export(lenet, tmp_path / "d", input_shape=(1, 32))
+    # never over the checkpoint itself, nor over what is not an artifact
+    with pytest.raises(ExportError, match="checkpoint being exported"):
+        exporters.export(run_dir, run_dir, overwrite=True)
+    with pytest.raises(ExportError, match="checkpoint being exported"):
+        exporters.export(run_dir, run_dir.parent, overwrite=True)
+    assert (run_dir / "spec.json").is_file() and (run_dir / "model.safetensors").is_file()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    with pytest.raises(ExportError, match="not an artifact"):
+        exporters.export(run_dir, notes, overwrite=True)
+    assert notes.is_dir()

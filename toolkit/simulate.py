@@ -19,19 +19,24 @@ plain averaging collapses the weight variance) or ``common`` (one draw for all: 
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+import models
 from edge_agent import codecs
-from edge_agent.merge import Merger, tensor_variance, weighted_average
+from edge_agent.merge import VARIANCE_MODES, Merger, tensor_variance, weighted_average
 from models.training import (
+    OPTIMIZERS,
     BatchSampler,
     binary_weight_names,
     evaluate,
@@ -41,12 +46,12 @@ from models.training import (
     train_steps,
 )
 
-from .data import ArrayDataset, load_dataset
+from .data import DATASETS, ArrayDataset, DatasetError, load_dataset
 from .partition import parse_partition, partition
 from .topology import Topology, parse_topology
 from .train import make_model
 
-__all__ = ["SimulationConfig", "SimulationResult", "simulate", "METHODS"]
+__all__ = ["SimulationConfig", "SimulationResult", "simulate", "default_topology", "METHODS"]
 
 METHODS = ("vc", "avg", "fedavg")
 INITS = ("independent", "common")
@@ -54,12 +59,22 @@ INITS = ("independent", "common")
 Model = dict[str, np.ndarray]
 
 
+def default_topology(nodes: int) -> str:
+    """The graph ``topology="auto"`` picks: ``rrg:8`` from 10 nodes on, ``full`` below.
+
+    That is ``rrg:min(8, nodes - 1)`` made valid for every fleet size: on 9 nodes or fewer a
+    random (nodes - 1)-regular graph is the complete graph, and ``rrg`` needs ``d < nodes``.
+    """
+    return "rrg:8" if nodes >= 10 else "full"
+
+
 @dataclass
 class SimulationConfig:
     """One simulated fleet and learning method (saved with every result)."""
 
     nodes: int = 50
-    topology: str = "rrg:8"
+    # "auto": default_topology(nodes); __post_init__ replaces it with the graph it names
+    topology: str = "auto"
     data: str = "dirichlet:0.5"
     dataset: str = "digits"
     data_root: str | None = None
@@ -88,27 +103,80 @@ class SimulationConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
+        # Everything is checked here, before any work starts (and before a progress bar is
+        # drawn), not in a worker; the settings of their own first, then the data, then the
+        # graph, which depends on the node count, so a bad --data is reported as such.
         for what, value, choices in (
             ("merge method", self.merge, METHODS),
             ("init", self.init, INITS),
             ("codec", self.codec, codecs.CODECS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("variance mode", self.variance, VARIANCE_MODES),
         ):
             if value not in choices:
                 raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
         for name in ("nodes", "rounds", "local_steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("drop", "churn"):
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.momentum) and self.momentum >= 0):
+            raise ValueError(f"momentum must be >= 0, got {self.momentum}")
+        for name in ("drop", "churn", "self_weight"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.delay < 0 or self.peers < 0:
             raise ValueError("delay and peers must be >= 0 (peers 0 means all neighbours)")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not (self.trigger == "all" or (isinstance(self.trigger, int) and self.trigger >= 1)):
             raise ValueError(f"trigger must be 'all' or a positive integer, got {self.trigger!r}")
-        # fail before any work starts (and before a progress bar is drawn), not in a worker
-        if self.merge != "fedavg":  # FedAvg is a star with a server whatever the topology
-            parse_topology(self.topology, self.nodes, seed=self.seed)
+        self._check_model()
+        self._check_dataset()
         parse_partition(self.data)
+        if self.topology == "auto":
+            self.topology = default_topology(self.nodes)
+        if self.merge != "fedavg":  # FedAvg is a star with a server whatever the topology
+            self._check_graph(parse_topology(self.topology, self.nodes, seed=self.seed))
+
+    def _check_model(self) -> None:
+        factory = models.model_entry(self.model).factory  # names the registered ones if unknown
+        try:
+            inspect.signature(factory).bind_partial(**self.model_args)
+        except TypeError as err:
+            valid = ", ".join(inspect.signature(factory).parameters)
+            raise ValueError(f"model {self.model!r}: {err}; its arguments are: {valid}") from None
+
+    def _check_dataset(self) -> None:
+        key = str(self.dataset).strip().lower()
+        if key not in DATASETS:
+            raise DatasetError(
+                f"unknown dataset {self.dataset!r}; valid names: {', '.join(sorted(DATASETS))}"
+            )
+        info = DATASETS[key]
+        if not info.needs_root:
+            return
+        if self.data_root is None:
+            raise DatasetError(
+                f"dataset {key!r} needs its files: pass data_root=<folder> (--data-root on the "
+                f"CLI); expected layout: {info.layout}"
+            )
+        root = Path(self.data_root).expanduser()
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise DatasetError(f"data root {root} {what}; expected: {info.layout}")
+
+    def _check_graph(self, topology: Topology) -> None:
+        fewest = min(topology.degrees)
+        if fewest == 0:
+            raise ValueError(
+                f"gossip needs at least 2 nodes, got {self.nodes}; use merge fedavg for one node"
+            )
+        if isinstance(self.trigger, int) and self.trigger > fewest:
+            raise ValueError(
+                f"trigger {self.trigger} is never reached: a node of {self.topology} on "
+                f"{self.nodes} nodes has only {fewest} neighbours; use at most {fewest} or 'all'"
+            )
 
 
 @dataclass

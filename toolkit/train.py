@@ -96,10 +96,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -255,6 +261,8 @@ def train(
     from the newest one (same config required) and ends with the same weights as an
     uninterrupted run.
     """
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a run directory; choose another --out")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     train_data = train_data if train_data is not None else _load_data(config, "train")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import cli_command, console, human, print_json
+from ._common import MAX_IMAGE_SIZE, cli_command, console, human, int_list, literal, print_json
 
 
 @cli_command
@@ -21,10 +21,15 @@ def bench(
         str | None, typer.Option(help="Stem, for a model name (default imagenet).")
     ] = None,
     input_size: Annotated[
-        int | None, typer.Option(help="Input height/width (default 224 for a model name).")
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_IMAGE_SIZE,
+            help="Input height/width (default: the checkpoint's, or 224 for a model name).",
+        ),
     ] = None,
     threads: Annotated[str, typer.Option(help="Thread counts to measure, e.g. 1,2.")] = "1",
-    batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 1,
+    batch: Annotated[int, typer.Option(min=1, max=4096, help="Batch size.")] = 1,
     repeats: Annotated[
         int, typer.Option(min=1, help="Timed runs per flavour (median reported).")
     ] = 30,
@@ -38,28 +43,38 @@ def bench(
     import models
     from toolkit.bench import benchmark
 
-    counts = tuple(int(t) for t in threads.split(",") if t.strip())
-    if not counts or min(counts) < 1:
-        raise ValueError(f"--threads must list positive integers, e.g. 1,2; got {threads!r}")
+    counts = int_list(threads, "--threads")
+    if not model.strip():
+        raise ValueError("MODEL is empty: give a checkpoint directory or a registered model name")
     if Path(model).exists():
         from models import checkpoint
 
         loaded = checkpoint.load(model)
         net, meta = loaded.model, loaded.meta
         channels = loaded.spec["args"].get("in_channels", meta.get("channels", 3))
-        size = input_size or meta.get("image_size") or 32
+        fixed = loaded.spec["args"].get("image_size")
+        size = input_size if input_size is not None else fixed or meta.get("image_size") or 32
+        if fixed is not None and size != fixed:
+            raise ValueError(
+                f"--input-size {size}: {loaded.spec['name']} is built for {fixed}x{fixed} input "
+                "(its spec fixes image_size); leave --input-size out"
+            )
     else:
         factory = models.model_entry(model).factory
         accepted = set(pyinspect.signature(factory).parameters)
         args: dict[str, object] = {}
         if "stem" in accepted:
             args["stem"] = stem or "imagenet"
+        elif stem is not None:
+            raise ValueError(f"model '{model}' has no stem option; drop --stem")
         imagenet = args.get("stem") == "imagenet"
         if "num_classes" in accepted:
             args["num_classes"] = 1000 if imagenet else 10
+        size = input_size if input_size is not None else (224 if imagenet else 32)
+        if "image_size" in accepted:
+            args["image_size"] = size
         net = models.create(model, **args)
         channels = models.spec_of(net)["args"].get("in_channels", 3)
-        size = input_size or (224 if imagenet else 32)
     result = benchmark(
         net,
         (channels, size, size),
@@ -73,7 +88,7 @@ def bench(
     if as_json:
         print_json(document)
         return
-    table = Table(title=f"{document['model']} at {channels}x{size}x{size}, batch {batch}")
+    table = Table(title=f"{literal(document['model'])} at {channels}x{size}x{size}, batch {batch}")
     for column in ("threads", "fast onnx ms", "portable ms", "fp32 ms", "fast speed-up"):
         table.add_column(column, justify="right")
     for count, row in document["threads"].items():
@@ -97,5 +112,5 @@ def bench(
         layers.add_column("step")
         layers.add_column("ms", justify="right")
         for step, ms in document["per_layer_ms"].items():
-            layers.add_row(step, f"{ms:.3f}")
+            layers.add_row(literal(step), f"{ms:.3f}")
         console.print(layers)

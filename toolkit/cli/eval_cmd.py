@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import cli_command, console, print_json
+from ._common import cli_command, literal, print_json, say
 
 
 @cli_command
@@ -44,7 +44,7 @@ def eval_checkpoint(
     if as_json:
         print_json(document)
         return
-    console.print(
-        f"{checkpoint}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
-        f"on {name}/{split} ({result['samples']} images)"
+    say(
+        f"{literal(checkpoint)}: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
+        f"on {literal(name)}/{literal(split)} ({result['samples']} images)"
     )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import cli_command, console, print_json
+from ._common import cli_command, literal, print_json, say
 
 
 def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
@@ -34,17 +34,35 @@ def export(
     name: Annotated[str | None, typer.Option(help="Artifact name (default: model name).")] = None,
     version: Annotated[str, typer.Option(help="Artifact version.")] = "1",
     input_shape: Annotated[
-        str | None, typer.Option(help="C,H,W when the checkpoint does not record it.")
+        str | None,
+        typer.Option(
+            help="C,H,W when the checkpoint does not record it. A shape other than the recorded "
+            "one needs --allow-resize."
+        ),
     ] = None,
+    allow_resize: Annotated[
+        bool,
+        typer.Option(
+            "--allow-resize",
+            help="Export at an --input-shape H,W other than the checkpoint's, for networks that "
+            "take any size (global pooling, no fixed image_size in the spec: the ResNets).",
+        ),
+    ] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --out.")
+        bool, typer.Option("--overwrite", help="Replace an existing artifact at --out.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export a trained network as packed-bit ONNX with a verified manifest."""
     import exporters
+    from edge_agent.protocol import validate_name
     from exporters.artifact import read_manifest
 
+    shape = _parse_shape(input_shape)
+    # the name and version become MQTT topic levels and folder names on every device
+    if name is not None:
+        validate_name(name, "artifact name")
+    validate_name(version, "artifact version")
     target = out or checkpoint / f"artifact-{format}"
     path = exporters.export(
         checkpoint,
@@ -52,7 +70,8 @@ def export(
         format,
         name=name,
         version=version,
-        input_shape=_parse_shape(input_shape),
+        input_shape=shape,
+        allow_resize=allow_resize,
         overwrite=overwrite,
     )
     manifest = read_manifest(path)
@@ -60,7 +79,7 @@ def export(
         print_json({"artifact": str(path), **manifest})
         return
     size = sum(manifest["sizes"].values())
-    console.print(
-        f"wrote {path} ({manifest['format']}, {size / 1e6:.2f} MB, input "
+    say(
+        f"wrote {literal(path)} ({literal(manifest['format'])}, {size / 1e6:.2f} MB, input "
         f"{'x'.join(str(d) for d in manifest['input']['shape'][1:])})"
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import cli_command, console, human, print_json
+from ._common import cli_command, console, human, literal, print_json
 
 
 @cli_command
@@ -37,13 +37,13 @@ def info(
     if as_json:
         print_json(document)
         return
-    table = Table(title=str(checkpoint), show_header=False)
+    table = Table(title=literal(checkpoint), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
-    table.add_row("model", f"{loaded.spec['name']} {loaded.spec['args']}")
+    table.add_row("model", literal(f"{loaded.spec['name']} {loaded.spec['args']}"))
     for key in ("dataset", "epoch", "epochs", "complete"):
         if key in meta:
-            table.add_row(key, str(meta[key]))
+            table.add_row(key, literal(meta[key]))
     metrics = meta.get("metrics", {})
     if "test_accuracy" in metrics:
         table.add_row("test accuracy", f"{metrics['test_accuracy']:.4f}")
@@ -51,5 +51,5 @@ def info(
     table.add_row(
         "flops / bops / ops", f"{human(cost.flops)} / {human(cost.bops)} / {human(cost.ops)}"
     )
-    table.add_row("files", ", ".join(f"{k} ({human(v)}B)" for k, v in files.items()))
+    table.add_row("files", literal(", ".join(f"{k} ({human(v)}B)" for k, v in files.items())))
     console.print(table)

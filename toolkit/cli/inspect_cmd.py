@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import cli_command, console, human, print_json
+from ._common import cli_command, console, human, literal, print_json
 
 
 @cli_command
@@ -23,7 +23,7 @@ def inspect(
     if as_json:
         print_json({"artifact": str(artifact), "verified": True, **manifest})
         return
-    table = Table(title=str(artifact), show_header=False)
+    table = Table(title=literal(artifact), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
     shape = "x".join(str(d) for d in manifest["input"]["shape"][1:])
@@ -41,7 +41,7 @@ def inspect(
         (f"file {name}", f"{human(manifest['sizes'][name])}B sha256 {digest[:16]}...")
         for name, digest in manifest["files"].items()
     ]
-    for key, value in rows:
-        table.add_row(key, value)
+    for key, value in rows:  # names, labels and paths are text, not rich markup
+        table.add_row(literal(key), literal(value))
     console.print(table)
     console.print(f"[green]checksums verified[/] ({len(manifest['files'])} files)")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ._common import cli_command, console, human, print_json
+from ._common import cli_command, console, human, literal, print_json
 
 
 @cli_command
@@ -18,8 +18,13 @@ def list_models_cmd(
     """List the registered models with their family and parameter count (defaults: 10 classes)."""
     import models  # torch: imported when the command runs, not for --help
 
+    names = models.list_models(pattern)
+    if not names:
+        raise ValueError(
+            f"no registered model matches {pattern!r}; run `bitfleet models` to list them all"
+        )
     rows: list[dict[str, Any]] = []
-    for name in models.list_models(pattern):
+    for name in names:
         entry = models.model_entry(name)
         net = models.create(name)
         binary = any(getattr(m, "is_binary", False) for m in net.modules())
@@ -40,10 +45,10 @@ def list_models_cmd(
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row["name"],
-            row["family"],
+            literal(row["name"]),
+            literal(row["family"]),
             human(row["params"]),
             "yes" if row["binary"] else "no",
-            row["description"],
+            literal(row["description"]),
         )
     console.print(table)

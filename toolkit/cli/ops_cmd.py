@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import cli_command, console, human, print_json
+from ._common import MAX_IMAGE_SIZE, cli_command, console, human, literal, print_json
 
 
 @cli_command
@@ -19,17 +19,23 @@ def ops(
     ] = None,
     input_size: Annotated[
         int | None,
-        typer.Option(help="Input height/width (default: 224 with the imagenet stem, else 32)."),
+        typer.Option(
+            min=1,
+            max=MAX_IMAGE_SIZE,
+            help="Input height/width (default: 224 with the imagenet stem, else 32).",
+        ),
     ] = None,
-    in_channels: Annotated[int, typer.Option(help="Input channels.")] = 3,
+    in_channels: Annotated[int, typer.Option(min=1, max=1024, help="Input channels.")] = 3,
     num_classes: Annotated[
-        int | None, typer.Option(help="Classes (default: 1000 with the imagenet stem, else 10).")
+        int | None,
+        typer.Option(min=1, help="Classes (default: 1000 with the imagenet stem, else 10)."),
     ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also list every layer.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Count a model's cost: OPs = FLOPs + BOPs / 64 (Bi-Real Net's measure), per image."""
     import models  # torch: imported when the command runs, not for --help
+    from toolkit.train import check_input
 
     accepted = set(inspect.signature(models.model_entry(model).factory).parameters)
     args: dict[str, object] = {}
@@ -38,7 +44,7 @@ def ops(
             raise ValueError(f"model '{model}' has no stem option; drop --stem")
         args["stem"] = stem
     imagenet = stem == "imagenet"
-    size = input_size or (224 if imagenet else 32)
+    size = input_size if input_size is not None else (224 if imagenet else 32)
     if "num_classes" in accepted:
         args["num_classes"] = num_classes or (1000 if imagenet else 10)
     if "in_channels" in accepted:
@@ -46,6 +52,7 @@ def ops(
     if "image_size" in accepted:
         args["image_size"] = size
     net = models.create(model, **args)
+    check_input(net, (in_channels, size, size))  # one line, not a traceback, if it cannot
     count = models.count_ops(net, (1, in_channels, size, size))
     result = {
         "model": model,
@@ -55,7 +62,7 @@ def ops(
     if as_json:
         print_json(result)
         return
-    table = Table(title=f"{model} at {in_channels}x{size}x{size}")
+    table = Table(title=f"{literal(model)} at {in_channels}x{size}x{size}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key in ("params", "flops", "bops", "ops"):
@@ -67,8 +74,8 @@ def ops(
             layers.add_column(column)
         for layer in count.layers:
             layers.add_row(
-                layer.name,
-                layer.kind,
+                literal(layer.name),
+                literal(layer.kind),
                 "yes" if layer.binary else "",
                 human(layer.macs),
                 "x".join(map(str, layer.output_shape)),

@@ -8,7 +8,17 @@ from typing import Annotated, Literal
 import typer
 from rich.table import Table
 
-from ._common import cli_command, console, err_console, print_json, resnet_args
+from ._common import (
+    check_out_dir,
+    cli_command,
+    console,
+    err_console,
+    literal,
+    number,
+    print_json,
+    resnet_args,
+    say,
+)
 
 
 def _trigger(text: str) -> int | Literal["all"]:
@@ -25,24 +35,38 @@ def _trigger(text: str) -> int | Literal["all"]:
 
 @cli_command
 def simulate(
-    nodes: Annotated[int, typer.Option(min=1, help="Number of simulated devices.")] = 50,
+    nodes: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Number of simulated devices.")
+    ] = 50,
     topology: Annotated[
-        str, typer.Option(help="rrg:D, ring, full, star or scale-free:M.")
-    ] = "rrg:8",
+        str,
+        typer.Option(
+            help="rrg:D, ring, full, star, scale-free:M, or auto: rrg:8 for 10 or more nodes, "
+            "full below (on 9 nodes or fewer rrg:min(8, nodes-1) is the full graph anyway)."
+        ),
+    ] = "auto",
     data: Annotated[str, typer.Option(help="iid, dirichlet:ALPHA or shards:K.")] = "dirichlet:0.5",
     merge: Annotated[str, typer.Option(help="vc, avg or fedavg.")] = "vc",
     model: Annotated[str, typer.Option(help="Registered model.")] = "lenet5",
     dataset: Annotated[str, typer.Option(help="Dataset (digits is bundled).")] = "digits",
-    width: Annotated[float | None, typer.Option(help="ResNet width multiplier.")] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Folder with the dataset files (not needed for digits).")
+    ] = None,
+    width: Annotated[
+        float | None, typer.Option(callback=number(gt=0), help="ResNet width multiplier.")
+    ] = None,
     stem: Annotated[str | None, typer.Option(help="ResNet stem: cifar or imagenet.")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Communication rounds.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed for data split, graph, init and messages.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed for data split, graph, init and messages.")
+    ] = 0,
     local_steps: Annotated[int, typer.Option(min=1, help="Local SGD steps per round.")] = 20,
     batch_size: Annotated[int, typer.Option(min=1, help="Local batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 0.05,
+    lr: Annotated[float, typer.Option(callback=number(gt=0), help="Local learning rate.")] = 0.05,
     optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
     self_weight: Annotated[
-        float, typer.Option(help="Weight of a node's own model in a merge.")
+        float,
+        typer.Option(callback=number(ge=0, lt=1), help="Weight of a node's own model in a merge."),
     ] = 0.1,
     variance: Annotated[
         str, typer.Option(help="VC target: others, self or conservative.")
@@ -54,8 +78,13 @@ def simulate(
     init: Annotated[
         str, typer.Option(help="independent (gossip) or common (FL) initialisation.")
     ] = "independent",
-    drop: Annotated[float, typer.Option(help="Probability a message is lost.")] = 0.0,
-    churn: Annotated[float, typer.Option(help="Probability a node is offline in a round.")] = 0.0,
+    drop: Annotated[
+        float, typer.Option(callback=number(ge=0, lt=1), help="Probability a message is lost.")
+    ] = 0.0,
+    churn: Annotated[
+        float,
+        typer.Option(callback=number(ge=0, lt=1), help="Probability a node is offline in a round."),
+    ] = 0.0,
     delay: Annotated[int, typer.Option(min=0, help="Rounds a message takes to arrive.")] = 0,
     rescale_binary: Annotated[
         bool,
@@ -69,7 +98,10 @@ def simulate(
         bool, typer.Option("--compare", help="Run vc, avg and fedavg on this setup.")
     ] = False,
     target: Annotated[
-        float | None, typer.Option(help="Target accuracy (default: 90% of FedAvg's final).")
+        float | None,
+        typer.Option(
+            callback=number(ge=0, le=1), help="Target accuracy (default: 90% of FedAvg's final)."
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Directory for histories, summary and plot.")
@@ -85,12 +117,14 @@ def simulate(
     from toolkit.sim_report import summarise, write_results
     from toolkit.simulate import SimulationConfig
 
+    check_out_dir(out)  # now, not after the whole simulation
     config = SimulationConfig(
         model_args=resnet_args(stem, width),
         nodes=nodes,
         topology=topology,
         data=data,
         dataset=dataset,
+        data_root=str(data_root) if data_root is not None else None,
         model=model,
         merge=merge,
         rounds=rounds,
@@ -130,12 +164,16 @@ def simulate(
         )
         tasks = {m: bar.add_task(m, total=rounds) for m in methods}
         with bar:
-            results = run_methods(
-                config,
-                methods,
-                workers=workers,
-                on_round=lambda m, r: bar.update(tasks[m], completed=r),
-            )
+            try:
+                results = run_methods(
+                    config,
+                    methods,
+                    workers=workers,
+                    on_round=lambda m, r: bar.update(tasks[m], completed=r),
+                )
+            except BaseException:
+                bar.live.transient = True  # erase the bar: the error line stands alone
+                raise
     else:
         results = run_methods(config, methods, workers=workers)
     summary = summarise(results, target)
@@ -144,13 +182,14 @@ def simulate(
     if as_json:
         print_json(summary)
         return
-    table = Table(title=f"{model}, {nodes} nodes, {topology}, {data}, init {init}, seed {seed}")
+    title = f"{model}, {nodes} nodes, {config.topology}, {data}, init {init}, seed {seed}"
+    table = Table(title=literal(title))
     for column in ("method", "final mean acc", "min", "max", "rounds to target", "MB sent"):
         table.add_column(column, justify="right")
     for method, row in summary["methods"].items():
         reached = row["rounds_to_target"]
         table.add_row(
-            method,
+            literal(method),
             f"{row['final_accuracy']:.4f}",
             f"{row['final_min_accuracy']:.4f}",
             f"{row['final_max_accuracy']:.4f}",
@@ -161,4 +200,4 @@ def simulate(
     if summary["target_accuracy"] is not None:
         console.print(f"target accuracy {summary['target_accuracy']:.4f}")
     if out is not None:
-        console.print(f"histories, summary.json and curves.png written to {out}")
+        say(f"histories, summary.json and curves.png written to {literal(out)}")

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from ._common import cli_command, console, print_json, resnet_args
+from ._common import (
+    MAX_IMAGE_SIZE,
+    check_out_dir,
+    cli_command,
+    literal,
+    number,
+    one_of,
+    print_json,
+    resnet_args,
+    say,
+)
 
 
 @cli_command
@@ -23,27 +33,36 @@ def train(
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 8,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(callback=number(gt=0), help="Peak learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     schedule: Annotated[str, typer.Option(help="cosine or constant.")] = "cosine",
     weight_decay: Annotated[
-        float, typer.Option(help="Weight decay (float parameters only).")
+        float, typer.Option(callback=number(ge=0), help="Weight decay (float parameters only).")
     ] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for initialisation and shuffling.")] = 0,
     data_root: Annotated[
         Path | None, typer.Option(help="Folder with the dataset files (not needed for digits).")
     ] = None,
     channels: Annotated[
-        int | None, typer.Option(help="Convert images to this many channels (1 or 3).")
+        int | None,
+        typer.Option(callback=one_of(1, 3), help="Convert images to this many channels (1 or 3)."),
     ] = None,
-    image_size: Annotated[int | None, typer.Option(help="Resize images to this size.")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(min=1, max=MAX_IMAGE_SIZE, help="Resize images to this size.")
+    ] = None,
     stem: Annotated[str | None, typer.Option(help="ResNet stem: cifar or imagenet.")] = None,
-    width: Annotated[float | None, typer.Option(help="ResNet width multiplier.")] = None,
+    width: Annotated[
+        float | None, typer.Option(callback=number(gt=0), help="ResNet width multiplier.")
+    ] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="Checkpoint of a teacher for knowledge distillation.")
     ] = None,
-    kd_alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.9,
-    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    kd_alpha: Annotated[
+        float, typer.Option(callback=number(ge=0, le=1), help="Weight of the distillation term.")
+    ] = 0.9,
+    kd_temperature: Annotated[
+        float, typer.Option(callback=number(gt=0), help="Distillation temperature.")
+    ] = 4.0,
     threads: Annotated[
         int | None, typer.Option(min=1, help="torch threads (default: all cores).")
     ] = None,
@@ -57,6 +76,7 @@ def train(
     from toolkit.train import TrainConfig
     from toolkit.train import train as run_training
 
+    check_out_dir(out)
     config = TrainConfig(
         model=model,
         model_args=resnet_args(stem, width),
@@ -91,8 +111,9 @@ def train(
     if as_json:
         print_json(summary)
         return
-    console.print(
-        f"[bold]{model}[/] on {dataset}: test accuracy {final['test_accuracy']:.4f} after "
-        f"{final['epoch']:.0f} epochs ({final['images_per_s']:.0f} images/s)"
-        + (f"; run written to {out}" if out else "")
+    say(
+        f"[bold]{literal(model)}[/] on {literal(dataset)}: test accuracy "
+        f"{final['test_accuracy']:.4f} after {final['epoch']:.0f} epochs "
+        f"({final['images_per_s']:.0f} images/s)"
+        + (f"; run written to {literal(out)}" if out else "")
     )

@@ -58,6 +58,7 @@ __all__ = [
     "MosquittoBroker",
     "free_port",
     "mosquitto_available",
+    "mosquitto_binary",
     "write_password_file",
 ]
 
@@ -82,9 +83,24 @@ def free_port(host: str = _HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+# Debian and Ubuntu install the broker in /usr/sbin, which is not on every user's PATH (nor in
+# a minimal container's); a source build goes to /usr/local/sbin.
+_SBIN_DIRS: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin")
+
+
+def _find_tool(name: str) -> str | None:
+    """``name`` on ``PATH``, else in :data:`_SBIN_DIRS`: its path, or None."""
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
+
+
+def mosquitto_binary() -> str | None:
+    """The ``mosquitto`` binary: on ``PATH``, else in /usr/sbin or /usr/local/sbin; or None."""
+    return _find_tool("mosquitto")
+
+
 def mosquitto_available() -> bool:
-    """Whether the ``mosquitto`` broker binary is on ``PATH``."""
-    return shutil.which("mosquitto") is not None
+    """Whether the ``mosquitto`` broker binary is installed (see :func:`mosquitto_binary`)."""
+    return mosquitto_binary() is not None
 
 
 def write_password_file(path: str | os.PathLike[str], users: Mapping[str, str]) -> Path:
@@ -95,9 +111,12 @@ def write_password_file(path: str | os.PathLike[str], users: Mapping[str, str]) 
     process list: use it on a machine you trust, as tests and provisioning scripts do. Raises
     :class:`BrokerError` if ``mosquitto_passwd`` is missing or refuses a user.
     """
-    tool = shutil.which("mosquitto_passwd")
+    tool = _find_tool("mosquitto_passwd")
     if tool is None:
-        raise BrokerError("mosquitto_passwd not found on PATH (install the mosquitto package)")
+        raise BrokerError(
+            "mosquitto_passwd not found on PATH, in /usr/sbin or /usr/local/sbin "
+            "(install the mosquitto package)"
+        )
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
@@ -350,9 +369,12 @@ class MosquittoBroker(_BrokerProcess):
         return "\n".join(lines) + "\n"
 
     def _command(self) -> list[str]:
-        binary = shutil.which("mosquitto")
+        binary = mosquitto_binary()
         if binary is None:
-            raise BrokerError("mosquitto not found on PATH (apt install mosquitto)")
+            raise BrokerError(
+                "mosquitto not found on PATH, in /usr/sbin or /usr/local/sbin "
+                "(apt install mosquitto)"
+            )
         self.config_path.write_text(self.config_text())
         return [binary, "-c", str(self.config_path)]
 

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,12 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import save_file
 
 import exporters
 import models
+from edge_agent import broker as broker_module
 from edge_agent.agent import Agent
-from edge_agent.broker import free_port
+from edge_agent.broker import (
+    BrokerError,
+    MosquittoBroker,
+    free_port,
+    mosquitto_available,
+    mosquitto_binary,
+)
+from edge_agent.codecs import decode
 from edge_agent.commands import CommandError, CommandTable, Handler
 from edge_agent.config import AgentConfig, ConfigError, LearnSettings, load_config
 from edge_agent.protocol import (
@@ -43,6 +53,7 @@ from edge_agent.protocol import (
     seal_json,
     split_chunks,
 )
+from edge_agent.state import StateStore
 from exporters import runtime
 from toolkit.data import load_dataset
 from toolkit.fleet import FleetClient, FleetError
@@ -77,6 +88,29 @@ def artifacts(tmp_path_factory) -> list[Path]:
             )
         )
     return made
+
+
+@pytest.fixture(scope="module")
+def bireal(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A tiny Bi-Real-18 for 1x32x32 digits and its fast (``onnx``, packed-bit) artifact."""
+    torch.manual_seed(0)
+    model = models.create("bireal18", stem="imagenet", width=0.125, in_channels=1).eval()
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():  # batch norms that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    path = exporters.export(
+        model,
+        tmp_path_factory.mktemp("bnn") / "bnn",
+        "onnx",
+        name="digits-bnn",
+        version="1",
+        input_shape=(1, 32, 32),
+    )
+    assert json.loads((path / "manifest.json").read_text())["custom_ops"]  # binary kernels
+    return model, path
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +183,43 @@ def test_presence_on_the_embedded_broker(amqtt_broker, key_file, artifacts, agen
         assert reply["ok"] and reply["result"]["pong"]
 
 
+@pytest.mark.parametrize("module", ["torch", "numba", "amqtt", "onnx"])
+def test_the_suite_has_every_component_it_needs(module):
+    """A missing component fails here by name, never as a skip (Mosquitto: conftest.py)."""
+    import importlib
+
+    assert importlib.import_module(module) is not None
+    assert mosquitto_available()
+
+
+def test_mosquitto_is_found_outside_path(tmp_path, monkeypatch):
+    """Debian installs the broker in /usr/sbin, which a user's PATH often lacks."""
+    assert {"/usr/sbin", "/usr/local/sbin"} <= set(broker_module._SBIN_DIRS)
+    real = mosquitto_binary()
+    assert real is not None
+    sbin, empty = tmp_path / "sbin", tmp_path / "empty"
+    sbin.mkdir()
+    empty.mkdir()
+    (sbin / "mosquitto").symlink_to(real)
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(broker_module, "_SBIN_DIRS", (str(tmp_path / "none"), str(sbin)))
+    assert mosquitto_binary() == str(sbin / "mosquitto") and mosquitto_available()
+    with MosquittoBroker() as broker:  # started from the sbin directory, not PATH
+        assert broker.running
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=5):
+            pass
+    monkeypatch.setattr(broker_module, "_SBIN_DIRS", (str(tmp_path / "none"),))
+    assert mosquitto_binary() is None and not mosquitto_available()
+    with pytest.raises(BrokerError, match="mosquitto not found on PATH, in /usr/sbin"):
+        MosquittoBroker().start()
+
+
 def test_per_device_keys(mosquitto, agents, key_file, artifacts, tmp_path):
     keys = tmp_path / "keys"
     keys.mkdir()
     (keys / "pi-01.key").write_bytes(b"1" * 32)
     (keys / "laptop.key").write_bytes(b"L" * 32)
-    agents(
+    agent = agents(
         _config(
             mosquitto.url,
             key_file,
@@ -167,10 +232,21 @@ def test_per_device_keys(mosquitto, agents, key_file, artifacts, tmp_path):
     with FleetClient(mosquitto.url, fleet=FLEET, keyring=own) as client:
         assert client.wait_for(_online("pi-01"))  # its state verifies under its own key
         assert client.command("pi-01", "ping")["ok"]
-    # the fleet key alone can no longer command it as "laptop": the frame is forged
+        assert client.command("pi-01", "config.set", {"heartbeat_s": 0.75})["ok"]
+    assert agent.config.heartbeat_s == 0.75  # the laptop's own key commands it
+    forged = agent.drop_counts().get("forged", 0)
+    # the fleet key alone can no longer command it as "laptop": the device drops the frame as
+    # forged and does not run it. (The client could not read a reply anyway, since the device
+    # signs with its own key: the timeout alone would not tell refusal from acceptance.)
     with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
-        with pytest.raises(FleetError):
-            client.command("pi-01", "ping", timeout=1.5)
+        with pytest.raises(FleetError, match="did not answer 'config.set'"):
+            client.command("pi-01", "config.set", {"heartbeat_s": 0.25}, timeout=1.5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and agent.drop_counts().get("forged", 0) == forged:
+        time.sleep(0.05)
+    assert agent.drop_counts().get("forged", 0) == forged + 1
+    assert agent.config.heartbeat_s == 0.75
+    assert agent.store.config_overrides() == {"heartbeat_s": 0.75}
 
 
 def test_agent_speaks_mqtt5(mosquitto, fleet, agents, key_file, artifacts, tmp_path):
@@ -207,11 +283,87 @@ def test_inference_over_mqtt_and_http_matches_the_artifact(
         data=b"{not json",
         headers={"Content-Type": "application/json"},
     )
-    with pytest.raises(urllib.error.HTTPError) as err:
+    with pytest.raises(urllib.error.HTTPError, match="HTTP Error 400") as err:
         urllib.request.urlopen(request, timeout=10)
     assert err.value.code == 400
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
         assert json.loads(response.read())["status"] == "ok"
+
+
+def test_a_binary_network_is_served_over_mqtt_and_http(
+    mosquitto, fleet, agents, key_file, bireal, tmp_path, digits
+):
+    """A Bi-Real net in the fast flavour: packed-bit kernels on the device, same logits."""
+    model, artifact = bireal
+    port = free_port()
+    agent = agents(
+        _config(mosquitto.url, key_file, tmp_path, artifact=str(artifact), http_port=port)
+    )
+    assert fleet.wait_for(_online("pi-01"))
+    assert (fleet.devices()["pi-01"]["model"], agent.artifact.name) == ("digits-bnn", "digits-bnn")
+    assert isinstance(agent.predictor, runtime.FastPredictor)
+    batch = digits[1].x[:8]
+    direct = runtime.load(artifact).predict(batch)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    scale = float(np.abs(expected).max())
+    assert np.abs(direct - expected).max() <= 1e-4 * scale  # the artifact is the network
+    reply = fleet.infer("pi-01", batch)
+    assert reply["ok"], reply
+    over_mqtt = np.asarray(reply["result"]["logits"])
+    np.testing.assert_allclose(over_mqtt, direct, rtol=1e-5, atol=1e-5 * scale)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/infer",
+        data=json.dumps({"inputs": batch.tolist()}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        over_http = json.loads(response.read())
+    np.testing.assert_allclose(
+        np.asarray(over_http["logits"]), direct, rtol=1e-5, atol=1e-5 * scale
+    )
+    assert over_http["top1"] == np.asarray(over_http["logits"]).argmax(1).tolist()
+
+
+def _http(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_status_unknown_paths_and_a_body_too_large(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path
+):
+    from edge_agent.http import MAX_BODY_BYTES
+
+    port = free_port()
+    agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), http_port=port))
+    assert fleet.wait_for(_online("pi-01"))
+    code, status = _http(port, "GET", "/status")
+    assert code == 200
+    assert (status["model"], status["version"]) == ("digits", "1")
+    assert status["learning"]["on"] is False and "drops" in status and status["rss_mb"] > 0
+    code, body = _http(port, "GET", "/nope")
+    assert code == 404 and "/health, /status or POST /infer" in body["error"]
+    code, body = _http(port, "POST", "/status", b"{}")
+    assert code == 404 and "POST /infer" in body["error"]
+    # a body over the limit is refused from its Content-Length, before a byte of it is read
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode()
+        )
+        answer = sock.makefile("rb").read()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split()[1] == b"413", head
+    assert f"at most {MAX_BODY_BYTES} bytes" in json.loads(payload)["error"]
+    code, body = _http(port, "POST", "/infer", b"")
+    assert code == 400 and "send a JSON body" in body["error"]
+    code, _ = _http(port, "GET", "/health")
+    assert code == 200  # the server still answers
 
 
 # --------------------------------------------------------------------------------- deploy
@@ -526,6 +678,102 @@ def test_many_chunk_pushes_arrive_and_a_finished_run_is_announced(
     assert sum(agent.learner.merges for agent in trio) > 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("codec", ["sign", "int8"])
+def test_two_agents_gossip_learn_a_binary_network(
+    mosquitto, fleet, agents, key_file, bireal, tmp_path, digits, transports, codec
+):
+    """Bi-Real on the device: lossy codecs, latent weights averaged without rescaling."""
+    _, artifact = bireal
+    learning = LearnSettings(
+        peers=1,
+        trigger=1,
+        local_steps=5,
+        lr=0.05,
+        rounds=3,
+        round_interval_s=0.3,
+        codec=codec,
+        rescale_binary=False,
+    )
+    topics, keys = Topics(FLEET), Keyring.from_file(key_file)
+    seen: queue.Queue[bytes] = queue.Queue()
+    watcher = transports(mosquitto.url)
+    watcher.subscribe(topics.gossip("pi-00"), lambda _t, payload: seen.put(payload))
+    watcher.connect(timeout=10)
+    assert watcher.wait_subscribed(10)
+    pair = _learning_agents(
+        agents, mosquitto.url, key_file, artifact, tmp_path, digits, 2, learning=learning
+    )
+    assert fleet.wait_for(lambda d: _online("pi-00")(d) and _online("pi-01")(d))
+    for agent in pair:
+        assert fleet.command(agent.config.id, "learn.start")["ok"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(a.learning for a in pair):
+        time.sleep(0.2)
+    for agent in pair:
+        learner = agent.learner
+        assert learner.settings.codec == codec and learner.settings.rescale_binary is False
+        assert learner.round == 3 and learner.merges > 0, (agent.config.id, learner.metrics)
+        assert learner.metrics["accuracy"] != learner.initial_accuracy, learner.metrics
+        assert agent.learning_loop.error is None
+        drops = agent.drop_counts()
+        assert drops.get("malformed", 0) == drops.get("bad_tensor", 0) == 0, drops
+    # what travelled to pi-00 was pi-01's model in the codec asked for
+    verifier = FrameVerifier(keys)
+    frame = None
+    while frame is None:
+        frame = verifier.receive(seen.get(timeout=10))
+    assert frame.type == "gossip" and frame.sender == "pi-01"
+    assert frame.header["codec"] == codec and frame.header["model"] == "bireal18"
+    tensors = decode(frame.body)
+    assert set(tensors) == set(pair[1].learner.state())
+    fp32_bytes = sum(v.nbytes for v in pair[1].learner.state().values())
+    assert len(frame.body) < (0.12 if codec == "sign" else 0.35) * fp32_bytes
+    # rescale_binary false: a merge averages the binary layers' latent weights (sign() ignores
+    # their scale) and variance-corrects only the real-valued ones; pi-00 no longer learns, so
+    # no late push lands in its buffer
+    learner, own, theirs = pair[0].learner, pair[0].learner.state(), pair[1].learner.state()
+    learner.receive("pi-01", theirs, 1.0)
+    assert learner.merge()
+    merged = learner.state()
+    assert learner.binary_names
+    for name in learner.binary_names:  # self weight 0.5, one peer
+        plain = 0.5 * own[name] + 0.5 * theirs[name]
+        np.testing.assert_allclose(merged[name], plain, rtol=1e-5, atol=1e-6, err_msg=name)
+    stem = "stem.0.weight"  # a real-valued conv
+    assert stem not in learner.binary_names
+    assert not np.allclose(merged[stem], 0.5 * own[stem] + 0.5 * theirs[stem], atol=1e-6)
+
+
+def test_learn_stop_stops_learning_and_says_so(
+    mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
+):
+    learning = LearnSettings(local_steps=2, rounds=0, round_interval_s=0.05)
+    (agent,) = _learning_agents(
+        agents, mosquitto.url, key_file, artifacts[0], tmp_path, digits, 1, learning=learning
+    )
+    agent_id = agent.config.id
+    assert fleet.wait_for(_online(agent_id))
+    assert fleet.command(agent_id, "learn.start")["ok"]
+    assert fleet.wait_for(lambda d: d[agent_id]["learning"] is True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and agent.learner.round < 2:
+        time.sleep(0.05)
+    reply = fleet.command(agent_id, "learn.stop")
+    assert reply["ok"], reply
+    assert reply["result"]["stopped"] is True and reply["result"]["round"] >= 2
+    assert not agent.learning
+    assert fleet.wait_for(lambda d: d[agent_id]["learning"] is False)
+    status = fleet.command(agent_id, "status")["result"]
+    assert status["learning"] is False and status["telemetry"]["learning"]["on"] is False
+    stopped_at = reply["result"]["round"]
+    time.sleep(0.5)  # a dozen rounds' time: none runs
+    assert agent.learner.round == stopped_at
+    assert status["telemetry"]["learning"]["round"] == stopped_at
+    again = fleet.command(agent_id, "learn.stop")
+    assert again["ok"] and again["result"] == {"stopped": False, "round": stopped_at}
+
+
 def test_fleet_client_refuses_a_batch_over_one_packet(mosquitto, fleet):
     with pytest.raises(ValueError, match="send at most 18[0-9] per call"):
         fleet.infer("pi-01", np.zeros((500, 1, 32, 32), np.float32))
@@ -610,10 +858,11 @@ def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
     mosquitto, fleet, key_file, artifacts, tmp_path, digits
 ):
     data = _write_shards(tmp_path, digits, 1)[0]
+    state = tmp_path / "state"
     args = _run_args(
         mosquitto.url,
         key_file,
-        tmp_path / "state",
+        state,
         artifacts[0],
         "--learn",
         "--data-dir",
@@ -624,7 +873,7 @@ def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
     try:
         assert fleet.wait_for(_online("pi-09"), timeout=60)
         deadline = time.monotonic() + 60
-        meta = tmp_path / "state" / "learning" / "meta.json"
+        meta = state / "learning" / "meta.json"
         while time.monotonic() < deadline and (
             not meta.exists() or json.loads(meta.read_text())["round"] < 3
         ):
@@ -633,11 +882,22 @@ def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
         process.wait(timeout=10)
         assert fleet.wait_for(lambda d: d["pi-09"]["status"] == "offline", timeout=10)
         assert fleet.devices()["pi-09"]["model"] == "digits"  # the will names the model
-        saved = json.loads(meta.read_text())["round"]
+        checkpoint = StateStore(state).load_checkpoint()
+        assert checkpoint is not None
+        saved_weights, saved_meta = checkpoint
+        saved = saved_meta["round"]
         assert saved >= 3
     finally:
         process.kill()
-    process = _spawn(args, env)
+    # Restarted so that no new round can finish before we look (a 60 s round interval) and a
+    # round barely moves the weights (lr 1e-9): what the device reports and saves next is
+    # what it resumed from, not a fresh start that caught up quickly.
+    slow = {
+        "BITFLEET_LEARN_ROUND_INTERVAL_S": "60",
+        "BITFLEET_LEARN_LOCAL_STEPS": "1",
+        "BITFLEET_LEARN_LR": "1e-9",
+    }
+    process = _spawn(args, slow)
     try:
         assert fleet.wait_for(_online("pi-09"), timeout=60)
         deadline = time.monotonic() + 60
@@ -646,13 +906,23 @@ def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
             reply = fleet.command("pi-09", "status", timeout=30)
             learning = reply["result"]["telemetry"]["learning"]
             time.sleep(0.2)
-        assert learning["round"] >= saved  # resumed, not restarted from zero
+        assert learning["on"] is True
+        assert learning["round"] == saved  # resumed at the saved round, not from zero
+        assert learning["accuracy"] == saved_meta["metrics"]["accuracy"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert fleet.wait_for(lambda d: d["pi-09"]["status"] == "offline", timeout=10)
-        assert json.loads(meta.read_text())["round"] >= saved
+        checkpoint = StateStore(state).load_checkpoint()
+        assert checkpoint is not None
+        weights, meta_after = checkpoint
     finally:
         process.kill()
+    # SIGTERM finished the round in progress and saved it: one round on from the saved one,
+    # with the saved weights (a fresh initialisation would differ by far more than 1e-9 steps)
+    assert meta_after["round"] == saved + 1
+    assert set(weights) == set(saved_weights)
+    for name, value in saved_weights.items():
+        np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.slow

@@ -209,7 +209,7 @@ def test_unknown_format_and_bad_json(saved):
 
 
 def test_model_without_spec_cannot_be_saved(tmp_path):
-    with pytest.raises(models.SpecError):
+    with pytest.raises(models.SpecError, match=r"Linear was not built by models\.create\(\)"):
         checkpoint.save(torch.nn.Linear(2, 2), tmp_path / "c")
     assert not (tmp_path / "c" / "spec.json").exists()
 

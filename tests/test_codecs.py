@@ -279,7 +279,7 @@ def test_decode_rejects(data: bytes, match: str | None) -> None:
 
 
 def test_decode_rejects_non_bytes() -> None:
-    with pytest.raises(CodecError):
+    with pytest.raises(CodecError, match="payload must be bytes, got str"):
         decode("not bytes")  # type: ignore[arg-type]
 
 
@@ -318,7 +318,7 @@ def test_fuzz_random_header(body: bytes) -> None:
 @given(st.sampled_from(VALID), st.data())
 def test_fuzz_truncated(valid: bytes, data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(valid) - 1))
-    with pytest.raises(CodecError):
+    with pytest.raises(CodecError, match="malformed payload"):
         decode(valid[:cut])
 
 

@@ -383,3 +383,56 @@ def test_quantizers_that_are_not_binary_are_refused(new_quantizers):
     half = BinaryConv2d(2, 2, 3, input_quantizer="ste_sign", kernel_quantizer=HalfSign())
     with pytest.raises(ExportError, match="kernel quantizer HalfSign.*declared `binary`"):
         to_onnx(torch.nn.Sequential(half), (2, 5, 5), "onnx-portable")
+
+
+def _tiny_dense_net() -> torch.nn.Module:
+    """Binary dense layers only, with the registered quantizers, widths off the 64-bit words."""
+    from models.layers import BinaryLinear
+
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        BinaryLinear(3 * 4 * 4, 40, kernel_quantizer="ste_sign"),  # float inputs, 1-bit weights
+        torch.nn.BatchNorm1d(40),
+        BinaryLinear(40, 24, input_quantizer="ste_sign", kernel_quantizer="magnitude_aware_sign"),
+        torch.nn.BatchNorm1d(24),
+        BinaryLinear(24, 10, bias=False, input_quantizer="ste_sign", kernel_quantizer="ste_sign"),
+    ).eval()
+    g = torch.Generator().manual_seed(8)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            module.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            module.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return net
+
+
+@pytest.mark.parametrize("flavour", ["onnx", "onnx-portable"])
+def test_binary_linear_exports_with_parity(flavour, tmp_path):
+    from exporters.artifact import write_artifact
+
+    net = _tiny_dense_net()
+    x = np.random.default_rng(9).standard_normal((32, 3, 4, 4)).astype(np.float32)
+    x[:, :, ::2, 1::2] = 0.0  # zeros binarize to +1 on both sides
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    proto = to_onnx(net, (3, 4, 4), flavour)
+    ops = [n.op_type for n in proto.graph.node]
+    if flavour == "onnx":
+        # the two layers with binarized inputs become packed-bit kernels
+        assert ops.count("BinaryDense") == 2, ops
+    else:
+        assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node), ops
+    manifest = {
+        "name": "dense",
+        "format": flavour,
+        "model_file": "model.onnx",
+        "input": {"name": "input", "shape": [None, 3, 4, 4], "dtype": "float32"},
+    }
+    path = write_artifact(tmp_path / flavour, {"model.onnx": proto.SerializeToString()}, manifest)
+    got = runtime.load(path, threads=1).predict(x)
+    assert got.shape == expected.shape == (32, 10)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-4 * scale

@@ -220,19 +220,20 @@ def test_argument_errors():
     x, w = make_case(1, 5, 4, 6, 6, 3, seed=1)
     packed = pack_conv_weight(w)
     prepared = kernels.prepare_conv_weight(packed, in_channels=5, kernel_size=3)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="PreparedConv carries its own geometry"):
         kernels.binary_conv2d(x, prepared, in_channels=5)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="in_channels and kernel_size are required"):
         kernels.binary_conv2d(x, packed)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"packed weight must be uint8 of shape \(4, 40\)"):
         kernels.prepare_conv_weight(packed, in_channels=30, kernel_size=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected \(N, 5, H, W\) input, got \(1, 4, 6, 6\)"):
         prepared(x[:, :4])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         prepared(x[:, :, :2, :2])  # smaller than the kernel
-    with pytest.raises(ValueError):
+    # the residual only has to broadcast to the output (documented): numpy's error says why
+    with pytest.raises(ValueError, match="could not be broadcast"):
         prepared(x, np.zeros((1, 3, 4, 4), np.float32))  # residual of the wrong shape
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
         prepared(x, threads=0)
 
 

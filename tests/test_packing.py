@@ -85,9 +85,9 @@ def test_zero_and_negative_zero_are_plus_one():
 
 def test_unpack_rejects_wrong_length_and_dtype():
     packed = pack_bits(np.ones(70))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"16 packed bytes do not hold 200 bits \(expected 32\)"):
         unpack_bits(packed, 200)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="packed bits must be uint8, got int16"):
         unpack_bits(packed.astype(np.int16), 70)
 
 

@@ -145,7 +145,9 @@ def test_register_by_name_and_unregister():
     finally:
         quantizers.unregister("test_half_sign")
     assert "test_half_sign" not in quantizers.list_quantizers()
-    with pytest.raises(quantizers.UnknownQuantizerError):
+    with pytest.raises(
+        quantizers.UnknownQuantizerError, match="unknown quantizer 'test_half_sign'"
+    ):
         quantizers.get("test_half_sign")
     with pytest.raises(TypeError, match="Quantizer subclasses"):
         quantizers.register(torch.nn.Identity)

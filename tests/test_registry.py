@@ -137,7 +137,7 @@ def test_spec_of_plain_module_is_an_error():
     with pytest.raises(models.SpecError, match=r"models\.create"):
         models.spec_of(nn.Linear(2, 2))
     # a family class built directly (not through the registry) has no spec either
-    with pytest.raises(models.SpecError):
+    with pytest.raises(models.SpecError, match=r"ResNet was not built by models\.create\(\)"):
         models.spec_of(models.resnet.ResNet("bireal", (1, 1, 1, 1), width=0.125))
 
 
@@ -150,15 +150,15 @@ def test_callable_quantizer_cannot_go_in_a_spec():
 
 
 @pytest.mark.parametrize(
-    "bad",
+    "bad,match",
     [
-        {"format": "someone-else/9", "name": "lenet5", "args": {}},
-        {"name": 5, "args": {}},
-        {"name": "lenet5", "args": [1, 2]},
+        ({"format": "someone-else/9", "name": "lenet5", "args": {}}, "unknown spec format"),
+        ({"name": 5, "args": {}}, "needs a string 'name' and a dict 'args'"),
+        ({"name": "lenet5", "args": [1, 2]}, "needs a string 'name' and a dict 'args'"),
     ],
 )
-def test_malformed_specs_are_spec_errors(bad):
-    with pytest.raises(models.SpecError):
+def test_malformed_specs_are_spec_errors(bad, match):
+    with pytest.raises(models.SpecError, match=match):
         models.build(bad)
 
 

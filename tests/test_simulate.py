@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from models.training import BatchSampler, make_optimizer, train_steps
 from toolkit.cli import app
 from toolkit.data import load_dataset
+from toolkit.partition import partition
 from toolkit.simulate import SimulationConfig, simulate
 from toolkit.train import make_model
 
@@ -72,13 +73,90 @@ def test_vc_beats_plain_averaging_at_independent_init():
     assert vc.history[1]["variance"][first_conv] > 0.8 * initial
 
 
-def test_drops_churn_delay_and_codecs_count_bytes():
+# the largest float below 1: a drop or churn rate that loses every message (every node) unless
+# the generator draws exactly 1 - 2**-53, and with these seeds it does not
+ALMOST_ONE = float(np.nextafter(1.0, 0.0))
+
+
+def _trained_alone(config: SimulationConfig) -> list[dict[str, np.ndarray]]:
+    """Each node's final weights had it never heard from a peer: its own local steps only.
+
+    Written out here from the simulator's documented seeding (independent initialisation
+    seeded by ``seed * 100_003 + node + 1``, batches drawn from ``seed * 7_919 + node``).
+    """
+    train = load_dataset("digits", "train")
+    shards = partition(config.data, train.y, config.nodes, seed=config.seed)
+    states = []
+    for node, shard in enumerate(shards):
+        torch.manual_seed(config.seed * 100_003 + node + 1)
+        model = make_model(config.model, train)
+        optimizer = make_optimizer(model, "sgd", config.lr, 0.0)
+        rng = np.random.default_rng(config.seed * 7_919 + node)
+        stream = BatchSampler(train.x, train.y, config.batch_size, shard).endless(rng)
+        train_steps(model, optimizer, itertools.islice(stream, config.rounds * config.local_steps))
+        states.append({k: v.numpy() for k, v in model.state_dict().items()})
+    return states
+
+
+def _same_states(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_codecs_count_bytes():
     base = simulate(SimulationConfig(**SMALL))
     half = simulate(SimulationConfig(**SMALL, codec="fp16"))
     assert 0.45 < half.history[-1]["bytes_sent"] / base.history[-1]["bytes_sent"] < 0.55
+
+
+def test_dropping_every_message_is_training_alone():
+    config = SimulationConfig(**SMALL, drop=ALMOST_ONE)
+    lossy = simulate(config)
+    assert _same_states(lossy.final_states, _trained_alone(config))
+    talking = simulate(SimulationConfig(**SMALL))
+    assert not _same_states(talking.final_states, _trained_alone(config))  # merges do happen
+    # bytes are counted when sent, before the network drops them
+    assert lossy.history[-1]["bytes_sent"] == talking.history[-1]["bytes_sent"] > 0
+
+
+@pytest.mark.slow
+def test_delay_postpones_the_first_merge_by_that_many_rounds():
+    # delivered one round late: nothing arrives within a one-round run...
+    one = SimulationConfig(**{**SMALL, "rounds": 1}, delay=1)
+    assert _same_states(simulate(one).final_states, _trained_alone(one))
+    undelayed = SimulationConfig(**{**SMALL, "rounds": 1})
+    assert not _same_states(simulate(undelayed).final_states, _trained_alone(undelayed))
+    # ...and round 1's models are merged in round 2
+    two = SimulationConfig(**SMALL, delay=1)
+    assert not _same_states(simulate(two).final_states, _trained_alone(two))
+    # two rounds late, in a two-round run: never
+    late = SimulationConfig(**SMALL, delay=2)
+    assert _same_states(simulate(late).final_states, _trained_alone(late))
+
+
+def test_churn_takes_nodes_offline():
+    base = simulate(SimulationConfig(**SMALL))
+    per_message = base.history[-1]["bytes_sent"] / (4 * 2 * 2)  # 4 nodes, 2 neighbours, 2 rounds
+    assert per_message == int(per_message) > 0
+    # every node offline every round: nobody trains, nobody sends
+    gone = simulate(SimulationConfig(**SMALL, churn=ALMOST_ONE))
+    assert [r["bytes_sent"] for r in gone.history] == [0, 0, 0]
+    assert gone.history[-1]["variance"] == gone.history[0]["variance"]
+    assert gone.history[-1]["mean_accuracy"] == gone.history[0]["mean_accuracy"]
+    # half of them offline on average: fewer messages, each a whole model, and a node's
+    # neighbours still hear from it
+    half = simulate(SimulationConfig(**SMALL, churn=0.5))
+    sent = half.history[-1]["bytes_sent"]
+    assert 0 < sent < base.history[-1]["bytes_sent"]
+    assert sent % per_message == 0
+
+
+def test_lossy_fleet_still_runs_with_few_peers():
     lossy = simulate(SimulationConfig(**SMALL, drop=0.5, churn=0.3, delay=1, peers=1, trigger=1))
     assert all(0.0 <= r["mean_accuracy"] <= 1.0 for r in lossy.history)
-    assert lossy.history[-1]["bytes_sent"] < base.history[-1]["bytes_sent"]
+    assert [r["round"] for r in lossy.history] == [0, 1, 2]
 
 
 def test_cli_compare_json(tmp_path):

@@ -132,18 +132,39 @@ def test_latent_weights_stay_clipped(bireal_result, digits):
     assert (weights.abs() == 1.0).sum() > 0
 
 
+def _by_hand(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy from one plain forward pass, computed here."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).double()
+    labels = torch.from_numpy(y)
+    correct = int((logits.argmax(1) == labels).sum())
+    log_probs = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    loss = -log_probs[torch.arange(len(labels)), labels].mean()
+    return correct / len(labels), float(loss)
+
+
 def test_evaluate(lenet_run, digits):
     _, test_data = digits
-    result = evaluate(lenet_run.model, test_data)
-    assert 0.0 <= result["accuracy"] <= 1.0
+    model = lenet_run.model
+    accuracy, loss = _by_hand(model, test_data.x, test_data.y)
+    assert 0.5 < accuracy < 1.0  # a trained model, and not a trivial one
+    model.train()
+    result = evaluate(model, test_data)  # 450 samples: batches of 256 and 194
     assert result["samples"] == len(test_data) == 450
-    assert result["accuracy"] == pytest.approx(lenet_run.final["test_accuracy"])
-    assert result["loss"] == pytest.approx(lenet_run.final["test_loss"], rel=1e-5)
-    subset = evaluate(lenet_run.model, test_data, indices=np.arange(10))
-    assert subset["samples"] == 10
-    lenet_run.model.train()
-    evaluate(lenet_run.model, test_data)
-    assert lenet_run.model.training  # mode is restored
+    assert result["accuracy"] == accuracy
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert model.training  # mode is restored
+    # the training loop reports the same numbers for its last epoch
+    assert lenet_run.final["test_accuracy"] == accuracy
+    assert lenet_run.final["test_loss"] == pytest.approx(loss, rel=1e-5)
+    # small batches and a scattered subset: the same as by hand
+    assert evaluate(model, test_data, batch_size=7)["loss"] == pytest.approx(loss, rel=1e-5)
+    picked = np.array([449, 3, 17, 200, 0, 51, 52, 300, 120, 8])
+    subset = evaluate(model, test_data, indices=picked)
+    sub_accuracy, sub_loss = _by_hand(model, test_data.x[picked], test_data.y[picked])
+    assert subset["samples"] == 10 and subset["accuracy"] == sub_accuracy
+    assert subset["loss"] == pytest.approx(sub_loss, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- reproducibility
@@ -187,11 +208,11 @@ def test_resume_after_interruption_matches_uninterrupted(digits, tmp_path, monke
     def crashing_evaluate(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("killed during epoch 3")
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "evaluate", crashing_evaluate)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed during epoch 3"):
         run(config, digits, tmp_path / "cut")
     monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
     assert train_mod.latest_checkpoint(tmp_path / "cut").name == "epoch_0002"
@@ -257,6 +278,37 @@ def test_distillation_from_a_saved_teacher(lenet_run, digits):
     assert math.isfinite(result.final["train_loss"])
     assert result.final["train_loss"] > 0
     assert 0.0 <= result.final["test_accuracy"] <= 1.0
+    # the teacher changes the run: same seed and batches, another loss and other weights
+    alone = run(lenet_config(epochs=1), digits)
+    assert result.final["train_loss"] != pytest.approx(alone.final["train_loss"], rel=1e-3)
+    assert not torch.equal(result.model.features[0].weight, alone.model.features[0].weight)
+
+
+@pytest.mark.slow
+def test_distillation_alone_copies_a_constant_teacher(digits, tmp_path):
+    """kd_alpha = 1: the labels are ignored and the student learns the teacher's answer."""
+    train_data, test_data = digits
+    teacher = make_model("lenet5", train_data)
+    favourite = torch.zeros(10)
+    favourite[3] = 4.0  # softmax: 0.86 on class 3 for every image
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.zero_()
+        teacher.classifier[-1].bias.copy_(favourite)
+    checkpoint.save(teacher, tmp_path / "teacher")
+    config = lenet_config(
+        epochs=2, teacher=str(tmp_path / "teacher"), kd_alpha=1.0, kd_temperature=1.0
+    )
+    result = run(config, digits)
+    student = result.model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(student(torch.from_numpy(test_data.x)), dim=1)
+    assert (probs.argmax(1) == 3).float().mean() >= 0.95
+    target = torch.softmax(favourite, dim=0)
+    assert (probs.mean(0) - target).abs().max() < 0.1
+    # so it scores about the share of 3s, where the labels alone reach ~0.9
+    share = float((test_data.y == 3).mean())
+    assert result.final["test_accuracy"] == pytest.approx(share, abs=0.05)
 
 
 def test_distillation_loss_math():

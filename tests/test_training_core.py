@@ -158,7 +158,7 @@ def test_evaluate_hand_example_in_eval_mode():
 def test_evaluate_restores_mode_after_an_error():
     model = identity_classifier()
     model.train()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         evaluate(model, torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
     assert model.training
 

@@ -122,6 +122,8 @@ from bitfleet.errors import BitfleetError
 from edge_agent.codecs import CODECS, CodecError, decode, encode
 
 __all__ = [
+    "BAD_INPUT",
+    "BAD_OUTPUT",
     "BAD_REQUEST",
     "CAPABILITIES",
     "COMMANDS",
@@ -244,6 +246,12 @@ BAD_REQUEST = "bad_request"
 
 MISADDRESSED = "misaddressed"
 """Drop reason: a frame meant for another device (or a state published for another sender)."""
+
+BAD_INPUT = "bad_input"
+"""Drop reason: an inference request whose batch holds NaN or Inf."""
+
+BAD_OUTPUT = "bad_output"
+"""Drop reason: an inference request for which the model returned non-finite logits."""
 
 DROP_REASONS: tuple[str, ...] = (
     "oversized",
@@ -757,11 +765,14 @@ def state_body(
     learning: bool,
     model_spec: str | None,
     platform: str,
+    instance: str,
+    since: float,
 ) -> dict[str, Any]:
     """The body of a device's retained ``"state"`` frame.
 
     ``status`` is :data:`ONLINE` or :data:`OFFLINE`; the rest names the model it serves and what
-    it offers (:data:`CAPABILITIES`).
+    it offers (:data:`CAPABILITIES`). ``instance`` (random per process) and ``since`` (its start
+    time) tell two agents that were given the same id apart, so the later one can stop.
     """
     if status not in (ONLINE, OFFLINE):
         raise ProtocolError(f"state status must be {ONLINE!r} or {OFFLINE!r}, got {status!r}")
@@ -775,6 +786,8 @@ def state_body(
         "learning": bool(learning),
         "model_spec": model_spec,
         "platform": platform,
+        "instance": instance,
+        "since": since,
     }
 
 

@@ -30,23 +30,17 @@ import numpy as np
 
 from bitfleet.errors import BitfleetError
 from edge_agent.config import AgentConfig
-from edge_agent.protocol import DropCounter, decode_inputs
+from edge_agent.protocol import BAD_INPUT, BAD_OUTPUT, DropCounter, decode_inputs
 from edge_agent.state import ArtifactRef, StateStore
 from exporters import runtime
 from exporters.artifact import ArtifactError
 
-__all__ = ["BAD_INPUT", "BAD_OUTPUT", "InferenceError", "ModelServer", "LATENCY_WINDOW"]
+__all__ = ["InferenceError", "ModelServer", "LATENCY_WINDOW"]
 
 log = logging.getLogger("bitfleet.agent")
 
 LATENCY_WINDOW = 1000
 """How many recent inference latencies telemetry summarises."""
-
-BAD_INPUT = "bad_input"
-"""Drop reason: an inference request whose batch holds NaN or Inf."""
-
-BAD_OUTPUT = "bad_output"
-"""Drop reason: an inference request for which the model returned non-finite logits."""
 
 _PROBE_BATCH = 2
 

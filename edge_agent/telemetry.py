@@ -102,8 +102,10 @@ class Presence:
             learning=self._learning(),
             model_spec=spec.get("name") if spec else None,
             platform=platform.machine(),
+            instance=self.instance,
+            since=self.since,
         )
-        return {**body, "instance": self.instance, "since": self.since}
+        return body
 
     def _frame(self, status: str) -> bytes:
         return self.ctx.seal(FrameKind.STATE, self.body(status))

@@ -16,7 +16,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """A real broker is part of the suite: without Mosquitto the run fails, it never skips."""
     if not mosquitto_available():
         raise pytest.UsageError(
-            "the tests need Mosquitto (on PATH, or in /usr/sbin): apt-get install mosquitto mosquitto-clients"
+            "the tests need Mosquitto (on PATH, or in /usr/sbin): "
+            "apt-get install mosquitto mosquitto-clients"
         )
 
 

@@ -384,8 +384,15 @@ def _unloadable(artifact: Path, where: Path) -> Path:
     return where
 
 
-@pytest.mark.parametrize("kind", ["damaged", "damaged-tar", "unloadable"])
-def test_artifact_errors_name_the_path_the_user_gave(key_file, artifact, tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("damaged", r"model\.onnx does not match the SHA-256 in manifest\.json"),
+        ("damaged-tar", r"model\.onnx does not match the SHA-256 in manifest\.json"),
+        ("unloadable", r"ONNX Runtime cannot load"),
+    ],
+)
+def test_artifact_errors_name_the_path_the_user_gave(key_file, artifact, tmp_path, kind, expected):
     if kind == "unloadable":
         given = _unloadable(artifact, tmp_path / "art")
     else:
@@ -396,7 +403,7 @@ def test_artifact_errors_name_the_path_the_user_gave(key_file, artifact, tmp_pat
     state.mkdir()
     url = f"mqtt://127.0.0.1:{free_port()}"
     agent = Agent(_config(url, key_file, state, artifact=str(given)))
-    with pytest.raises(ArtifactError) as caught:
+    with pytest.raises(ArtifactError, match=expected) as caught:
         agent.start(connect_timeout=1)
     message = str(caught.value)
     assert str(given) in message, message

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from agent_support import FLEET
 
 from edge_agent.broker import EmbeddedBroker, MosquittoBroker, mosquitto_available
 
@@ -39,6 +41,43 @@ def amqtt_broker() -> Iterator[EmbeddedBroker]:
 def broker(request: pytest.FixtureRequest) -> MosquittoBroker | EmbeddedBroker:
     """Each test that takes it runs once on Mosquitto and once on amqtt."""
     return request.getfixturevalue("mosquitto" if request.param == "mosquitto" else "amqtt_broker")
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fleet's HMAC key (64 bytes), one per test module."""
+    path = tmp_path_factory.mktemp("keys") / "fleet.key"
+    path.write_bytes(bytes(range(32)) * 2)
+    return path
+
+
+@pytest.fixture
+def fleet(mosquitto: MosquittoBroker, key_file: Path) -> Iterator[object]:
+    """The laptop's real client on the test's Mosquitto."""
+    from toolkit.fleet import FleetClient
+
+    with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
+        yield client
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[..., object]]:
+    """Start in-process agents (fast reconnects, subscriptions in place); all shut down after."""
+    from edge_agent.agent import Agent
+
+    made: list[Agent] = []
+
+    def start(config: object) -> Agent:
+        agent = Agent(config)  # type: ignore[arg-type]
+        agent.transport._client.reconnect_delay_set(0.05, 0.5)
+        agent.start(connect_timeout=10)
+        made.append(agent)
+        assert agent.transport.wait_subscribed(10)  # requests sent from now on reach it
+        return agent
+
+    yield start
+    for agent in made:
+        agent.shutdown()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from agent_support import FLEET, agent_config, online
 from safetensors.numpy import save_file
 
 import exporters
@@ -39,7 +40,7 @@ from edge_agent.broker import (
 )
 from edge_agent.codecs import decode
 from edge_agent.commands import CommandError, CommandTable, Handler
-from edge_agent.config import AgentConfig, ConfigError, LearnSettings, load_config
+from edge_agent.config import ConfigError, LearnSettings, load_config
 from edge_agent.protocol import (
     COMMANDS,
     Command,
@@ -59,15 +60,7 @@ from toolkit.data import load_dataset
 from toolkit.fleet import FleetClient, FleetError
 from toolkit.partition import partition
 
-FLEET = "lab"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("keys") / "fleet.key"
-    path.write_bytes(bytes(range(32)) * 2)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -118,67 +111,26 @@ def digits():
     return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
-def _config(broker_url: str, key_file: Path, state: Path, **kw) -> AgentConfig:
-    base = dict(
-        broker=broker_url,
-        fleet=FLEET,
-        id=kw.pop("id", "pi-01"),
-        state_dir=str(state),
-        key_file=str(key_file),
-        http_port=0,
-        heartbeat_s=0.5,
-    )
-    base.update(kw)
-    return AgentConfig(**base)
-
-
-@pytest.fixture
-def fleet(mosquitto, key_file):
-    with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
-        yield client
-
-
-@pytest.fixture
-def agents():
-    made: list[Agent] = []
-
-    def start(config: AgentConfig) -> Agent:
-        agent = Agent(config)
-        agent.transport._client.reconnect_delay_set(0.05, 0.5)
-        agent.start(connect_timeout=10)
-        made.append(agent)
-        return agent
-
-    yield start
-    for agent in made:
-        if not agent.stopping.is_set():
-            agent.shutdown()
-
-
-def _online(device: str):
-    return lambda devices: devices.get(device, {}).get("status") == "online"
-
-
 # ------------------------------------------------------------------------------- presence
 def test_presence_retained_state_and_clean_offline(
     mosquitto, fleet, agents, key_file, artifacts, tmp_path
 ):
-    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
-    assert fleet.wait_for(_online("pi-01"))
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(online("pi-01"))
     state = fleet.devices()["pi-01"]
     assert (state["model"], state["version"]) == ("digits", "1")
     assert state["capabilities"] == ["infer", "deploy", "learn"] and state["agent_version"]
     # a late subscriber gets the retained state
     with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as late:
-        assert late.wait_for(_online("pi-01"))
+        assert late.wait_for(online("pi-01"))
     agent.shutdown()
     assert fleet.wait_for(lambda d: d["pi-01"]["status"] == "offline")
 
 
 def test_presence_on_the_embedded_broker(amqtt_broker, key_file, artifacts, agents, tmp_path):
-    agents(_config(amqtt_broker.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    agents(agent_config(amqtt_broker.url, key_file, tmp_path, artifact=str(artifacts[0])))
     with FleetClient(amqtt_broker.url, fleet=FLEET, key_file=key_file) as client:
-        assert client.wait_for(_online("pi-01"))
+        assert client.wait_for(online("pi-01"))
         reply = client.command("pi-01", "ping", timeout=10)
         assert reply["ok"] and reply["result"]["pong"]
 
@@ -220,7 +172,7 @@ def test_per_device_keys(mosquitto, agents, key_file, artifacts, tmp_path):
     (keys / "pi-01.key").write_bytes(b"1" * 32)
     (keys / "laptop.key").write_bytes(b"L" * 32)
     agent = agents(
-        _config(
+        agent_config(
             mosquitto.url,
             key_file,
             tmp_path / "s",
@@ -230,7 +182,7 @@ def test_per_device_keys(mosquitto, agents, key_file, artifacts, tmp_path):
     )
     own = Keyring(key_file.read_bytes(), {"pi-01": b"1" * 32, "laptop": b"L" * 32})
     with FleetClient(mosquitto.url, fleet=FLEET, keyring=own) as client:
-        assert client.wait_for(_online("pi-01"))  # its state verifies under its own key
+        assert client.wait_for(online("pi-01"))  # its state verifies under its own key
         assert client.command("pi-01", "ping")["ok"]
         assert client.command("pi-01", "config.set", {"heartbeat_s": 0.75})["ok"]
     assert agent.config.heartbeat_s == 0.75  # the laptop's own key commands it
@@ -250,8 +202,10 @@ def test_per_device_keys(mosquitto, agents, key_file, artifacts, tmp_path):
 
 
 def test_agent_speaks_mqtt5(mosquitto, fleet, agents, key_file, artifacts, tmp_path):
-    agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), protocol="5"))
-    assert fleet.wait_for(_online("pi-01"))
+    agents(
+        agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), protocol="5")
+    )
+    assert fleet.wait_for(online("pi-01"))
     assert fleet.command("pi-01", "ping")["ok"]
 
 
@@ -260,7 +214,9 @@ def test_inference_over_mqtt_and_http_matches_the_artifact(
     mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
 ):
     port = free_port()
-    agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), http_port=port))
+    agents(
+        agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), http_port=port)
+    )
     batch = digits[1].x[:4]
     direct = runtime.load(artifacts[0]).predict(batch)
     reply = fleet.infer("pi-01", batch)
@@ -297,9 +253,9 @@ def test_a_binary_network_is_served_over_mqtt_and_http(
     model, artifact = bireal
     port = free_port()
     agent = agents(
-        _config(mosquitto.url, key_file, tmp_path, artifact=str(artifact), http_port=port)
+        agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact), http_port=port)
     )
-    assert fleet.wait_for(_online("pi-01"))
+    assert fleet.wait_for(online("pi-01"))
     assert (fleet.devices()["pi-01"]["model"], agent.artifact.name) == ("digits-bnn", "digits-bnn")
     assert isinstance(agent.predictor, runtime.FastPredictor)
     batch = digits[1].x[:8]
@@ -340,8 +296,10 @@ def test_http_status_unknown_paths_and_a_body_too_large(
     from edge_agent.http import MAX_BODY_BYTES
 
     port = free_port()
-    agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), http_port=port))
-    assert fleet.wait_for(_online("pi-01"))
+    agents(
+        agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), http_port=port)
+    )
+    assert fleet.wait_for(online("pi-01"))
     code, status = _http(port, "GET", "/status")
     assert code == 200
     assert (status["model"], status["version"]) == ("digits", "1")
@@ -383,8 +341,8 @@ def _tampered_tar(artifact: Path) -> bytes:
 def test_deploy_rollback_and_a_corrupted_artifact_is_refused(
     mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
 ):
-    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
-    assert fleet.wait_for(_online("pi-01"))
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(online("pi-01"))
     # a corrupted artifact, correctly signed and with the SHA-256 the command names
     data = _tampered_tar(artifacts[1])
     digest = hashlib.sha256(data).hexdigest()
@@ -418,8 +376,8 @@ def test_deploy_rollback_and_a_corrupted_artifact_is_refused(
 
 
 def test_commands_status_config_and_errors(mosquitto, fleet, agents, key_file, artifacts, tmp_path):
-    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
-    assert fleet.wait_for(_online("pi-01"))
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(online("pi-01"))
     status = fleet.command("pi-01", "status")
     assert status["ok"] and status["result"]["config"]["id"] == "pi-01"
     assert "drops" in status["result"]["telemetry"]
@@ -482,8 +440,8 @@ def test_command_table_answers_every_command_and_names_the_known_ones():
 def test_bad_commands_are_answered_and_misaddressed_ones_dropped(
     mosquitto, fleet, agents, key_file, artifacts, tmp_path, transports
 ):
-    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
-    assert fleet.wait_for(_online("pi-01"))
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(online("pi-01"))
     topics, keys = Topics(FLEET), Keyring.from_file(key_file)
     replies: queue.Queue[bytes] = queue.Queue()
     watcher = transports(mosquitto.url)
@@ -519,9 +477,11 @@ def test_a_reply_too_big_for_one_packet_arrives_in_chunks(
     mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
 ):
     agent = agents(
-        _config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), chunk_bytes=1024)
+        agent_config(
+            mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0]), chunk_bytes=1024
+        )
     )
-    assert fleet.wait_for(_online("pi-01"))
+    assert fleet.wait_for(online("pi-01"))
     agent.transport.max_packet_bytes = 8192  # as a broker with small packets would need
     batch = digits[1].x[:64]
     reply = fleet.infer("pi-01", batch)  # ~25 KB of logits as JSON: ~25 chunks
@@ -534,8 +494,8 @@ def test_a_reply_too_big_for_one_packet_arrives_in_chunks(
 def test_fuzzed_frames_are_dropped_and_counted(
     mosquitto, fleet, agents, key_file, artifacts, tmp_path, digits
 ):
-    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
-    assert fleet.wait_for(_online("pi-01"))
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifacts[0])))
+    assert fleet.wait_for(online("pi-01"))
     rng = np.random.default_rng(0)
     good = Keyring.from_file(key_file)
     evil = Keyring(b"x" * 32)
@@ -602,7 +562,7 @@ def _learning_agents(
     data = _write_shards(tmp_path, digits, count)
     return [
         agents(
-            _config(
+            agent_config(
                 url,
                 key_file,
                 tmp_path / f"s{i}",
@@ -626,7 +586,7 @@ def test_four_agents_gossip_learn_and_every_accuracy_rises(
     fleet_agents = _learning_agents(
         agents, mosquitto.url, key_file, artifacts[0], tmp_path, digits, 4, learning=learning
     )
-    assert fleet.wait_for(lambda d: all(_online(f"pi-0{i}")(d) for i in range(4)))
+    assert fleet.wait_for(lambda d: all(online(f"pi-0{i}")(d) for i in range(4)))
     for i in range(4):
         assert fleet.command(f"pi-0{i}", "learn.start")["ok"]
     deadline = time.monotonic() + 120
@@ -664,7 +624,7 @@ def test_many_chunk_pushes_arrive_and_a_finished_run_is_announced(
         learning=learning,
         chunk_bytes=4096,
     )
-    assert fleet.wait_for(lambda d: all(_online(f"pi-0{i}")(d) for i in range(3)))
+    assert fleet.wait_for(lambda d: all(online(f"pi-0{i}")(d) for i in range(3)))
     for i in range(3):
         assert fleet.command(f"pi-0{i}", "learn.start")["ok"]
     assert fleet.wait_for(lambda d: all(d[f"pi-0{i}"]["learning"] for i in range(3)))
@@ -704,7 +664,7 @@ def test_two_agents_gossip_learn_a_binary_network(
     pair = _learning_agents(
         agents, mosquitto.url, key_file, artifact, tmp_path, digits, 2, learning=learning
     )
-    assert fleet.wait_for(lambda d: _online("pi-00")(d) and _online("pi-01")(d))
+    assert fleet.wait_for(lambda d: online("pi-00")(d) and online("pi-01")(d))
     for agent in pair:
         assert fleet.command(agent.config.id, "learn.start")["ok"]
     deadline = time.monotonic() + 120
@@ -753,7 +713,7 @@ def test_learn_stop_stops_learning_and_says_so(
         agents, mosquitto.url, key_file, artifacts[0], tmp_path, digits, 1, learning=learning
     )
     agent_id = agent.config.id
-    assert fleet.wait_for(_online(agent_id))
+    assert fleet.wait_for(online(agent_id))
     assert fleet.command(agent_id, "learn.start")["ok"]
     assert fleet.wait_for(lambda d: d[agent_id]["learning"] is True)
     deadline = time.monotonic() + 30
@@ -809,7 +769,7 @@ def test_broker_restart_mid_learning(mosquitto, key_file, artifacts, agents, tmp
     merges = [a.learner.merges for a in pair]
     with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
         # the broker lost its retained messages: the agents announced themselves again
-        assert client.wait_for(lambda d: _online("pi-00")(d) and _online("pi-01")(d))
+        assert client.wait_for(lambda d: online("pi-00")(d) and online("pi-01")(d))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(
         a.learner.merges <= m for a, m in zip(pair, merges, strict=True)
@@ -871,7 +831,7 @@ def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
     env = {"BITFLEET_LEARN_ROUND_INTERVAL_S": "0.05", "BITFLEET_LEARN_LOCAL_STEPS": "3"}
     process = _spawn(args, env)
     try:
-        assert fleet.wait_for(_online("pi-09"), timeout=60)
+        assert fleet.wait_for(online("pi-09"), timeout=60)
         deadline = time.monotonic() + 60
         meta = state / "learning" / "meta.json"
         while time.monotonic() < deadline and (
@@ -899,7 +859,7 @@ def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
     }
     process = _spawn(args, slow)
     try:
-        assert fleet.wait_for(_online("pi-09"), timeout=60)
+        assert fleet.wait_for(online("pi-09"), timeout=60)
         deadline = time.monotonic() + 60
         learning = {"round": None}
         while time.monotonic() < deadline and learning["round"] is None:
@@ -931,7 +891,7 @@ def test_daemon_serving_only_never_loads_torch_and_stops_cleanly(
 ):
     process = _spawn(_run_args(mosquitto.url, key_file, tmp_path / "state", artifacts[0]))
     try:
-        assert fleet.wait_for(_online("pi-09"), timeout=60)
+        assert fleet.wait_for(online("pi-09"), timeout=60)
         telemetry = fleet.command("pi-09", "status", timeout=30)["result"]["telemetry"]
         assert telemetry["torch_loaded"] is False and telemetry["learning"]["on"] is False
         # the CLI exec'd a fresh interpreter under the same PID: its parser's libraries are gone
@@ -1013,7 +973,7 @@ def test_config_precedence_file_env_flags(tmp_path):
 
 
 def test_unreachable_broker_is_a_clear_error(key_file, artifacts, tmp_path):
-    config = _config(
+    config = agent_config(
         f"mqtt://127.0.0.1:{free_port()}", key_file, tmp_path, artifact=str(artifacts[0])
     )
     agent = Agent(config)

@@ -21,29 +21,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_support import FLEET, agent_config, online
 from safetensors.numpy import save_file
 
 import exporters
 import models
 from edge_agent.agent import Agent
 from edge_agent.broker import free_port
-from edge_agent.config import AgentConfig, ConfigError
+from edge_agent.config import ConfigError
 from edge_agent.protocol import Keyring
 from edge_agent.transport import MqttTransport
 from exporters import runtime
 from exporters.artifact import ArtifactError, sha256_file
 from toolkit.fleet import FleetClient, FleetError
 
-FLEET = "lab"
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = 3.4e38  # finite float32 values whose sums overflow: the model's logits come out NaN
-
-
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("keys") / "fleet.key"
-    path.write_bytes(bytes(range(32)) * 2)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -54,47 +47,6 @@ def artifact(tmp_path_factory) -> Path:
     return exporters.export(
         model, root / "v1", "onnx-portable", name="digits", version="1", input_shape=(1, 32, 32)
     )
-
-
-def _config(broker_url: str, key_file: Path, state: Path, **kw) -> AgentConfig:
-    base = dict(
-        broker=broker_url,
-        fleet=FLEET,
-        id=kw.pop("id", "pi-01"),
-        state_dir=str(state),
-        key_file=str(key_file),
-        http_port=0,
-        heartbeat_s=0.5,
-    )
-    base.update(kw)
-    return AgentConfig(**base)
-
-
-@pytest.fixture
-def fleet(mosquitto, key_file):
-    with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
-        yield client
-
-
-@pytest.fixture
-def agents():
-    made: list[Agent] = []
-
-    def start(config: AgentConfig) -> Agent:
-        agent = Agent(config)
-        agent.transport._client.reconnect_delay_set(0.05, 0.5)
-        agent.start(connect_timeout=10)
-        made.append(agent)
-        assert agent.transport.wait_subscribed(10)  # requests sent from now on reach it
-        return agent
-
-    yield start
-    for agent in made:
-        agent.shutdown()
-
-
-def _online(device: str):
-    return lambda devices: devices.get(device, {}).get("status") == "online"
 
 
 def _until(predicate, timeout: float = 10.0) -> bool:
@@ -133,7 +85,7 @@ def _huge_batch() -> np.ndarray:
 def test_non_finite_inputs_over_mqtt_get_an_error_reply_and_are_counted(
     mosquitto, fleet, agents, key_file, artifact, tmp_path
 ):
-    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
     batch = np.zeros((2, 1, 32, 32), np.float32)
     for bad in (np.nan, np.inf, -np.inf):
         poisoned = batch.copy()
@@ -152,7 +104,7 @@ def test_non_finite_inputs_over_http_are_a_400_with_a_json_error(
 ):
     port = free_port()
     agent = agents(
-        _config(mosquitto.url, key_file, tmp_path, artifact=str(artifact), http_port=port)
+        agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact), http_port=port)
     )
     batch = np.zeros((1, 1, 32, 32)).tolist()
     batch[0][0][5][6] = float("nan")
@@ -173,7 +125,7 @@ def test_non_finite_logits_are_an_error_reply_never_invalid_json(
     assert not np.isfinite(runtime.load(artifact).predict(huge)).all()  # the premise
     port = free_port()
     agent = agents(
-        _config(mosquitto.url, key_file, tmp_path, artifact=str(artifact), http_port=port)
+        agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact), http_port=port)
     )
     reply = fleet.infer("pi-01", huge, timeout=5)
     assert not reply["ok"] and "non-finite logits" in reply["error"]
@@ -186,7 +138,7 @@ def test_non_finite_logits_are_an_error_reply_never_invalid_json(
 def test_a_reply_that_is_not_json_becomes_an_error_reply(
     mosquitto, fleet, agents, key_file, artifact, tmp_path
 ):
-    agent = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
     agent.requests._infer = lambda inputs: {"logits": [[float("nan")]]}  # a bug, say
     reply = fleet.infer("pi-01", np.zeros((1, 1, 32, 32), np.float32), timeout=5)
     assert not reply["ok"] and "internal error" in reply["error"]
@@ -197,9 +149,9 @@ def test_a_reply_that_is_not_json_becomes_an_error_reply(
 def test_a_second_agent_with_the_same_id_stops_instead_of_fighting(
     mosquitto, fleet, agents, key_file, artifact, tmp_path
 ):
-    first = agents(_config(mosquitto.url, key_file, tmp_path / "a", artifact=str(artifact)))
-    assert fleet.wait_for(_online("pi-01"))
-    second = agents(_config(mosquitto.url, key_file, tmp_path / "b", artifact=str(artifact)))
+    first = agents(agent_config(mosquitto.url, key_file, tmp_path / "a", artifact=str(artifact)))
+    assert fleet.wait_for(online("pi-01"))
+    second = agents(agent_config(mosquitto.url, key_file, tmp_path / "b", artifact=str(artifact)))
     assert second.wait(timeout=15), "the second agent kept fighting for the id"
     assert second.conflict is not None and "'pi-01'" in second.conflict
     assert "--id" in second.conflict
@@ -207,7 +159,7 @@ def test_a_second_agent_with_the_same_id_stops_instead_of_fighting(
     assert not first.stopping.is_set()  # the agent that was there first serves on
     instance = first.presence.instance
     assert fleet.wait_for(lambda d: d.get("pi-01", {}).get("instance") == instance)
-    assert _online("pi-01")(fleet.devices())
+    assert online("pi-01")(fleet.devices())
     connects = first.transport.connect_count
     time.sleep(1.5)
     assert first.transport.connect_count == connects  # no more flapping
@@ -217,17 +169,17 @@ def test_a_second_agent_with_the_same_id_stops_instead_of_fighting(
 def test_a_restart_after_a_crash_is_not_taken_for_a_second_agent(
     mosquitto, fleet, agents, key_file, artifact, tmp_path
 ):
-    crashed = Agent(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
+    crashed = Agent(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
     crashed.start(connect_timeout=10)
-    assert fleet.wait_for(_online("pi-01"))
+    assert fleet.wait_for(online("pi-01"))
     # kill -9: the process is gone, its connection lingers until the broker's keepalive ends
     crashed.stopping.set()
     crashed.transport._client.loop_stop()
     try:
-        again = agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
+        again = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
         mine = again.presence.instance
         assert fleet.wait_for(lambda d: d.get("pi-01", {}).get("instance") == mine)
-        assert _online("pi-01")(fleet.devices())
+        assert online("pi-01")(fleet.devices())
         assert not again.wait(timeout=1.5) and again.conflict is None
     finally:
         crashed.transport.close(clean=False)
@@ -281,9 +233,9 @@ def test_the_daemon_with_a_taken_id_exits_non_zero_naming_it(
     mosquitto, fleet, agents, key_file, artifact, tmp_path
 ):
     first = agents(
-        _config(mosquitto.url, key_file, tmp_path / "a", artifact=str(artifact), id="pi-09")
+        agent_config(mosquitto.url, key_file, tmp_path / "a", artifact=str(artifact), id="pi-09")
     )
-    assert fleet.wait_for(_online("pi-09"))
+    assert fleet.wait_for(online("pi-09"))
     process = _spawn(
         _run_args(mosquitto.url, key_file, tmp_path / "b", "--artifact", str(artifact))
     )
@@ -345,7 +297,9 @@ def test_learn_without_usable_data_fails_at_start(key_file, artifact, tmp_path):
     save_file({"x": np.zeros((4, 1, 32, 32), np.float32)}, str(empty / "train.safetensors"))
     with pytest.raises(ConfigError, match="'y'"):
         Agent(
-            _config(url, key_file, state, artifact=str(artifact), learn=True, data_dir=str(empty))
+            agent_config(
+                url, key_file, state, artifact=str(artifact), learn=True, data_dir=str(empty)
+            )
         ).start(connect_timeout=1)
     assert not state.exists()
 
@@ -402,7 +356,7 @@ def test_artifact_errors_name_the_path_the_user_gave(key_file, artifact, tmp_pat
     state = tmp_path / "state"
     state.mkdir()
     url = f"mqtt://127.0.0.1:{free_port()}"
-    agent = Agent(_config(url, key_file, state, artifact=str(given)))
+    agent = Agent(agent_config(url, key_file, state, artifact=str(given)))
     with pytest.raises(ArtifactError, match=expected) as caught:
         agent.start(connect_timeout=1)
     message = str(caught.value)
@@ -425,7 +379,7 @@ def test_an_unreachable_broker_is_announced_once_with_the_retry_schedule(caplog)
 
 def test_the_agent_says_it_connects_in_the_background(caplog, key_file, artifact, tmp_path):
     url = f"mqtt://127.0.0.1:{free_port()}"
-    agent = Agent(_config(url, key_file, tmp_path, artifact=str(artifact)))
+    agent = Agent(agent_config(url, key_file, tmp_path, artifact=str(artifact)))
     with caplog.at_level(logging.INFO, logger="bitfleet.agent"):
         agent.start(connect_timeout=None)
         agent.shutdown()
@@ -453,10 +407,10 @@ def test_bitfleet_agent_debug_shows_tracebacks_and_only_then(tmp_path):
 def test_devices_right_after_connecting_lists_the_retained_states(
     broker, agents, key_file, artifact, tmp_path
 ):
-    agents(_config(broker.url, key_file, tmp_path / "a", artifact=str(artifact)))
-    agents(_config(broker.url, key_file, tmp_path / "b", artifact=str(artifact), id="pi-02"))
+    agents(agent_config(broker.url, key_file, tmp_path / "a", artifact=str(artifact)))
+    agents(agent_config(broker.url, key_file, tmp_path / "b", artifact=str(artifact), id="pi-02"))
     with FleetClient(broker.url, fleet=FLEET, key_file=key_file) as watcher:
-        assert watcher.wait_for(lambda d: _online("pi-01")(d) and _online("pi-02")(d))
+        assert watcher.wait_for(lambda d: online("pi-01")(d) and online("pi-02")(d))
     for _ in range(5):
         with FleetClient(broker.url, fleet=FLEET, key_file=key_file) as client:
             assert sorted(client.devices()) == ["pi-01", "pi-02"]
@@ -465,7 +419,7 @@ def test_devices_right_after_connecting_lists_the_retained_states(
 def test_a_wrong_key_is_named_when_the_device_does_not_answer(
     mosquitto, agents, key_file, artifact, tmp_path
 ):
-    agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
+    agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
     wrong = Keyring(b"w" * 32)
     with FleetClient(mosquitto.url, fleet=FLEET, keyring=wrong) as client:
         with pytest.raises(FleetError, match="did not answer 'ping'") as caught:
@@ -480,7 +434,7 @@ def test_an_online_device_that_does_not_answer_may_hold_another_key(
     keys.mkdir()
     (keys / "laptop.key").write_bytes(b"L" * 32)  # the device expects the laptop's own key
     agents(
-        _config(
+        agent_config(
             mosquitto.url,
             key_file,
             tmp_path / "s",
@@ -489,7 +443,7 @@ def test_an_online_device_that_does_not_answer_may_hold_another_key(
         )
     )
     with FleetClient(mosquitto.url, fleet=FLEET, key_file=key_file) as client:
-        assert client.wait_for(_online("pi-01"))  # its state verifies under the fleet key
+        assert client.wait_for(online("pi-01"))  # its state verifies under the fleet key
         with pytest.raises(FleetError, match="is online but did not answer 'ping'") as caught:
             client.command("pi-01", "ping", timeout=1)
     assert "key" in str(caught.value)
@@ -498,8 +452,8 @@ def test_an_online_device_that_does_not_answer_may_hold_another_key(
 def test_a_deploy_waits_for_the_devices_own_error(
     mosquitto, fleet, agents, key_file, artifact, tmp_path
 ):
-    agents(_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
-    assert fleet.wait_for(_online("pi-01"))
+    agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
+    assert fleet.wait_for(online("pi-01"))
     args = {"name": "digits", "version": "7", "sha256": "a" * 64, "timeout_s": 2}  # unpublished
     reply = fleet.command("pi-01", "deploy", args, timeout=1)
     assert not reply["ok"] and "did not arrive within 2 s" in reply["error"]

@@ -1,0 +1,31 @@
+"""Helpers shared by the agent test modules (fixtures that use them live in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig
+
+FLEET = "lab"
+
+
+def agent_config(broker_url: str, key_file: Path, state: Path, **kw: Any) -> AgentConfig:
+    """An agent on ``broker_url`` with a fast heartbeat, an ephemeral HTTP port and ``kw``."""
+    base: dict[str, Any] = dict(
+        broker=broker_url,
+        fleet=FLEET,
+        id=kw.pop("id", "pi-01"),
+        state_dir=str(state),
+        key_file=str(key_file),
+        http_port=0,
+        heartbeat_s=0.5,
+    )
+    base.update(kw)
+    return AgentConfig(**base)
+
+
+def online(device: str) -> Callable[[dict[str, Any]], bool]:
+    """A ``FleetClient.wait_for`` predicate: ``device``'s retained state says online."""
+    return lambda devices: devices.get(device, {}).get("status") == "online"

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -419,19 +419,52 @@ class EmbeddedBroker(_BrokerProcess):
 # -- the embedded broker process ---------------------------------------------------------------
 
 
-def amqtt_config(host: str, port: int) -> dict:
-    """The amqtt 0.12 broker config: one TCP listener, anonymous access, no ``$SYS`` publisher.
+def amqtt_config(
+    host: str,
+    port: int,
+    password_file: str | os.PathLike[str] | None = None,
+    acl_file: str | os.PathLike[str] | None = None,
+) -> dict:
+    """The amqtt 0.12 broker config: one TCP listener, no ``$SYS`` publisher.
+
+    Access is anonymous, or checked against Mosquitto's password (and ACL) files through
+    :mod:`edge_agent.broker_access`.
 
     amqtt 0.12 takes a dict that maps plugin class paths to their options (older versions used
     ``auth``/``topic-check`` sections, which 0.12 still reads but deprecates).
     """
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
+    plugins: dict[str, dict[str, str | bool]] = {}
+    if password_file is None:
+        plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
+    else:
+        plugins["edge_agent.broker_access.MosquittoPasswordPlugin"] = {
+            "password_file": str(password_file)
+        }
+    if acl_file is not None:
+        plugins["edge_agent.broker_access.MosquittoAclPlugin"] = {"acl_file": str(acl_file)}
+    return {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins}
 
 
-async def _serve(host: str, port: int, exit_on_stdin_eof: bool) -> None:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _serve(
+    host: str,
+    port: int,
+    exit_on_stdin_eof: bool,
+    password_file: str | None = None,
+    acl_file: str | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     import asyncio
 
     from amqtt.broker import Broker
@@ -448,9 +481,11 @@ async def _serve(host: str, port: int, exit_on_stdin_eof: bool) -> None:
                 stop.set()
 
         loop.add_reader(sys.stdin.fileno(), on_stdin)
-    broker = Broker(amqtt_config(host, port))
+    broker = Broker(amqtt_config(host, port, password_file, acl_file))
     await broker.start()
     print(f"{_READY} mqtt://{host}:{port}", file=sys.stderr, flush=True)
+    if on_ready is not None:
+        on_ready()
     await stop.wait()
     await broker.shutdown()
 

@@ -8,6 +8,7 @@ import typer
 
 from . import (
     bench_cmd,
+    broker_cmd,
     eval_cmd,
     export_cmd,
     info_cmd,
@@ -50,6 +51,7 @@ app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("bench")(bench_cmd.bench)
 app.command("simulate")(simulate_cmd.simulate)
+app.command("broker")(broker_cmd.broker)
 
 
 def main() -> None:

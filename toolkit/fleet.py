@@ -211,6 +211,9 @@ class FleetClient:
                 self._states[frame.sender] = {**body, "ts": frame.ts}
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        parsed = self.topics.parse(topic)
+        if parsed is None:
+            return
         try:
             frame = self.verifier.receive(payload)
             if frame is None:
@@ -221,8 +224,11 @@ class FleetClient:
             return
         except ProtocolError:
             return
+        if frame.sender != parsed[0]:
+            return  # a device writes only its own telemetry
+        self._verified(frame.sender)
         with self._lock:
-            self._telemetry[frame.sender] = body
+            self._telemetry[frame.sender] = {**body, "ts": body.get("ts", frame.ts)}
 
     def _on_reply(self, topic: str, payload: bytes) -> None:
         try:
@@ -248,8 +254,19 @@ class FleetClient:
             return {k: dict(v) for k, v in self._states.items()}
 
     def telemetry(self, device: str) -> dict[str, Any] | None:
+        """``device``'s latest telemetry body (None before its first heartbeat arrived).
+
+        Telemetry is not retained: it arrives every ``heartbeat_s`` after :meth:`connect`.
+        Its ``ts`` is when the device sealed it.
+        """
         with self._lock:
-            return self._telemetry.get(device)
+            body = self._telemetry.get(device)
+            return None if body is None else dict(body)
+
+    def unverified(self) -> dict[str, str]:
+        """Devices whose latest frame failed verification with this client's key, and why."""
+        with self._lock:
+            return dict(self._unverified)
 
     def wait_for(self, predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
         """Poll ``predicate(devices())`` until true or ``timeout`` (for scripts and tests)."""

@@ -11,6 +11,7 @@ from . import (
     broker_cmd,
     eval_cmd,
     export_cmd,
+    fleet_cmd,
     info_cmd,
     inspect_cmd,
     models_cmd,
@@ -51,6 +52,7 @@ app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("bench")(bench_cmd.bench)
 app.command("simulate")(simulate_cmd.simulate)
+app.add_typer(fleet_cmd.app, name="fleet")
 app.command("broker")(broker_cmd.broker)
 
 

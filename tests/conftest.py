@@ -51,6 +51,19 @@ def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LeNet-5 artifact for 32x32 digits (name digits, version 1), portable flavour."""
+    import exporters
+    import models
+
+    root = tmp_path_factory.mktemp("art")
+    model = models.create("lenet5").eval()
+    return exporters.export(
+        model, root / "v1", "onnx-portable", name="digits", version="1", input_shape=(1, 32, 32)
+    )
+
+
 @pytest.fixture
 def fleet(mosquitto: MosquittoBroker, key_file: Path) -> Iterator[object]:
     """The laptop's real client on the test's Mosquitto."""

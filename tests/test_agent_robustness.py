@@ -24,8 +24,6 @@ import pytest
 from agent_support import FLEET, agent_config, online
 from safetensors.numpy import save_file
 
-import exporters
-import models
 from edge_agent.agent import Agent
 from edge_agent.broker import free_port
 from edge_agent.config import ConfigError
@@ -37,16 +35,6 @@ from toolkit.fleet import FleetClient, FleetError
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = 3.4e38  # finite float32 values whose sums overflow: the model's logits come out NaN
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    """A LeNet-5 artifact for 32x32 digits, portable flavour."""
-    root = tmp_path_factory.mktemp("art")
-    model = models.create("lenet5").eval()
-    return exporters.export(
-        model, root / "v1", "onnx-portable", name="digits", version="1", input_shape=(1, 32, 32)
-    )
 
 
 def _until(predicate, timeout: float = 10.0) -> bool:

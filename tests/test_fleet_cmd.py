@@ -10,8 +10,6 @@ import pytest
 from agent_support import FLEET, agent_config
 from typer.testing import CliRunner
 
-import exporters
-import models
 from edge_agent.broker import free_port
 from toolkit.cli import app, fleet_cmd
 from toolkit.fleet_settings import (
@@ -31,15 +29,6 @@ def _no_user_settings(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(
         "toolkit.fleet_settings.config_path", lambda: tmp_path / "config" / "fleet.toml"
-    )
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("art")
-    model = models.create("lenet5").eval()
-    return exporters.export(
-        model, root / "v1", "onnx-portable", name="digits", version="1", input_shape=(1, 32, 32)
     )
 
 

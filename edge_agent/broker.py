@@ -57,8 +57,10 @@ __all__ = [
     "EmbeddedBroker",
     "MosquittoBroker",
     "free_port",
+    "is_loopback",
     "mosquitto_available",
     "mosquitto_binary",
+    "serve",
     "write_password_file",
 ]
 
@@ -457,7 +459,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def _serve(
+async def serve(
     host: str,
     port: int,
     exit_on_stdin_eof: bool,
@@ -465,6 +467,10 @@ async def _serve(
     acl_file: str | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
+    """Run the embedded amqtt broker until SIGTERM/SIGINT (or, if asked, EOF on stdin).
+
+    ``on_ready`` is called once the listener is up; password and ACL files are Mosquitto's.
+    """
     import asyncio
 
     from amqtt.broker import Broker
@@ -519,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    asyncio.run(_serve(args.host, args.port, args.exit_on_stdin_eof))
+    asyncio.run(serve(args.host, args.port, args.exit_on_stdin_eof))
     return 0
 
 

@@ -136,10 +136,7 @@ def load(directory: str | os.PathLike[str], *, verify: bool = True) -> Checkpoin
     """
     path = Path(directory)
     document = read_spec_file(path)
-    if verify:
-        verify_files_of(path, document)
-    elif not (path / MODEL_FILE).is_file():
-        verify_files_of(path, {})
+    verify_files_of(path, document, checksums=verify)
     try:
         model = build(document["model"])
     except (SpecError, UnknownModelError, ValueError, TypeError) as err:

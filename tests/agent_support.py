@@ -29,3 +29,26 @@ def agent_config(broker_url: str, key_file: Path, state: Path, **kw: Any) -> Age
 def online(device: str) -> Callable[[dict[str, Any]], bool]:
     """A ``FleetClient.wait_for`` predicate: ``device``'s retained state says online."""
     return lambda devices: devices.get(device, {}).get("status") == "online"
+
+
+def daemon_args(
+    url: str, key_file: Path, state: Path, *extra: str, device: str = "pi-09"
+) -> list[str]:
+    """``bitfleet-agent run`` flags of a test daemon: HTTP on any free port, 0.5 s heartbeat."""
+    return [
+        "--broker",
+        url,
+        "--fleet",
+        FLEET,
+        "--id",
+        device,
+        "--state-dir",
+        str(state),
+        "--key-file",
+        str(key_file),
+        "--http-port",
+        "0",
+        "--heartbeat-s",
+        "0.5",
+        *extra,
+    ]

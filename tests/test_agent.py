@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from agent_support import FLEET, agent_config, online
+from agent_support import FLEET, agent_config, daemon_args, online
 from safetensors.numpy import save_file
 
 import exporters
@@ -791,39 +791,18 @@ def _spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     )
 
 
-def _run_args(url: str, key_file: Path, state: Path, artifact: Path, *extra: str) -> list[str]:
-    return [
-        "--broker",
-        url,
-        "--fleet",
-        FLEET,
-        "--id",
-        "pi-09",
-        "--state-dir",
-        str(state),
-        "--artifact",
-        str(artifact),
-        "--key-file",
-        str(key_file),
-        "--http-port",
-        "0",
-        "--heartbeat-s",
-        "0.5",
-        *extra,
-    ]
-
-
 @pytest.mark.slow
 def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
     mosquitto, fleet, key_file, artifacts, tmp_path, digits
 ):
     data = _write_shards(tmp_path, digits, 1)[0]
     state = tmp_path / "state"
-    args = _run_args(
+    args = daemon_args(
         mosquitto.url,
         key_file,
         state,
-        artifacts[0],
+        "--artifact",
+        str(artifacts[0]),
         "--learn",
         "--data-dir",
         str(data),
@@ -889,7 +868,9 @@ def test_daemon_sigkill_last_will_then_resume_from_checkpoint(
 def test_daemon_serving_only_never_loads_torch_and_stops_cleanly(
     mosquitto, fleet, key_file, artifacts, tmp_path
 ):
-    process = _spawn(_run_args(mosquitto.url, key_file, tmp_path / "state", artifacts[0]))
+    process = _spawn(
+        daemon_args(mosquitto.url, key_file, tmp_path / "state", "--artifact", str(artifacts[0]))
+    )
     try:
         assert fleet.wait_for(online("pi-09"), timeout=60)
         telemetry = fleet.command("pi-09", "status", timeout=30)["result"]["telemetry"]
@@ -923,7 +904,9 @@ def test_daemon_module_alone_and_a_bad_log_level_are_one_clear_line(key_file, tm
         "error: usage: python -m edge_agent.daemon --config-fd N (started by bitfleet-agent "
         "run; run that instead)"
     ]
-    args = _run_args("mqtt://127.0.0.1:1", key_file, tmp_path / "s", tmp_path / "none")
+    args = daemon_args(
+        "mqtt://127.0.0.1:1", key_file, tmp_path / "s", "--artifact", str(tmp_path / "none")
+    )
     bad = _python_m("edge_agent.cli", "run", *args, "--log-level", "loud")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_support import FLEET, agent_config, online
+from agent_support import FLEET, agent_config, daemon_args, online
 from safetensors.numpy import save_file
 
 from edge_agent.agent import Agent
@@ -185,25 +185,8 @@ def _spawn(args: list[str]) -> subprocess.Popen:
     )
 
 
-def _run_args(url: str, key_file: Path, state: Path, *extra: str, device: str = "pi-09"):
-    return [
-        "run",
-        "--broker",
-        url,
-        "--fleet",
-        FLEET,
-        "--id",
-        device,
-        "--state-dir",
-        str(state),
-        "--key-file",
-        str(key_file),
-        "--http-port",
-        "0",
-        "--heartbeat-s",
-        "0.5",
-        *extra,
-    ]
+def _run_args(url: str, key_file: Path, state: Path, *extra: str) -> list[str]:
+    return ["run", *daemon_args(url, key_file, state, *extra)]
 
 
 def _finish(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:

@@ -39,7 +39,7 @@ def broker(
     from bitfleet.errors import require
 
     require("amqtt", "train", "the embedded broker")
-    from edge_agent.broker import _serve, is_loopback
+    from edge_agent.broker import is_loopback, serve
     from edge_agent.broker_access import read_acl_file, read_password_file
 
     if not is_loopback(host) and password_file is None:
@@ -55,7 +55,7 @@ def broker(
         read_acl_file(acl_file)
     try:
         asyncio.run(
-            _serve(
+            serve(
                 host,
                 port,
                 exit_on_stdin_eof=False,

@@ -7,11 +7,12 @@ from typing import Annotated
 import typer
 
 from . import (
+    _fleet,
     bench_cmd,
     broker_cmd,
     eval_cmd,
     export_cmd,
-    fleet_cmd,
+    fleet_cmd,  # noqa: F401  (each fleet_*_cmd module registers on _fleet.app)
     info_cmd,
     inspect_cmd,
     models_cmd,
@@ -52,7 +53,7 @@ app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("bench")(bench_cmd.bench)
 app.command("simulate")(simulate_cmd.simulate)
-app.add_typer(fleet_cmd.app, name="fleet")
+app.add_typer(_fleet.app, name="fleet")
 app.command("broker")(broker_cmd.broker)
 
 

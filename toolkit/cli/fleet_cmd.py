@@ -1,16 +1,8 @@
-"""`bitfleet fleet ...`: the running fleet, seen from the laptop.
-
-Every subcommand takes the connection settings ``--broker``, ``--fleet`` and ``--key-file``,
-after ``fleet`` or after the subcommand (the subcommand's win), and falls back to
-``BITFLEET_BROKER``, ``BITFLEET_FLEET``, ``BITFLEET_KEY_FILE``, then ``fleet.toml`` in the
-user's config folder, then the defaults (see :mod:`toolkit.fleet_settings`).
-"""
+"""`bitfleet fleet ls`: the fleet's devices, from retained state and telemetry."""
 
 from __future__ import annotations
 
-import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -24,73 +16,9 @@ if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
     from toolkit.fleet_settings import FleetSettings
 
-app = typer.Typer(
-    help=(
-        "The running fleet: `bitfleet fleet ls` lists its devices. Connection settings: "
-        "--broker/--fleet/--key-file, else BITFLEET_BROKER/BITFLEET_FLEET/BITFLEET_KEY_FILE, "
-        "else fleet.toml in the user's config folder, else mqtt://127.0.0.1:1883 and fleet lab."
-    ),
-    no_args_is_help=True,
-)
+from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
 
-BrokerOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--broker", help="Broker URL (env BITFLEET_BROKER; default mqtt://127.0.0.1:1883)."
-    ),
-]
-FleetOpt = Annotated[
-    str | None, typer.Option("--fleet", help="Fleet name (env BITFLEET_FLEET; default lab).")
-]
-KeyFileOpt = Annotated[
-    Path | None, typer.Option("--key-file", help="Fleet key file (env BITFLEET_KEY_FILE).")
-]
-
-_CONNECT_S = 5.0  # how long to try the broker before saying it is unreachable
 _REFRESH_S = 1.0  # --watch redraw interval
-
-
-@app.callback()
-def _fleet(
-    ctx: typer.Context,
-    broker: BrokerOpt = None,
-    fleet: FleetOpt = None,
-    key_file: KeyFileOpt = None,
-) -> None:
-    ctx.obj = {"broker": broker, "fleet": fleet, "key_file": key_file}
-
-
-def settings(
-    ctx: typer.Context | None, broker: str | None, fleet: str | None, key_file: Path | None
-) -> FleetSettings:
-    """The connection settings of a ``fleet`` subcommand (its flags, then ``fleet``'s)."""
-    from toolkit.fleet_settings import resolve
-
-    parent: dict[str, Any] = {}
-    if ctx is not None and isinstance(ctx.obj, dict):
-        parent = ctx.obj
-    return resolve(
-        broker=broker or parent.get("broker"),
-        fleet=fleet or parent.get("fleet"),
-        key_file=key_file or parent.get("key_file"),
-    )
-
-
-def connect(config: FleetSettings) -> FleetClient:
-    """A connected client; a missing key or an unreachable broker is one line (cli_command)."""
-    from toolkit.fleet import FleetClient
-
-    key = config.require_key_file()
-    client = FleetClient(config.broker, fleet=config.fleet, key_file=key)
-    # the transport logs each failed attempt; the error below says it once
-    transport_log = logging.getLogger("edge_agent.transport")
-    level = transport_log.level
-    transport_log.setLevel(logging.ERROR)
-    try:
-        client.connect(timeout=_CONNECT_S)
-    finally:
-        transport_log.setLevel(level)
-    return client
 
 
 # ----------------------------------------------------------------------------------- ls

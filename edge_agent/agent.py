@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from bitfleet.errors import BitfleetError
 from edge_agent.artifacts import ArtifactDownloads
 from edge_agent.commands import (
+    CommandError,
     CommandTable,
     Handler,
     RequestDispatcher,
@@ -64,6 +65,7 @@ from edge_agent.commands import (
 from edge_agent.config import AgentConfig, ConfigError, apply
 from edge_agent.context import AgentContext
 from edge_agent.learning import LearningLoop, check_local_data
+from edge_agent.logbuffer import CAPACITY, LogBuffer
 from edge_agent.protocol import (
     ONLINE,
     Command,
@@ -88,6 +90,7 @@ log = logging.getLogger("bitfleet.agent")
 
 _OFFLINE_TIMEOUT_S = 5.0  # how long shutdown waits for the broker to take the offline state
 _JOIN_TIMEOUT_S = 5.0
+_LOG_LINES = 100  # lines the logs command returns by default
 _MAX_DUPLICATES = 5  # another agent's states seen before even the first agent gives up
 
 
@@ -147,8 +150,12 @@ class Agent:
                 Command.LEARN_START: Handler(self.start_learning, slow=True),
                 Command.LEARN_STOP: Handler(self.learning_loop.stop_command),
                 Command.CONFIG_SET: Handler(functools.partial(config_set, ctx)),
+                Command.LOGS: Handler(self._logs),
+                Command.HISTORY: Handler(self._history),
+                Command.METRICS: Handler(self._metrics),
             }
         )
+        self.log_buffer: LogBuffer = LogBuffer()
         self.requests: RequestDispatcher = RequestDispatcher(
             ctx, self.commands, self.serving.infer, self.worker
         )
@@ -172,6 +179,7 @@ class Agent:
             raise
 
     def _start(self, connect_timeout: float | None) -> None:
+        self.log_buffer.attach()
         if self.config.learn:  # before anything runs: learning would fail later, on its thread
             check_local_data(self.config.data_dir)
         self.serving.start(self.config.artifact or None)
@@ -252,6 +260,7 @@ class Agent:
         self.reporter.save_counters()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=_JOIN_TIMEOUT_S)
+        self.log_buffer.detach()
 
     def _abort(self) -> None:
         """Undo a failed start: stop what started, remove the state directory if it is new."""
@@ -263,6 +272,7 @@ class Agent:
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=_JOIN_TIMEOUT_S)
         self._remove_made_state()
+        self.log_buffer.detach()
 
     def _stop_http(self) -> None:
         if self.http is not None:
@@ -346,7 +356,25 @@ class Agent:
             "telemetry": self.telemetry(),
             "peers": self.online_peers(),
             "last_good": last_good.to_dict() if last_good else None,
+            "manifest": self.serving.model_card(),
         }
+
+    def _logs(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        count = args.get("lines", _LOG_LINES)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= CAPACITY:
+            raise CommandError(f"logs: lines must be an integer, 1 to {CAPACITY}, not {count!r}")
+        return {"lines": self.log_buffer.lines(count)}
+
+    def _history(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        active, last_good = self.store.active(), self.store.last_good()
+        return {
+            "active": active.to_dict() if active else None,
+            "last_good": last_good.to_dict() if last_good else None,
+            "events": self.store.history(),
+        }
+
+    def _metrics(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"learning": self.learning_loop.status(), "rounds": list(self.learning_loop.rounds)}
 
     def _deploy(self, args: Mapping[str, Any]) -> dict[str, Any]:
         ref = self.artifacts.download(parse_deploy_args(args))

@@ -41,9 +41,13 @@ def serve(
     """
     if log_level.lower() not in _LOG_LEVELS:
         return _fail(f"unknown log level {log_level!r}; use one of {', '.join(_LOG_LEVELS)}")
+    # INFO reaches the agent's log buffer (the `logs` command); --log-level filters the console
+    level = logging.getLevelName(log_level.upper())
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=min(level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
     from bitfleet.errors import BitfleetError
     from edge_agent.agent import Agent
     from edge_agent.config import load_config

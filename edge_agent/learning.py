@@ -15,7 +15,10 @@ error is kept for telemetry and the fleet is told this device no longer learns.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["LearningLoop", "NOT_LEARNING", "WRONG_MODEL", "check_local_data"]
 
 log = logging.getLogger("bitfleet.agent")
+
+_ROUNDS_KEPT = 10_000  # rounds the metrics command can return (about 1 MB of JSON)
 
 NOT_LEARNING = "not_learning"
 """Drop reason: a peer's model arrived while this device does not learn."""
@@ -116,6 +121,9 @@ class LearningLoop:
         self._stopping = stopping
         self.learner: Learner | None = None
         self.error: str | None = None
+        #: Every round of this process's learning runs, oldest first (the ``metrics`` command);
+        #: each run starts with its starting point (round r0, accuracy before training).
+        self.rounds: deque[dict[str, Any]] = deque(maxlen=_ROUNDS_KEPT)
         self.push_failures = 0  # gossip pushes not acknowledged in time (broker gone, timeout)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -146,6 +154,7 @@ class LearningLoop:
         data = load_local_data(config.data_dir)
         learner = Learner(spec, data, settings, self.ctx.store, self.ctx.device)
         self.learner = learner
+        self.rounds.append(_round_record(learner.round, learner.initial_accuracy, None, False))
         self._stop.clear()
         self.error = None
         self._thread = threading.Thread(target=self._loop, name="bitfleet-learn", daemon=True)
@@ -193,7 +202,9 @@ class LearningLoop:
                 self._push(learner)
                 self._stop.wait(settings.round_interval_s)
                 merged = learner.merge()
-                learner.finish_round(metrics, merged)
+                done = learner.finish_round(metrics, merged)
+                loss = done.get("train_loss")
+                self.rounds.append(_round_record(learner.round, done["accuracy"], loss, merged))
         except BitfleetError as err:
             log.warning("learning stopped: %s", err)
             self.error = str(err)
@@ -261,3 +272,18 @@ class LearningLoop:
         except FrameRejected:
             return  # the verifier counted it
         learner.receive(frame.sender, tensors, info.samples)
+
+
+def _round_record(
+    round_: int, accuracy: float, train_loss: float | None, merged: bool
+) -> dict[str, Any]:
+    """One entry of :attr:`LearningLoop.rounds` (JSON: a NaN loss becomes None)."""
+    if train_loss is not None and not math.isfinite(train_loss):
+        train_loss = None
+    return {
+        "round": int(round_),
+        "accuracy": float(accuracy),
+        "train_loss": train_loss,
+        "merged": bool(merged),
+        "ts": time.time(),
+    }

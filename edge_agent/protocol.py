@@ -227,6 +227,9 @@ class Command:
     LEARN_START = "learn.start"
     LEARN_STOP = "learn.stop"
     CONFIG_SET = "config.set"
+    LOGS = "logs"
+    HISTORY = "history"
+    METRICS = "metrics"
 
 
 COMMANDS: tuple[str, ...] = tuple(v for k, v in vars(Command).items() if k.isupper())

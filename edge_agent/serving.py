@@ -114,7 +114,11 @@ class ModelServer:
             self.serve(ref)
         elif initial:
             installed = self.store.install(initial)
-            self.serve(installed, record=lambda: self.store.activate(installed), label=initial)
+            self.serve(
+                installed,
+                record=lambda: self.store.activate(installed, event="initial"),
+                label=initial,
+            )
 
     def activate(self, ref: ArtifactRef) -> None:
         """Serve a freshly installed artifact; the one serving before becomes last-good."""
@@ -134,12 +138,21 @@ class ModelServer:
             raise ArtifactError(
                 f"the last-good artifact does not load ({err}); kept the current"
             ) from None
+        self.store.record("rollback", previous)
         return previous
 
     def spec(self) -> dict[str, Any] | None:
         """The network spec in the served artifact's manifest (needed to learn), if any."""
         ref = self._artifact
         return _manifest_spec(ref.path) if ref is not None else None
+
+    def model_card(self) -> dict[str, Any] | None:
+        """What a client needs to prepare inputs: the manifest's ``input`` and ``labels``."""
+        ref = self._artifact
+        if ref is None:
+            return None
+        manifest = _manifest(ref.path)
+        return {"input": manifest.get("input"), "labels": manifest.get("labels")}
 
     # ------------------------------------------------------------------------------ inference
     def infer(self, inputs: Any) -> dict[str, Any]:
@@ -207,9 +220,15 @@ def _named(message: str, slot: Path, label: str) -> str:
     return message if label in message else f"artifact {label}: {message}"
 
 
-def _manifest_spec(path: Path) -> dict[str, Any] | None:
+def _manifest(path: Path) -> dict[str, Any]:
+    """The installed artifact's manifest (verified at install; empty if it cannot be read)."""
     try:
-        spec = json.loads((path / "manifest.json").read_text()).get("spec")
+        manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _manifest_spec(path: Path) -> dict[str, Any] | None:
+    spec = _manifest(path).get("spec")
     return spec if isinstance(spec, dict) else None

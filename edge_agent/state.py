@@ -6,6 +6,7 @@ must not lose::
     artifacts/<slot>/            installed artifacts (verified copies; slot = name-version-sha8)
     active.json                  which slot serves now
     last_good.json               the slot that served before it (the rollback target)
+    history.json                 the latest deploys and rollbacks (``history`` command)
     config.json                  settings changed at run time with the ``config.set`` command
     counters.json                drop counters and other totals, carried across restarts
     learning/checkpoint.safetensors, learning/meta.json
@@ -21,6 +22,7 @@ activating leaves the old model serving. Torch-free, like the rest of the servin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -39,7 +41,13 @@ from bitfleet.errors import BitfleetError
 from bitfleet.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 from exporters.artifact import ArtifactError, verify_artifact
 
-__all__ = ["StateStore", "ArtifactRef", "StateError"]
+__all__ = ["HISTORY_EVENTS", "StateStore", "ArtifactRef", "StateError"]
+
+log = logging.getLogger("bitfleet.agent")
+
+HISTORY_EVENTS = ("initial", "deploy", "rollback")
+"""What ``history.json`` records: the first model at start-up, a deploy, a rollback."""
+_HISTORY_LIMIT = 100  # events kept: enough to see a device's recent versions
 
 
 class StateError(BitfleetError, RuntimeError):
@@ -119,12 +127,16 @@ class StateStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def activate(self, ref: ArtifactRef) -> None:
-        """Make ``ref`` the served artifact; the one serving before becomes last-good."""
+    def activate(self, ref: ArtifactRef, event: str = "deploy") -> None:
+        """Make ``ref`` the served artifact; the one serving before becomes last-good.
+
+        ``event`` (one of :data:`HISTORY_EVENTS`) is what :meth:`history` records.
+        """
         current, displaced = self.active(), self.last_good()
         if current is not None and current.path != ref.path:
             atomic_write_json(self.root / "last_good.json", current.to_dict())
         atomic_write_json(self.root / "active.json", {**ref.to_dict(), "activated_at": time.time()})
+        self.record(event, ref)
         if displaced is not None:
             self._collect_garbage(displaced)
 
@@ -140,6 +152,32 @@ class StateStore:
             self.root / "active.json", {**previous.to_dict(), "activated_at": time.time()}
         )
         return previous
+
+    def history(self) -> list[dict[str, Any]]:
+        """The latest deploys and rollbacks, oldest first: ``{ts, event, name, version, sha256}``.
+
+        Written after the pointers, so a crash between the two loses an event, never a model.
+        An unreadable history (a damaged disk, an edit by hand) reads as empty, with a warning,
+        and is replaced by the next event: it must never stop a deploy.
+        """
+        try:
+            events = self._read_json("history.json") or []
+        except StateError as err:
+            log.warning("%s", err)
+            return []
+        return [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+
+    def record(self, event: str, ref: ArtifactRef) -> None:
+        """Append ``event`` (one of :data:`HISTORY_EVENTS`) for ``ref`` to the history.
+
+        :meth:`activate` records its own; a rollback is recorded by its caller once the
+        artifact it returns to serves again (:meth:`rollback` may be undone).
+        """
+        if event not in HISTORY_EVENTS:
+            raise ValueError(f"history event must be one of {HISTORY_EVENTS}, not {event!r}")
+        entry = {"ts": time.time(), "event": event, "name": ref.name, "version": ref.version}
+        events = [*self.history(), {**entry, "sha256": ref.sha256}][-_HISTORY_LIMIT:]
+        atomic_write_json(self.root / "history.json", events)
 
     def active(self) -> ArtifactRef | None:
         """The artifact to serve, or None when nothing was deployed yet."""

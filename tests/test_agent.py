@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import queue
 import signal
@@ -424,7 +425,7 @@ def test_command_table_answers_every_command_and_names_the_known_ones():
         "name": "reboot",
         "ok": False,
         "error": "unknown command 'reboot'; known: ping, status, deploy, rollback, "
-        "learn.start, learn.stop, config.set",
+        "learn.start, learn.stop, config.set, logs, history, metrics",
     }
     assert table.run(CommandRequest("3", "pi", "deploy", {}))["error"] == "cannot do that"
     bug = table.run(CommandRequest("4", "pi", "rollback", {}))
@@ -732,6 +733,45 @@ def test_learn_stop_stops_learning_and_says_so(
     assert status["telemetry"]["learning"]["round"] == stopped_at
     again = fleet.command(agent_id, "learn.stop")
     assert again["ok"] and again["result"] == {"stopped": False, "round": stopped_at}
+    rounds = fleet.command(agent_id, "metrics")["result"]["rounds"]
+    # the starting point, then one entry per round, each with the accuracy the learner measured
+    assert [r["round"] for r in rounds] == list(range(stopped_at + 1))
+    assert (
+        rounds[0]["train_loss"] is None and rounds[0]["accuracy"] == agent.learner.initial_accuracy
+    )
+    assert rounds[-1]["accuracy"] == agent.learner.metrics["accuracy"]
+    assert all(isinstance(r["train_loss"], float) for r in rounds[1:])
+
+
+def test_history_and_logs_commands(mosquitto, fleet, agents, key_file, artifacts, tmp_path, caplog):
+    caplog.set_level(logging.INFO)  # the daemon lets INFO through; a test process must ask
+    config = agent_config(mosquitto.url, key_file, tmp_path / "s", artifact=str(artifacts[0]))
+    agent = agents(config)
+    assert fleet.wait_for(online("pi-01"))
+    assert fleet.command("pi-01", "deploy", fleet.publish_artifact(artifacts[1]))["ok"]
+    assert fleet.command("pi-01", "rollback")["ok"]
+    history = fleet.command("pi-01", "history")["result"]
+    assert [(e["event"], e["version"]) for e in history["events"]] == [
+        ("initial", "1"),
+        ("deploy", "2"),
+        ("rollback", "1"),
+    ]
+    assert history["active"]["version"] == "1" and history["last_good"]["version"] == "2"
+    status = fleet.command("pi-01", "status")["result"]
+    assert status["manifest"]["input"]["shape"][-3:] == [1, 32, 32]
+
+    lines = fleet.command("pi-01", "logs", {"lines": 1000})["result"]["lines"]
+    assert any("INFO bitfleet.agent: serving digits 2" in line for line in lines), lines
+    assert len(fleet.command("pi-01", "logs", {"lines": 2})["result"]["lines"]) == 2
+    for bad in (0, 1001, "5", True):
+        reply = fleet.command("pi-01", "logs", {"lines": bad})
+        assert not reply["ok"] and "lines must be an integer, 1 to 1000" in reply["error"]
+
+    agent.shutdown()  # the history lives in the state directory: a restarted agent has it
+    agents(config)
+    assert fleet.wait_for(online("pi-01"))
+    again = fleet.command("pi-01", "history")["result"]["events"]
+    assert [e["event"] for e in again] == ["initial", "deploy", "rollback"]
 
 
 def test_fleet_client_refuses_a_batch_over_one_packet(mosquitto, fleet):

@@ -151,3 +151,29 @@ def test_unwritable_state_dir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StateError, match="--state-dir"):
         StateStore(blocker / "state")
+
+
+def test_history_keeps_the_latest_events_and_survives_a_damaged_file(tmp_path, artifacts, caplog):
+    store = StateStore(tmp_path / "s")
+    one, two = (store.install(a) for a in artifacts[:2])
+    store.activate(one, event="initial")
+    store.activate(two)
+    store.record("rollback", store.rollback())
+    events = StateStore(tmp_path / "s").history()  # read back from the directory
+    assert [(e["event"], e["version"]) for e in events] == [
+        ("initial", one.version),
+        ("deploy", two.version),
+        ("rollback", one.version),
+    ]
+    assert events[0]["sha256"] == one.sha256 and all(e["ts"] > 0 for e in events)
+    with pytest.raises(ValueError, match="history event must be one of"):
+        store.record("reboot", one)
+
+    (tmp_path / "s" / "history.json").write_text("{torn")
+    assert store.history() == [] and "history.json is unreadable" in caplog.text
+    store.activate(two)  # a damaged history never stops a deploy; the next event replaces it
+    assert [e["event"] for e in store.history()] == ["deploy"]
+
+    for _ in range(120):
+        store.activate(one)
+    assert len(store.history()) == 100

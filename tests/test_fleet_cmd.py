@@ -192,3 +192,79 @@ def test_watch_redraws_until_ctrl_c(mosquitto, agents, key_file, artifact, tmp_p
     assert "pi-01" in result.stdout and ticks == [1.0, 1.0]
     result = _ls("--watch", "--json", *_flags(mosquitto.url, key_file))
     assert result.exit_code != 0 and "--watch" in result.output
+
+
+# ------------------------------------------------------- broker account and per-device keys
+def test_account_and_device_keys_settings_resolve_like_the_others(tmp_path):
+    config = tmp_path / "fleet.toml"
+    empty = resolve(env={}, config=config)
+    assert (empty.username, empty.password_file, empty.device_keys_dir) == (None, None, None)
+    assert empty.password() is None  # anonymous access
+
+    config.write_text(
+        'username = "laptop"\npassword_file = "keys/laptop.password"\n'
+        'device_keys_dir = "keys/devices"\n'
+    )
+    from_file = resolve(env={}, config=config)
+    assert from_file.username == "laptop"
+    assert from_file.password_file == tmp_path / "keys" / "laptop.password"  # like key_file
+    assert from_file.device_keys_dir == tmp_path / "keys" / "devices"
+
+    env = {
+        "BITFLEET_USERNAME": "ops",
+        "BITFLEET_PASSWORD_FILE": "/env/pw",
+        "BITFLEET_DEVICE_KEYS_DIR": "",  # empty: unset, the file's value stays
+    }
+    from_env = resolve(env=env, config=config)
+    assert (from_env.username, from_env.password_file) == ("ops", Path("/env/pw"))
+    assert from_env.sources["username"] == "BITFLEET_USERNAME"
+    assert from_env.device_keys_dir == tmp_path / "keys" / "devices"
+
+    flags = resolve(username="me", password_file="p", device_keys_dir="d", env=env, config=config)
+    assert (flags.username, flags.password_file, flags.device_keys_dir) == (
+        "me",
+        Path("p"),
+        Path("d"),
+    )
+    assert flags.sources["password_file"] == "--password-file"
+
+
+def test_the_password_is_the_first_line_of_its_file_and_errors_name_the_fix(tmp_path):
+    config = tmp_path / "fleet.toml"
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret with spaces\nignored\n")
+    settings = resolve(username="laptop", password_file=secret, env={}, config=config)
+    assert settings.password() == "s3cret with spaces"
+
+    no_user = resolve(password_file=secret, env={}, config=config)
+    with pytest.raises(FleetSettingsError, match="needs a broker user name") as caught:
+        no_user.password()
+    assert "BITFLEET_USERNAME" in str(caught.value) and "--username" in str(caught.value)
+
+    missing = resolve(username="u", password_file=tmp_path / "gone", env={}, config=config)
+    with pytest.raises(FleetSettingsError, match="cannot read password file .*gone"):
+        missing.password()
+    (tmp_path / "empty").write_text("\n")
+    empty = resolve(username="u", password_file=tmp_path / "empty", env={}, config=config)
+    with pytest.raises(FleetSettingsError, match="is empty"):
+        empty.password()
+
+
+def test_the_keyring_holds_the_device_keys_the_agents_sign_with(tmp_path):
+    config = tmp_path / "fleet.toml"
+    fleet_key = tmp_path / "fleet.key"
+    fleet_key.write_bytes(b"f" * 32)
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "pi-01.key").write_bytes(b"1" * 32)
+    keyring = resolve(key_file=fleet_key, device_keys_dir=devices, env={}, config=config).keyring()
+    assert keyring.devices == ("pi-01",)
+    assert keyring.key_for("pi-01") == b"1" * 32 and keyring.key_for("laptop") == b"f" * 32
+    assert resolve(key_file=fleet_key, env={}, config=config).keyring().devices == ()
+
+    gone = resolve(key_file=fleet_key, device_keys_dir=tmp_path / "nope", env={}, config=config)
+    with pytest.raises(FleetSettingsError, match="device keys folder .*nope.* is not a folder"):
+        gone.keyring()
+    (devices / "pi-02.key").write_bytes(b"short")
+    with pytest.raises(ValueError, match="pi-02"):
+        resolve(key_file=fleet_key, device_keys_dir=devices, env={}, config=config).keyring()

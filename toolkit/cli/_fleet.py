@@ -5,8 +5,10 @@ The sub-app, the connection options, the settings they resolve to, and a connect
 Every subcommand takes the connection settings ``--broker``, ``--fleet`` and ``--key-file``,
 after ``fleet`` or after the subcommand (the subcommand's win), and falls back to
 ``BITFLEET_BROKER``, ``BITFLEET_FLEET``, ``BITFLEET_KEY_FILE``, then ``fleet.toml`` in the
-user's config folder, then the defaults (see :mod:`toolkit.fleet_settings`). Each subcommand
-lives in its own ``fleet_*_cmd`` module and registers itself on :data:`app`.
+user's config folder, then the defaults (see :mod:`toolkit.fleet_settings`). The broker
+account and the per-device keys (``--username``, ``--password-file``, ``--device-keys-dir``)
+are given after ``fleet``, or by their ``BITFLEET_*`` variables or ``fleet.toml``. Each
+subcommand lives in its own ``fleet_*_cmd`` module and registers itself on :data:`app`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ app = typer.Typer(
     help=(
         "The running fleet: `bitfleet fleet ls` lists its devices. Connection settings: "
         "--broker/--fleet/--key-file, else BITFLEET_BROKER/BITFLEET_FLEET/BITFLEET_KEY_FILE, "
-        "else fleet.toml in the user's config folder, else mqtt://127.0.0.1:1883 and fleet lab."
+        "else fleet.toml in the user's config folder, else mqtt://127.0.0.1:1883 and fleet lab. "
+        "A broker with accounts: --username/--password-file (BITFLEET_USERNAME, "
+        "BITFLEET_PASSWORD_FILE); devices with their own keys: --device-keys-dir "
+        "(BITFLEET_DEVICE_KEYS_DIR); `bitfleet fleet keys init` makes them all."
     ),
     no_args_is_help=True,
 )
@@ -42,6 +47,25 @@ FleetOpt = Annotated[
 KeyFileOpt = Annotated[
     Path | None, typer.Option("--key-file", help="Fleet key file (env BITFLEET_KEY_FILE).")
 ]
+UsernameOpt = Annotated[
+    str | None,
+    typer.Option("--username", help="Broker user name (env BITFLEET_USERNAME; default none)."),
+]
+PasswordFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--password-file",
+        help="File whose first line is the broker password (env BITFLEET_PASSWORD_FILE).",
+    ),
+]
+DeviceKeysDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--device-keys-dir",
+        help="Folder of <device>.key files of devices that sign with their own key "
+        "(env BITFLEET_DEVICE_KEYS_DIR).",
+    ),
+]
 
 _CONNECT_S = 5.0  # how long to try the broker before saying it is unreachable
 
@@ -52,8 +76,18 @@ def _fleet(
     broker: BrokerOpt = None,
     fleet: FleetOpt = None,
     key_file: KeyFileOpt = None,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    device_keys_dir: DeviceKeysDirOpt = None,
 ) -> None:
-    ctx.obj = {"broker": broker, "fleet": fleet, "key_file": key_file}
+    ctx.obj = {
+        "broker": broker,
+        "fleet": fleet,
+        "key_file": key_file,
+        "username": username,
+        "password_file": password_file,
+        "device_keys_dir": device_keys_dir,
+    }
 
 
 def settings(
@@ -69,6 +103,9 @@ def settings(
         broker=broker or parent.get("broker"),
         fleet=fleet or parent.get("fleet"),
         key_file=key_file or parent.get("key_file"),
+        username=parent.get("username"),
+        password_file=parent.get("password_file"),
+        device_keys_dir=parent.get("device_keys_dir"),
     )
 
 
@@ -76,8 +113,13 @@ def connect(config: FleetSettings) -> FleetClient:
     """A connected client; a missing key or an unreachable broker is one line (cli_command)."""
     from toolkit.fleet import FleetClient
 
-    key = config.require_key_file()
-    client = FleetClient(config.broker, fleet=config.fleet, key_file=key)
+    client = FleetClient(
+        config.broker,
+        fleet=config.fleet,
+        keyring=config.keyring(),
+        username=config.username,
+        password=config.password(),
+    )
     # the transport logs each failed attempt; the error below says it once
     transport_log = logging.getLogger("edge_agent.transport")
     level = transport_log.level

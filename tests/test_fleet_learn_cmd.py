@@ -1,0 +1,344 @@
+"""`bitfleet fleet learn start|stop` and `bitfleet fleet metrics` against in-process agents.
+
+Three agents learn from small non-IID shards of the bundled digits on a real broker; the CLI
+starts and stops them, and the fleet mean accuracy it reports must rise. The pure parts of
+:mod:`toolkit.fleet_metrics` (the per-round mean, the plot) are checked on hand-made numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from agent_support import FLEET, agent_config
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+from edge_agent.broker import free_port
+from edge_agent.config import LearnSettings
+from edge_agent.protocol import ONLINE, FrameKind, seal_json, state_body
+from toolkit.cli import app
+from toolkit.cli.fleet_learn_cmd import metrics_table, shown_rounds
+from toolkit.data import load_dataset
+from toolkit.fleet_metrics import mean_by_round, parse_ids, plot_metrics
+from toolkit.partition import partition
+
+IDS = ("pi-00", "pi-01", "pi-02")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_settings(monkeypatch, tmp_path):
+    """No test reads the real user's environment or fleet.toml."""
+    for name in ("BITFLEET_BROKER", "BITFLEET_FLEET", "BITFLEET_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(
+        "toolkit.fleet_settings.config_path", lambda: tmp_path / "config" / "fleet.toml"
+    )
+
+
+def _fleet(*args: str):
+    return CliRunner().invoke(app, ["fleet", *args])
+
+
+def _flags(url: str, key_file: Path) -> list[str]:
+    return ["--broker", url, "--fleet", FLEET, "--key-file", str(key_file)]
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ the mean
+def test_mean_by_round_averages_the_devices_that_reported_each_round():
+    per_device = {
+        "a": [{"round": 0, "accuracy": 0.1}, {"round": 1, "accuracy": 0.5}],
+        "b": [
+            {"round": 0, "accuracy": 0.3},
+            {"round": 1, "accuracy": 0.7},
+            {"round": 2, "accuracy": 0.9},
+        ],
+        # a run stopped at round 1 and started again: its new starting point counts
+        "c": [
+            {"round": 0, "accuracy": 0.2},
+            {"round": 1, "accuracy": 0.0},
+            {"round": 1, "accuracy": 0.3, "train_loss": None},
+            {"round": 2, "accuracy": None},  # no accuracy: left out
+        ],
+    }
+    assert mean_by_round(per_device) == [
+        {"round": 0, "accuracy": pytest.approx(0.2), "devices": 3},
+        {"round": 1, "accuracy": pytest.approx(0.5), "devices": 3},
+        {"round": 2, "accuracy": pytest.approx(0.9), "devices": 1},
+    ]
+    assert mean_by_round({}) == [] and mean_by_round({"a": []}) == []
+
+
+def test_the_table_shows_every_kth_round_of_a_long_run_and_always_the_last():
+    assert shown_rounds(list(range(5))) == ([0, 1, 2, 3, 4], 1)
+    picked, step = shown_rounds(list(range(101)), max_rows=20)
+    assert len(picked) <= 20 and picked[0] == 0 and picked[-1] == 100 and step == 6
+    picked, step = shown_rounds(list(range(45)), max_rows=20)
+    assert len(picked) <= 20 and picked[-1] == 44 and picked[:3] == [0, 3, 6]
+
+    per_device = {d: [{"round": r, "accuracy": r / 100} for r in range(60)] for d in ("a", "b")}
+    metrics = {"devices": per_device, "mean": mean_by_round(per_device)}
+    table = metrics_table(metrics)
+    assert table is not None and table.row_count <= 20
+    assert [c.header for c in table.columns] == ["round", "a", "b", "mean"]
+    assert "every 4th round of 60" in str(table.caption)
+    assert metrics_table({"devices": {"a": []}, "mean": []}) is None
+
+
+def test_parse_ids_takes_a_comma_list_and_names_a_bad_one():
+    assert parse_ids("pi-01, pi-02,pi-01") == ["pi-01", "pi-02"]
+    for bad in ("", "pi-01,", "pi/01"):
+        with pytest.raises(ValueError, match="--to|device id"):
+            parse_ids(bad)
+
+
+def test_plot_writes_a_png_atomically_and_refuses_nothing_to_plot(tmp_path):
+    from PIL import Image
+
+    per_device = {
+        "a": [{"round": r, "accuracy": 0.1 + 0.1 * r} for r in range(5)],
+        "b": [{"round": r, "accuracy": 0.2 + 0.05 * r} for r in range(3)],
+    }
+    path = plot_metrics({"devices": per_device}, tmp_path / "out" / "fleet.png", title="t")
+    assert path == tmp_path / "out" / "fleet.png"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    assert [p.name for p in path.parent.iterdir()] == ["fleet.png"]  # no temp file left
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_metrics({"devices": {"a": []}}, tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+    with pytest.raises(ValueError, match="folder"):
+        plot_metrics({"devices": per_device}, tmp_path)
+
+
+# ------------------------------------------------------------------------ a learning fleet
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[Path]:
+    """Three small non-IID shards of digits (2 label shards each) and the digits test split."""
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    root = tmp_path_factory.mktemp("shards")
+    folders = []
+    for node, index in enumerate(partition("shards:2", train.y, len(IDS), seed=0)):
+        folder = root / f"data{node}"
+        folder.mkdir()
+        save_file({"x": train.x[index], "y": train.y[index]}, str(folder / "train.safetensors"))
+        keep = np.arange(0, len(test.y), 3)  # 150 test images: evaluation stays quick
+        save_file({"x": test.x[keep], "y": test.y[keep]}, str(folder / "test.safetensors"))
+        folders.append(folder)
+    return folders
+
+
+def _start_fleet(agents, url, key_file, artifact, tmp_path, shards):
+    learning = LearnSettings(round_interval_s=0.1, optimizer="adam", lr=0.003)
+    started = [
+        agents(
+            agent_config(
+                url,
+                key_file,
+                tmp_path / f"s{i}",
+                id=device,
+                artifact=str(artifact),
+                data_dir=str(shards[i]),
+                learning=learning,
+            )
+        )
+        for i, device in enumerate(IDS)
+    ]
+    return started
+
+
+def _wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_learn_start_metrics_plot_and_stop(broker, agents, key_file, artifact, tmp_path, shards):
+    fleet_agents = _start_fleet(agents, broker.url, key_file, artifact, tmp_path, shards)
+    flags = _flags(broker.url, key_file)
+
+    started = _fleet("learn", "start", "--all", "--local-steps", "8", "--merge", "avg", *flags)
+    assert started.exit_code == 0, started.output
+    assert all(device in started.stdout for device in IDS) and "local_steps 8" in started.stdout
+    assert all(agent.learning for agent in fleet_agents)
+    assert all(agent.learner.settings.local_steps == 8 for agent in fleet_agents)
+    assert all(agent.learner.settings.merge == "avg" for agent in fleet_agents)
+    # settings not given stay the device's own
+    assert all(agent.learner.settings.peers == LearnSettings().peers for agent in fleet_agents)
+
+    assert _wait_until(lambda: all(a.learner.round >= 6 for a in fleet_agents), 120)
+    stopped = _fleet("learn", "stop", "--all", "--json", *flags)
+    assert stopped.exit_code == 0, stopped.output
+    rows = json.loads(stopped.stdout)
+    assert [row["device"] for row in rows] == list(IDS)
+    assert all(row["ok"] and row["stopped"] and row["round"] >= 6 for row in rows)
+    assert not any(agent.learning for agent in fleet_agents)
+
+    listed = _fleet("ls", "--json", "--wait", "0", *flags)
+    assert not any(row["learning"] for row in json.loads(listed.stdout))
+
+    plot = tmp_path / "fleet.png"
+    result = _fleet("metrics", "--json", "--plot", str(plot), *flags)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert sorted(metrics["devices"]) == list(IDS) and metrics["errors"] == {}
+    for device, agent in zip(IDS, fleet_agents, strict=True):
+        rounds = metrics["devices"][device]
+        assert rounds[0]["round"] == 0 and rounds[0]["train_loss"] is None
+        assert rounds[-1]["round"] == agent.learner.round
+        assert set(rounds[-1]) == {"round", "accuracy", "train_loss", "merged", "ts"}
+        assert metrics["learning"][device]["on"] is False
+    assert sum(r["merged"] for rounds in metrics["devices"].values() for r in rounds) > 0
+    mean = metrics["mean"]
+    assert mean[0]["round"] == 0 and mean[0]["devices"] == 3
+    full = [m for m in mean if m["devices"] == 3]  # rounds every device reached
+    assert full[-1]["round"] >= 6 and full[-1]["accuracy"] > full[0]["accuracy"] + 0.15, mean
+    from PIL import Image
+
+    with Image.open(plot) as image:
+        assert image.format == "PNG"
+
+    table = _fleet("metrics", "--to", "pi-00,pi-02", *flags)
+    assert table.exit_code == 0, table.output
+    header = next(line for line in table.stdout.splitlines() if line.lstrip().startswith("round"))
+    assert "pi-00" in header and "pi-02" in header and "pi-01" not in header
+    assert "mean" in header
+
+
+def test_learn_start_reports_each_device_that_cannot_learn(
+    mosquitto, agents, key_file, artifact, tmp_path
+):
+    agents(
+        agent_config(mosquitto.url, key_file, tmp_path / "a", id="pi-00", artifact=str(artifact))
+    )
+    flags = _flags(mosquitto.url, key_file)
+    result = _fleet("learn", "start", "--to", "pi-00", "--json", *flags)
+    assert result.exit_code == 1
+    (row,) = json.loads(result.stdout)
+    assert row["device"] == "pi-00" and not row["ok"] and "data_dir" in row["error"]
+    table = _fleet("learn", "start", "--to", "pi-00", *flags)
+    assert table.exit_code == 1 and "failed" in table.stdout and "data_dir" in table.stdout
+    # metrics of a device that never learned: no rounds, no error
+    result = _fleet("metrics", "--json", *flags)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["devices"] == {"pi-00": []}
+    result = _fleet("metrics", *flags)
+    assert result.exit_code == 0 and "no learning round reported yet" in result.stdout
+    result = _fleet("metrics", "--plot", str(tmp_path / "none.png"), *flags)
+    assert result.exit_code == 1 and "nothing to plot" in result.output
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_targets_are_one_line_and_nothing_is_sent(
+    mosquitto, agents, key_file, artifact, tmp_path
+):
+    flags = _flags(mosquitto.url, key_file)
+    for args in (("learn", "start", "--all"), ("metrics",), ("learn", "stop", "--to", "pi-00")):
+        result = _fleet(*args, *flags)
+        assert result.exit_code == 1
+        assert "no device has announced itself on fleet lab" in _one_line(result.output)
+
+    agent = agents(
+        agent_config(mosquitto.url, key_file, tmp_path / "a", id="pi-00", artifact=str(artifact))
+    )
+    result = _fleet("learn", "start", "--to", "pi-00,pi-07", *flags)
+    assert result.exit_code == 1
+    line = _one_line(result.output)
+    assert "no device pi-07" in line and "known: pi-00" in line
+    assert not agent.learning  # pi-00 was named too, but nothing went out
+
+    for args in (("learn", "start"), ("learn", "stop", "--to", "pi-00", "--all")):
+        result = _fleet(*args, *flags)
+        assert result.exit_code != 0 and ("--to" in result.output and "--all" in result.output)
+    result = _fleet("learn", "start", "--all", "--merge", "median", *flags)
+    assert result.exit_code != 0 and "--merge" in result.output
+    result = _fleet("learn", "start", "--all", "--peers", "0", *flags)
+    assert result.exit_code != 0 and "--peers" in result.output
+
+    agent.shutdown()
+    result = _fleet("learn", "stop", "--to", "pi-00", *flags)
+    assert result.exit_code == 1 and "pi-00 is offline" in _one_line(result.output)
+    result = _fleet("metrics", "--json", *flags)
+    assert result.exit_code == 1
+    assert "no device of fleet lab is online" in _one_line(result.output)
+
+
+def test_a_wrong_key_says_no_device_accepted_the_command(
+    mosquitto, agents, key_file, artifact, tmp_path
+):
+    agents(
+        agent_config(mosquitto.url, key_file, tmp_path / "a", id="pi-00", artifact=str(artifact))
+    )
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(b"w" * 32)
+    for args in (("learn", "start", "--all"), ("metrics", "--json")):
+        result = _fleet(*args, *_flags(mosquitto.url, wrong))
+        assert result.exit_code == 1
+        line = _one_line(result.output)
+        assert "no device accepted the command" in line and "pi-00" in line
+        assert "key may be wrong" in line
+
+
+def test_an_unreachable_broker_is_one_line_within_seconds(key_file):
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    for args in (("learn", "start", "--all"), ("metrics",)):
+        started = time.monotonic()
+        result = _fleet(*args, *_flags(url, key_file))
+        assert time.monotonic() - started < 10
+        assert result.exit_code == 1 and url in _one_line(result.output)
+
+
+def ghost(fleet, device: str = "pi-09") -> str:
+    """A signed, retained ``online`` state of ``device``; no agent serves it: it never answers."""
+    body = state_body(
+        ONLINE,
+        model="digits",
+        version="1",
+        sha256=None,
+        agent_version="0",
+        learning=False,
+        model_spec=None,
+        platform="test",
+        instance="ghost",
+        since=time.time(),
+    )
+    frame = seal_json(FrameKind.STATE, body, sender=device, keyring=fleet.keyring)
+    fleet.transport.publish_and_wait(fleet.topics.state(device), frame, qos=1, retain=True)
+    return device
+
+
+def test_a_device_that_does_not_answer_is_an_error_not_a_hang(
+    mosquitto, fleet, agents, key_file, artifact, tmp_path
+):
+    """A device whose state says online but that stays silent: its error, within --timeout."""
+    agents(
+        agent_config(mosquitto.url, key_file, tmp_path / "a", id="pi-00", artifact=str(artifact))
+    )
+    ghost(fleet, "pi-09")
+    flags = _flags(mosquitto.url, key_file)
+    started = time.monotonic()
+    result = _fleet("metrics", "--json", "--timeout", "1", *flags)
+    assert time.monotonic() - started < 8
+    assert result.exit_code == 1
+    metrics = json.loads(result.stdout)
+    assert metrics["devices"] == {"pi-00": []}
+    assert list(metrics["errors"]) == ["pi-09"] and "did not answer" in metrics["errors"]["pi-09"]
+    assert "pi-09" in result.stderr
+
+    result = _fleet("learn", "stop", "--all", "--timeout", "1", "--json", *flags)
+    assert result.exit_code == 1
+    rows = {row["device"]: row for row in json.loads(result.stdout)}
+    assert rows["pi-00"]["ok"] and rows["pi-00"]["stopped"] is False
+    assert not rows["pi-09"]["ok"] and "did not answer" in rows["pi-09"]["error"]

@@ -1,0 +1,326 @@
+"""`bitfleet fleet learn start|stop` and `bitfleet fleet metrics`: the fleet's learning.
+
+``learn start`` switches gossip learning on, on the devices named with ``--to`` or on every
+online one (``--all``), with only the settings given on the command line overriding each
+device's own (``learn_*`` keys of its agent.toml); ``learn stop`` switches it off after the
+round in progress. ``metrics`` shows accuracy over rounds per device and the fleet mean, and
+``--plot`` draws it. The work is :mod:`toolkit.fleet_metrics`; this module is the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from ._common import cli_command, console, err_console, literal, number, print_json, say
+from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
+
+if TYPE_CHECKING:
+    from toolkit.fleet import FleetClient
+
+learn_app = typer.Typer(
+    help=(
+        "Gossip learning on the devices: `learn start --all` switches it on, `learn stop --all` "
+        "off. Devices learn from the local data in their data_dir."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(learn_app, name="learn")
+
+ToOpt = Annotated[
+    str | None,
+    typer.Option("--to", metavar="ID[,ID]", help="The devices, by id, separated by commas."),
+]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every device that is online now.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+_MAX_ROWS = 20  # rounds shown in the metrics table; longer runs show every k-th round
+
+
+def _timeout_opt(what: str) -> Any:
+    return typer.Option(
+        "--timeout",
+        metavar="S",
+        help=f"Seconds to wait for each device's answer ({what}).",
+        callback=number(gt=0, le=600),
+    )
+
+
+def _targets(client: FleetClient, to: str | None, everyone: bool) -> list[str]:
+    from toolkit.fleet_metrics import parse_ids, pick_devices
+
+    if to is not None and everyone:
+        raise typer.BadParameter("pass --to ID[,ID] or --all, not both")
+    return pick_devices(client, parse_ids(to) if to is not None else None, everyone=everyone)
+
+
+# ---------------------------------------------------------------------------- learn start
+def _outcomes(results: Mapping[str, Any], errors: Mapping[str, str]) -> list[dict[str, Any]]:
+    rows = [
+        {"device": d, "ok": True, **(r if isinstance(r, dict) else {})} for d, r in results.items()
+    ]
+    rows += [{"device": d, "ok": False, "error": e} for d, e in errors.items()]
+    return sorted(rows, key=lambda row: row["device"])
+
+
+def _settings_text(values: Any) -> str:
+    if not isinstance(values, Mapping):
+        return "-"
+    keys = ("merge", "peers", "local_steps", "rounds")
+    return ", ".join(f"{k} {values[k]}" for k in keys if k in values)
+
+
+def _outcome_table(rows: list[dict[str, Any]], title: str, detail: Any) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("device", no_wrap=True)
+    table.add_column("outcome", no_wrap=True)
+    table.add_column("round", justify="right")
+    table.add_column("settings / error")
+    for row in rows:
+        if row["ok"]:
+            outcome, text = detail(row)
+            table.add_row(
+                literal(row["device"]),
+                f"[green]{literal(outcome)}[/]",
+                literal(row.get("round", "-")),
+                literal(text),
+            )
+        else:
+            table.add_row(
+                literal(row["device"]), "[red]failed[/]", "-", f"[red]{literal(row['error'])}[/]"
+            )
+    return table
+
+
+def _send(
+    ctx: typer.Context,
+    command: str,
+    args: dict[str, Any],
+    to: str | None,
+    everyone: bool,
+    timeout: float,
+    conn: tuple[str | None, str | None, Path | None],
+) -> list[dict[str, Any]]:
+    from toolkit.fleet_metrics import send_all
+
+    client = connect(settings(ctx, *conn))
+    try:
+        devices = _targets(client, to, everyone)
+        with err_console.status(f"{command} on {len(devices)} device(s)..."):
+            results, errors = send_all(client, devices, command, args, timeout=timeout)
+    finally:
+        client.close()
+    return _outcomes(results, errors)
+
+
+def _finish(rows: list[dict[str, Any]], as_json: bool, table: Table) -> None:
+    if as_json:
+        print_json(rows)
+    else:
+        console.print(table)
+    if any(not row["ok"] for row in rows):
+        raise typer.Exit(1)
+
+
+@learn_app.command(
+    "start",
+    epilog=(
+        "Example: bitfleet fleet learn start --all --merge vc --rounds 20. Each device answers "
+        "with its starting round and settings, or why it cannot learn (no data_dir, no model "
+        "with a network spec, learning already on); exit code 1 if any failed."
+    ),
+)
+@cli_command
+def learn_start(
+    ctx: typer.Context,
+    to: ToOpt = None,
+    everyone: AllOpt = False,
+    merge: Annotated[
+        str | None,
+        typer.Option(
+            "--merge", help="How received models are merged: vc (variance-corrected) or avg."
+        ),
+    ] = None,
+    peers: Annotated[
+        int | None, typer.Option("--peers", min=1, help="Peers each round's model is pushed to.")
+    ] = None,
+    local_steps: Annotated[
+        int | None,
+        typer.Option("--local-steps", min=1, help="Optimizer steps on local data per round."),
+    ] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option("--rounds", min=0, help="Stop after this many rounds (0: until learn stop)."),
+    ] = None,
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, _timeout_opt("a device loads torch on its first start")] = 30.0,
+    broker: BrokerOpt = None,
+    fleet: FleetOpt = None,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Start gossip learning on devices (--to or --all); unset settings stay the device's own."""
+    if merge is not None and merge not in ("vc", "avg"):
+        raise typer.BadParameter(f"--merge must be vc or avg, got {merge!r}")
+    overrides = {
+        key: value
+        for key, value in (
+            ("merge", merge),
+            ("peers", peers),
+            ("local_steps", local_steps),
+            ("rounds", rounds),
+        )
+        if value is not None
+    }
+    rows = _send(ctx, "learn.start", overrides, to, everyone, timeout, (broker, fleet, key_file))
+    table = _outcome_table(
+        rows, "learn start", lambda row: ("learning", _settings_text(row.get("settings")))
+    )
+    _finish(rows, as_json, table)
+
+
+@learn_app.command(
+    "stop",
+    epilog=(
+        "Example: bitfleet fleet learn stop --all. Each device checkpoints what it learned and "
+        "keeps serving; learn start resumes from there."
+    ),
+)
+@cli_command
+def learn_stop(
+    ctx: typer.Context,
+    to: ToOpt = None,
+    everyone: AllOpt = False,
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, _timeout_opt("it finishes the round in progress")] = 60.0,
+    broker: BrokerOpt = None,
+    fleet: FleetOpt = None,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Stop gossip learning on devices (--to or --all) after the round in progress."""
+    rows = _send(ctx, "learn.stop", {}, to, everyone, timeout, (broker, fleet, key_file))
+    table = _outcome_table(
+        rows,
+        "learn stop",
+        lambda row: ("stopped" if row.get("stopped") else "was not learning", ""),
+    )
+    _finish(rows, as_json, table)
+
+
+# -------------------------------------------------------------------------------- metrics
+def shown_rounds(rounds: list[int], max_rows: int = _MAX_ROWS) -> tuple[list[int], int]:
+    """The rounds a table of at most ``max_rows`` rows shows: every k-th, and always the last."""
+    if len(rounds) <= max_rows:
+        return rounds, 1
+    step = math.ceil((len(rounds) - 1) / (max_rows - 1))
+    picked = rounds[::step]
+    if picked[-1] != rounds[-1]:
+        picked.append(rounds[-1])
+    return picked, step
+
+
+def metrics_table(metrics: Mapping[str, Any], max_rows: int = _MAX_ROWS) -> Table | None:
+    """Rounds as rows, one column per device and one for the fleet mean (None: no rounds)."""
+    from toolkit.fleet_metrics import mean_by_round
+
+    per_device: Mapping[str, Any] = metrics.get("devices") or {}
+    by_device = {
+        device: {e["round"]: e["accuracy"] for e in entries if e.get("accuracy") is not None}
+        for device, entries in sorted(per_device.items())
+    }
+    mean = {m["round"]: m for m in (metrics.get("mean") or mean_by_round(per_device))}
+    if not mean:
+        return None
+    rounds, step = shown_rounds(sorted(mean), max_rows)
+    table = Table(
+        title="accuracy over rounds",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("round", justify="right", no_wrap=True)
+    for device in by_device:
+        table.add_column(literal(device), justify="right", no_wrap=True)
+    table.add_column("mean", justify="right", no_wrap=True, style="bold")
+    for r in rounds:
+        cells = [
+            "-" if by_device[d].get(r) is None else f"{by_device[d][r]:.3f}" for d in by_device
+        ]
+        m = mean[r]
+        devices = "" if m["devices"] == len(by_device) else f" ({m['devices']})"
+        table.add_row(str(r), *cells, f"{m['accuracy']:.3f}{devices}")
+    notes = []
+    if step > 1:
+        notes.append(f"every {step}th round of {len(mean)}; --json has them all")
+    if any(m["devices"] != len(by_device) for m in mean.values()):
+        notes.append("(n): the mean of the n devices that reported that round")
+    if notes:
+        table.caption = "; ".join(notes)
+    return table
+
+
+@app.command(
+    "metrics",
+    epilog=(
+        "Example: bitfleet fleet metrics --plot fleet.png. The mean of a round averages the "
+        "devices that reported it; a long run shows every k-th round (--json has all). Exit "
+        "code 1 if a device did not answer (the others are still shown)."
+    ),
+)
+@cli_command
+def metrics(
+    ctx: typer.Context,
+    to: ToOpt = None,
+    everyone: Annotated[
+        bool, typer.Option("--all", help="Every device that is online now (the default).")
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", metavar="PNG", help="Also draw the curves into this PNG file."),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the collected metrics (per device, mean, errors)."),
+    ] = False,
+    timeout: Annotated[float, _timeout_opt("all are asked at once")] = 10.0,
+    broker: BrokerOpt = None,
+    fleet: FleetOpt = None,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Accuracy over learning rounds per device, and the fleet mean (all online by default)."""
+    from toolkit.fleet_metrics import collect_metrics, plot_metrics
+
+    if plot is not None and plot.is_dir():
+        raise ValueError(f"--plot {plot} is a folder; name the PNG file to write, e.g. fleet.png")
+    client = connect(settings(ctx, broker, fleet, key_file))
+    try:
+        devices = _targets(client, to, everyone or to is None)
+        with err_console.status(f"asking {len(devices)} device(s) for their metrics..."):
+            collected = collect_metrics(client, devices, timeout=timeout)
+    finally:
+        client.close()
+    out = err_console if as_json else console
+    if as_json:
+        print_json(collected)
+    else:
+        table = metrics_table(collected)
+        if table is None:
+            who = ", ".join(collected["devices"]) or "no device"
+            say(
+                f"no learning round reported yet by {literal(who)}; start learning with "
+                "bitfleet fleet learn start --all"
+            )
+        else:
+            console.print(table)
+    for device, message in collected["errors"].items():
+        err_console.print(f"[red]{literal(device)}:[/] {literal(message)}", soft_wrap=True)
+    if plot is not None:
+        written = plot_metrics(collected, plot)
+        out.print(f"wrote {literal(written)}", soft_wrap=True)
+    if collected["errors"]:
+        raise typer.Exit(1)

@@ -1,0 +1,300 @@
+"""The fleet's learning curves, and the many-device requests the fleet commands share.
+
+Each learning agent keeps, for this process, one entry per round it finished (round, accuracy
+on its local test split, train loss, whether it merged a peer's model, when), plus one entry
+for the starting point of each run (the accuracy before training, ``train_loss`` None); the
+``metrics`` command returns them (see :class:`edge_agent.protocol.Command`).
+:func:`collect_metrics` asks every device at once and averages them per round;
+:func:`plot_metrics` draws them::
+
+    from toolkit.fleet import FleetClient
+    from toolkit.fleet_metrics import collect_metrics, plot_metrics, pick_devices
+
+    with FleetClient("mqtt://127.0.0.1:1883", fleet="lab", key_file="fleet.key") as client:
+        metrics = collect_metrics(client, pick_devices(client, everyone=True))
+    metrics["mean"]          # [{"round": 0, "accuracy": 0.11, "devices": 3}, ...]
+    plot_metrics(metrics, "fleet.png")
+
+The same door serves ``bitfleet fleet learn``, ``metrics``, ``logs`` and ``infer``:
+:func:`pick_devices` turns ``--to``/``--all`` into device ids (an unknown or offline device, an
+empty fleet or a wrong key is one clear error before anything is sent) and :func:`send_all`
+sends one command to many devices concurrently; a device that fails is data (returned beside
+the answers, as Flower returns failed clients), never an exception that loses the others.
+
+Torch-free; matplotlib is imported by :func:`plot_metrics` alone (it comes with the ``train``
+extra).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bitfleet.errors import require
+from bitfleet.fsutil import atomic_write_bytes
+from edge_agent.protocol import ONLINE, Command, validate_name
+from toolkit.fleet import FleetError
+
+if TYPE_CHECKING:
+    from toolkit.fleet import FleetClient
+
+__all__ = [
+    "collect_metrics",
+    "key_trouble",
+    "mean_by_round",
+    "parse_ids",
+    "pick_devices",
+    "plot_metrics",
+    "send_all",
+]
+
+_MAX_WORKERS = 32  # concurrent requests in flight (each waits on its own reply)
+
+
+# ------------------------------------------------------------------------------ choosing
+def parse_ids(text: str, flag: str = "--to") -> list[str]:
+    """``"pi-01,pi-02"`` -> ``["pi-01", "pi-02"]``: valid device ids, no repeats (ValueError)."""
+    ids = [part.strip() for part in text.split(",")]
+    if not text.strip() or any(not part for part in ids):
+        raise ValueError(
+            f"{flag} takes device ids separated by commas, e.g. pi-01,pi-02; got {text!r}"
+        )
+    for device in ids:
+        validate_name(device, "device id")
+    return list(dict.fromkeys(ids))
+
+
+def key_trouble(client: FleetClient) -> str | None:
+    """Why devices' frames fail verification with ``client``'s key (None: none do)."""
+    refused = client.unverified()
+    if not refused:
+        return None
+    who = ", ".join(f"{d} ({why})" for d, why in sorted(refused.items()))
+    return (
+        f"frames from {who} fail verification with this key: the key may be wrong; use the "
+        "fleet key the devices run with"
+    )
+
+
+def pick_devices(
+    client: FleetClient, ids: Sequence[str] | None = None, *, everyone: bool = False
+) -> list[str]:
+    """The online devices a command goes to: ``ids``, or every online one with ``everyone``.
+
+    Raises :class:`~toolkit.fleet.FleetError` (one line, nothing sent) for a fleet where no
+    device has announced itself (naming the key when devices' frames fail verification, as
+    they do with a wrong key), an id with no retained state (listing the known ones), a named
+    device that is offline, and ``everyone`` on a fleet with no device online.
+    """
+    if bool(ids) == everyone:
+        raise ValueError("name the devices with --to ID[,ID] or pick every online one with --all")
+    fleet = client.topics.fleet
+    devices = client.devices()
+    if not devices:
+        trouble = key_trouble(client)
+        if trouble is not None:
+            raise FleetError(f"no device accepted the command: {trouble}")
+        raise FleetError(
+            f"no device has announced itself on fleet {fleet}; start an agent "
+            "(bitfleet-agent run) or check --broker and --fleet"
+        )
+    known = ", ".join(sorted(devices))
+    if everyone:
+        online = sorted(d for d, s in devices.items() if s.get("status") == ONLINE)
+        if not online:
+            raise FleetError(f"no device of fleet {fleet} is online (known, all offline: {known})")
+        return online
+    assert ids is not None
+    for device in ids:
+        if device not in devices:
+            trouble = key_trouble(client)
+            why = f"; {trouble}" if trouble else ""
+            raise FleetError(f"no device {device} on fleet {fleet} (known: {known}){why}")
+        status = devices[device].get("status")
+        if status != ONLINE:
+            raise FleetError(
+                f"{device} is {status}: it cannot take commands until its agent reconnects "
+                "(bitfleet fleet ls shows every device's status)"
+            )
+    return list(ids)
+
+
+# ------------------------------------------------------------------------------- sending
+def send_all(
+    client: FleetClient,
+    devices: Iterable[str],
+    name: str,
+    args: Mapping[str, Any] | None = None,
+    timeout: float = 10.0,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Send command ``name`` to every device at once; ``(results, errors)`` by device.
+
+    ``results`` holds the ``result`` of each device that answered ``ok``; ``errors`` the
+    device's own error, or why no answer came within ``timeout`` seconds. Every request waits
+    at most ``timeout``, all at the same time, so the whole call takes about ``timeout`` at
+    most, whatever the fleet's size (up to 32 devices at a time).
+    """
+    targets = list(dict.fromkeys(devices))
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    if not targets:
+        return results, errors
+
+    def one(device: str) -> tuple[str, bool, Any]:
+        try:
+            reply = client.command(device, name, args, timeout=timeout)
+        except FleetError as err:
+            return device, False, str(err)
+        if reply.get("ok"):
+            return device, True, reply.get("result")
+        return device, False, str(reply.get("error") or f"{name} failed without a message")
+
+    with ThreadPoolExecutor(max_workers=min(_MAX_WORKERS, len(targets))) as pool:
+        for device, ok, value in pool.map(one, targets):
+            if ok:
+                results[device] = value
+            else:
+                errors[device] = value
+    return results, errors
+
+
+# ------------------------------------------------------------------------------- metrics
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _entry(raw: Any) -> dict[str, Any] | None:
+    """One round of a ``metrics`` reply with exactly the keys of the contract (None: unusable)."""
+    if not isinstance(raw, Mapping):
+        return None
+    round_ = raw.get("round")
+    if isinstance(round_, bool) or not isinstance(round_, int):
+        return None
+    merged = raw.get("merged")
+    return {
+        "round": round_,
+        "accuracy": _number(raw.get("accuracy")),
+        "train_loss": _number(raw.get("train_loss")),
+        "merged": bool(merged) if isinstance(merged, bool | int | float) else None,
+        "ts": _number(raw.get("ts")),
+    }
+
+
+def collect_metrics(
+    client: FleetClient, devices: Iterable[str], timeout: float = 10.0
+) -> dict[str, Any]:
+    """Ask each device for its learning rounds (the ``metrics`` command), all at once.
+
+    Returns ``{"devices": {id: [{"round", "accuracy", "train_loss", "merged", "ts"}, ...]},
+    "mean": mean_by_round(devices), "errors": {id: message}, "learning": {id: status}}``:
+    rounds oldest first as the device keeps them, the fleet mean per round, the devices that
+    failed or did not answer within ``timeout``, and each answering device's learning status
+    (on, round, accuracy, merges, error: what its telemetry says).
+    """
+    results, errors = send_all(client, devices, Command.METRICS, timeout=timeout)
+    per_device: dict[str, list[dict[str, Any]]] = {}
+    learning: dict[str, Any] = {}
+    for device, result in sorted(results.items()):
+        rounds = result.get("rounds") if isinstance(result, Mapping) else None
+        if not isinstance(rounds, list):
+            errors[device] = "its metrics reply holds no list of rounds (is its agent older?)"
+            continue
+        per_device[device] = [e for e in map(_entry, rounds) if e is not None]
+        status = result.get("learning")
+        learning[device] = dict(status) if isinstance(status, Mapping) else None
+    return {
+        "devices": per_device,
+        "mean": mean_by_round(per_device),
+        "errors": dict(sorted(errors.items())),
+        "learning": learning,
+    }
+
+
+def _latest_per_round(entries: Iterable[Mapping[str, Any]]) -> dict[int, float]:
+    """Round -> accuracy, the latest entry winning (a restarted run reports its start again)."""
+    out: dict[int, float] = {}
+    for entry in entries:
+        accuracy = _number(entry.get("accuracy"))
+        round_ = entry.get("round")
+        if accuracy is not None and isinstance(round_, int) and not isinstance(round_, bool):
+            out[round_] = accuracy
+    return out
+
+
+def mean_by_round(per_device: Mapping[str, Iterable[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The fleet's mean accuracy per round, over the devices that reported that round.
+
+    A device that has finished fewer rounds counts in the rounds it reported and in no later
+    one (its missing rounds are not filled in), so ``devices`` says how many devices each mean
+    averages. Where a device reported a round twice (a run stopped and started again reports
+    its starting round anew), its latest entry counts. Entries without a finite accuracy are
+    left out. Rounds ascend.
+    """
+    sums: dict[int, list[float]] = {}
+    for entries in per_device.values():
+        for round_, accuracy in _latest_per_round(entries).items():
+            sums.setdefault(round_, []).append(accuracy)
+    return [
+        {"round": r, "accuracy": sum(values) / len(values), "devices": len(values)}
+        for r, values in sorted(sums.items())
+    ]
+
+
+def plot_metrics(
+    metrics: Mapping[str, Any], path: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Accuracy over rounds as a PNG: a thin line per device, a thick one for the fleet mean.
+
+    ``metrics`` is what :func:`collect_metrics` returns (its ``mean`` is recomputed when
+    absent). The file is written atomically (a temporary sibling renamed over ``path``).
+    Raises ValueError when no device has reported a round with an accuracy, and for a
+    ``path`` that is a folder.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{target} is a folder; name the PNG file to write, e.g. fleet.png")
+    per_device: Mapping[str, Any] = metrics.get("devices") or {}
+    curves = {d: sorted(_latest_per_round(e).items()) for d, e in sorted(per_device.items())}
+    curves = {d: points for d, points in curves.items() if points}
+    if not curves:
+        raise ValueError(
+            "nothing to plot: no device has reported a learning round yet "
+            "(start learning with bitfleet fleet learn start)"
+        )
+    mean = metrics.get("mean")
+    if not isinstance(mean, list):
+        mean = mean_by_round(per_device)
+    require("matplotlib", "train", "plotting the fleet's metrics")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # a Figure with its own Agg canvas: no pyplot, so no global backend or figure registry
+    figure = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for device, points in curves.items():
+        rounds, accuracies = zip(*points, strict=True)
+        axes.plot(rounds, accuracies, linewidth=1, alpha=0.7, label=device)
+    axes.plot(
+        [m["round"] for m in mean],
+        [m["accuracy"] for m in mean],
+        linewidth=3,
+        color="black",
+        label="fleet mean",
+    )
+    axes.set(xlabel="round", ylabel="accuracy on local test data", ylim=(0, 1))
+    axes.set_title(title or f"fleet accuracy over rounds ({len(curves)} devices)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", ncol=1 + len(curves) // 12)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(target, buffer.getvalue())
+    return target

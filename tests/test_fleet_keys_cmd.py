@@ -31,8 +31,9 @@ from edge_agent.config import load_config
 from edge_agent.protocol import MIN_KEY_BYTES, Command
 from edge_agent.transport import TransportError
 from toolkit.cli import app
-from toolkit.fleet import FleetClient
+from toolkit.cli._fleet import connect
 from toolkit.fleet_keys import ACL_TEXT, OPERATOR, KeyFolder, mosquitto_hash
+from toolkit.fleet_settings import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,7 +242,9 @@ def _embedded(port: int, keys: KeyFolder) -> subprocess.Popen[str]:
 
 
 @pytest.fixture(params=["mosquitto", "amqtt"])
-def provisioned(request, initialised, tmp_path) -> Iterator[tuple[str, KeyFolder, Path]]:
+def provisioned(
+    request, initialised, tmp_path, _no_user_settings
+) -> Iterator[tuple[str, KeyFolder, Path]]:
     """(broker URL, key folder, pi-01's installed device folder) on a broker that runs them.
 
     fleet.toml holds the lines `keys init` printed, so `bitfleet fleet ...` is the laptop.
@@ -253,7 +256,7 @@ def provisioned(request, initialised, tmp_path) -> Iterator[tuple[str, KeyFolder
     add = ["add", "pi-01", "pi-02", "--dir", str(keys.root), "--broker", url, "--fleet", FLEET]
     _ok(_keys(*add, "--device-dir", str(device_dir)))
     shutil.copytree(keys.agent_folder("pi-01"), device_dir)  # what rsync does on the device
-    config = tmp_path / "config" / "fleet.toml"
+    config = _no_user_settings
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(
         "\n".join([f'broker = "{url}"', f'fleet = "{FLEET}"', *printed["fleet_toml"]])
@@ -316,17 +319,11 @@ def test_provisioned_devices_join_and_the_laptop_lists_and_commands_them(
     assert blind.exit_code == 1 and "key may be wrong" in blind.output
 
     # the laptop's commands pass the ACL and the device's signature check, and back
-    from toolkit.fleet_settings import resolve
-
-    settings = resolve()
-    with FleetClient(
-        settings.broker,
-        fleet=settings.fleet,
-        keyring=settings.keyring(),
-        username=settings.username,
-        password=settings.password(),
-    ) as client:
+    client = connect(resolve())
+    try:
         assert client.command("pi-01", Command.PING, timeout=10)["ok"]
+    finally:
+        client.close()
 
 
 def _login(transports, url: str, user: str, password: str, client_id: str):

@@ -115,7 +115,7 @@ def add(
     devices: Annotated[
         list[str],
         typer.Argument(
-            metavar="DEVICE...",
+            metavar="DEVICE",
             help="Device ids (also their broker user names): A-Z a-z 0-9 _ . - only.",
             show_default=False,
         ),

@@ -25,12 +25,12 @@ and a receiver verifies a sender with that sender's key if it holds it, else wit
 key (:class:`edge_agent.protocol.Keyring`). Peers read each other's retained state and gossip
 frames, so each needs the others' keys, or it drops their frames as forged and never learns
 with them. HMAC keys are symmetric, so this does not stop one device from signing as another:
-the broker's per-device accounts and the ACL are what confine a device. Per-device keys let
-the laptop tell devices apart, and let one device be shut out without re-keying the fleet:
-delete its line in the password file, ``devices/<id>.key`` and ``agents/<id>``; the others'
-folders lose its key at the next :func:`add_devices`, and then drop its frames. A device
-added later is verified by earlier ones only once their ``keys`` folder is copied again
-(:func:`add_devices` refreshes every device folder; the agent reads keys when it starts).
+the broker's per-device accounts and the ACL are what confine a device, and what shuts one
+out: delete its line in ``bitfleet.passwd`` and reload the broker, and it cannot connect.
+(Deleting only its key would not: peers would then check its frames with the fleet key, which
+it holds.) A device added later is verified by earlier ones only once their ``keys`` folder is
+copied again (:func:`add_devices` refreshes every device folder; the agent reads keys when it
+starts).
 """
 
 from __future__ import annotations

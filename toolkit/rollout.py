@@ -69,6 +69,7 @@ from typing import Any
 from bitfleet.errors import BitfleetError
 from edge_agent.protocol import ONLINE, Command
 from toolkit.fleet import FleetClient, artifact_tar
+from toolkit.fleet_metrics import key_trouble, pick_devices, send_all
 
 __all__ = [
     "DEPLOYED",
@@ -82,6 +83,7 @@ __all__ = [
     "RolloutEvent",
     "RolloutResult",
     "plan_waves",
+    "roll_back",
     "rollout",
 ]
 
@@ -247,24 +249,26 @@ def _check_canary(canary: float) -> None:
         )
 
 
-def _check_targets(client: FleetClient, ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Every target's retained state; RolloutError for a rejected key or an unknown id."""
+def _check_targets(client: FleetClient, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Every target's retained state (offline ones included), before anything is sent.
+
+    Raises :class:`RolloutError` when a target's frames fail verification with the client's key
+    (or every device's do and none verifies: the key is wrong), and for an id with no retained
+    state, naming the ids that have one.
+    """
     states = client.devices()
     refused = client.unverified()
-    rejected = [d for d in ids if d in refused and d not in states]
-    if rejected or (refused and not states):
-        who = ", ".join(f"{d} ({refused[d]})" for d in (rejected or sorted(refused)))
+    if any(d in refused and d not in states for d in ids) or (refused and not states):
         raise RolloutError(
-            f"frames from {who} fail verification with this client's key: the key may be "
-            "wrong, and a device drops commands it cannot verify, so no device would accept "
-            "the deploy command; use the fleet key the devices run with (nothing was deployed)"
+            f"no device would accept the deploy command: {key_trouble(client)} (a device drops "
+            "commands it cannot verify; nothing was sent)"
         )
     unknown = [d for d in ids if d not in states]
     if unknown:
         known = ", ".join(sorted(states)) or "none (no device has announced itself)"
         raise RolloutError(
             f"unknown device {', '.join(unknown)}: no retained state on this fleet; known "
-            f"devices: {known} (nothing was deployed)"
+            f"devices: {known} (nothing was sent)"
         )
     return {d: states[d] for d in ids}
 
@@ -344,6 +348,35 @@ class _Calls:
         if isinstance(err, BitfleetError | ValueError | OSError):
             return device, None, str(err)
         raise err  # a bug, not a device's answer: keep its traceback
+
+
+def roll_back(
+    client: FleetClient, targets: Sequence[str], *, timeout_s: float = 30.0
+) -> list[dict[str, Any]]:
+    """Send ``rollback`` to every target at once: back to its last-good artifact.
+
+    One row per target, in order: ``{"id", "ok", "name", "version", "error"}``, where ``name``
+    and ``version`` are what the device serves again. The targets must be online: an unknown
+    or offline one, or a key the devices reject, raises :class:`~toolkit.fleet.FleetError`
+    (:func:`toolkit.fleet_metrics.pick_devices`) before anything is sent.
+    """
+    ids = pick_devices(client, list(targets))
+    results, errors = send_all(client, ids, Command.ROLLBACK, timeout=timeout_s)
+    rows = []
+    for device in ids:
+        result = results.get(device)
+        ok = isinstance(result, dict)
+        result = result if isinstance(result, dict) else {}
+        rows.append(
+            {
+                "id": device,
+                "ok": ok,
+                "name": result.get("name") if ok else None,
+                "version": result.get("version") if ok else None,
+                "error": None if ok else errors.get(device, "answered without the artifact"),
+            }
+        )
+    return rows
 
 
 # ------------------------------------------------------------------------------ the engine
@@ -522,9 +555,10 @@ class _Rollout:
             failed = [e for e in self.devices.values() if e.outcome == FAILED]
             first = failed[0] if failed else None
             why = f"; {first.id}: {first.error}" if first is not None else ""
+            devices = "device" if self.failures == 1 else "devices"
             self.stop_reason = (
-                f"{self.failures} device(s) failed, more than --max-failures "
-                f"{self.max_failures}{why}"
+                f"{self.failures} {devices} failed, more than the {self.max_failures} tolerated "
+                f"(--max-failures){why}"
             )
         elif index == 0 and not any(e.outcome == DEPLOYED for e in entries):
             self.stop_reason = (
@@ -560,24 +594,16 @@ class _Rollout:
         if not chosen:
             return
         self.emit("rolling_back", devices=tuple(chosen))
-        calls = _Calls(self.client, Command.ROLLBACK, chosen, None, self.timeout)
+        results, errors = send_all(self.client, chosen, Command.ROLLBACK, timeout=self.timeout)
         name, version = self.args["name"], self.args["version"]
-        for device, reply, error in calls.collect(time.monotonic() + self.timeout + 1.0):
+        for device in chosen:
             entry = self.devices[device]
-            if reply is not None and reply.get("ok"):
+            if device in results:
                 entry.outcome = ROLLED_BACK
             else:
-                why = error if reply is None else reply.get("error")
                 entry.outcome = FAILED
-                entry.error = f"serves {name} {version}: its rollback failed: {why}"
+                entry.error = f"serves {name} {version}: its rollback failed: {errors[device]}"
             self.emit("device_rolled_back", device=device, outcome=entry.outcome, error=entry.error)
-        for device in calls.pending:
-            entry = self.devices[device]
-            entry.outcome = FAILED
-            entry.error = (
-                f"serves {name} {version}: no reply to its rollback within {self.timeout:g} s"
-            )
-            self.emit("device_rolled_back", device=device, outcome=FAILED, error=entry.error)
 
 
 def _sha(document: Any) -> str | None:

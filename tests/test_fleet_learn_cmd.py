@@ -288,7 +288,7 @@ def test_a_wrong_key_says_no_device_accepted_the_command(
         assert result.exit_code == 1
         line = _one_line(result.output)
         assert "no device accepted the command" in line and "pi-00" in line
-        assert "key may be wrong" in line
+        assert "key may be wrong" in line and str(wrong) in line
 
 
 def test_an_unreachable_broker_is_one_line_within_seconds(key_file):

@@ -69,34 +69,42 @@ def parse_ids(text: str, flag: str = "--to") -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def key_trouble(client: FleetClient) -> str | None:
-    """Why devices' frames fail verification with ``client``'s key (None: none do)."""
+def key_trouble(client: FleetClient, key: str | None = None) -> str | None:
+    """Why devices' frames fail verification with ``client``'s key (None: none do).
+
+    ``key`` names the key in the message (its file, say); without it, "this key".
+    """
     refused = client.unverified()
     if not refused:
         return None
     who = ", ".join(f"{d} ({why})" for d, why in sorted(refused.items()))
     return (
-        f"frames from {who} fail verification with this key: the key may be wrong; use the "
-        "fleet key the devices run with"
+        f"frames from {who} fail verification with {key or 'this key'}: the key may be "
+        "wrong; use the fleet key the devices run with"
     )
 
 
 def pick_devices(
-    client: FleetClient, ids: Sequence[str] | None = None, *, everyone: bool = False
+    client: FleetClient,
+    ids: Sequence[str] | None = None,
+    *,
+    everyone: bool = False,
+    key: str | None = None,
 ) -> list[str]:
     """The online devices a command goes to: ``ids``, or every online one with ``everyone``.
 
     Raises :class:`~toolkit.fleet.FleetError` (one line, nothing sent) for a fleet where no
     device has announced itself (naming the key when devices' frames fail verification, as
     they do with a wrong key), an id with no retained state (listing the known ones), a named
-    device that is offline, and ``everyone`` on a fleet with no device online.
+    device that is offline, and ``everyone`` on a fleet with no device online. ``key`` names
+    the key in those messages (see :func:`key_trouble`).
     """
     if bool(ids) == everyone:
         raise ValueError("name the devices with --to ID[,ID] or pick every online one with --all")
     fleet = client.topics.fleet
     devices = client.devices()
     if not devices:
-        trouble = key_trouble(client)
+        trouble = key_trouble(client, key)
         if trouble is not None:
             raise FleetError(f"no device accepted the command: {trouble}")
         raise FleetError(
@@ -112,7 +120,7 @@ def pick_devices(
     assert ids is not None
     for device in ids:
         if device not in devices:
-            trouble = key_trouble(client)
+            trouble = key_trouble(client, key)
             why = f"; {trouble}" if trouble else ""
             raise FleetError(f"no device {device} on fleet {fleet} (known: {known}){why}")
         status = devices[device].get("status")

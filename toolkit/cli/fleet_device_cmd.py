@@ -31,9 +31,11 @@ from bitfleet.errors import require
 
 from ._common import cli_command, console, literal, number, print_json, say
 from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
+from .fleet_learn_cmd import key_name
 
 if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
+    from toolkit.fleet_settings import FleetSettings
 
 __all__ = ["ModelInput", "convert", "load_image", "logs", "infer", "softmax"]
 
@@ -47,12 +49,12 @@ def _timeout_opt(what: str) -> Any:
     )
 
 
-def _one_device(client: FleetClient, device: str) -> str:
+def _one_device(client: FleetClient, config: FleetSettings, device: str) -> str:
     from edge_agent.protocol import validate_name
     from toolkit.fleet_metrics import pick_devices
 
     validate_name(device, "device id")
-    return pick_devices(client, [device])[0]
+    return pick_devices(client, [device], key=key_name(config))[0]
 
 
 def _result(client: FleetClient, device: str, name: str, args: Any, timeout: float) -> Any:
@@ -86,9 +88,10 @@ def logs(
     from edge_agent.protocol import Command
     from toolkit.fleet import FleetError
 
-    client = connect(settings(ctx, broker, fleet, key_file))
+    config = settings(ctx, broker, fleet, key_file)
+    client = connect(config)
     try:
-        target = _one_device(client, device)
+        target = _one_device(client, config, device)
         result = _result(client, target, Command.LOGS, {"lines": lines}, timeout)
     finally:
         client.close()
@@ -269,9 +272,10 @@ def infer(
     from toolkit.fleet import FleetError
 
     raw = [(path, load_image(path)) for path in images]  # a bad file stops before any sending
-    client = connect(settings(ctx, broker, fleet, key_file))
+    config = settings(ctx, broker, fleet, key_file)
+    client = connect(config)
     try:
-        target = _one_device(client, device)
+        target = _one_device(client, config, device)
         manifest = _served_manifest(client, target, timeout)
         model = ModelInput.from_manifest(manifest.get("input"), target)
         batch = np.stack([convert(image, path, model) for path, image in raw])

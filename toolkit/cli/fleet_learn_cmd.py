@@ -23,6 +23,7 @@ from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
 
 if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
+    from toolkit.fleet_settings import FleetSettings
 
 learn_app = typer.Typer(
     help=(
@@ -52,12 +53,20 @@ def _timeout_opt(what: str) -> Any:
     )
 
 
-def _targets(client: FleetClient, to: str | None, everyone: bool) -> list[str]:
+def key_name(config: FleetSettings) -> str:
+    """The key a fleet command uses, for messages: its file and where that setting came from."""
+    return f"the key {config.key_file} (from {config.sources.get('key_file', '?')})"
+
+
+def _targets(
+    client: FleetClient, config: FleetSettings, to: str | None, everyone: bool
+) -> list[str]:
     from toolkit.fleet_metrics import parse_ids, pick_devices
 
     if to is not None and everyone:
         raise typer.BadParameter("pass --to ID[,ID] or --all, not both")
-    return pick_devices(client, parse_ids(to) if to is not None else None, everyone=everyone)
+    ids = parse_ids(to) if to is not None else None
+    return pick_devices(client, ids, everyone=everyone, key=key_name(config))
 
 
 # ---------------------------------------------------------------------------- learn start
@@ -109,9 +118,10 @@ def _send(
 ) -> list[dict[str, Any]]:
     from toolkit.fleet_metrics import send_all
 
-    client = connect(settings(ctx, *conn))
+    config = settings(ctx, *conn)
+    client = connect(config)
     try:
-        devices = _targets(client, to, everyone)
+        devices = _targets(client, config, to, everyone)
         with err_console.status(f"{command} on {len(devices)} device(s)..."):
             results, errors = send_all(client, devices, command, args, timeout=timeout)
     finally:
@@ -297,9 +307,10 @@ def metrics(
 
     if plot is not None and plot.is_dir():
         raise ValueError(f"--plot {plot} is a folder; name the PNG file to write, e.g. fleet.png")
-    client = connect(settings(ctx, broker, fleet, key_file))
+    config = settings(ctx, broker, fleet, key_file)
+    client = connect(config)
     try:
-        devices = _targets(client, to, everyone or to is None)
+        devices = _targets(client, config, to, everyone or to is None)
         with err_console.status(f"asking {len(devices)} device(s) for their metrics..."):
             collected = collect_metrics(client, devices, timeout=timeout)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,12 +183,25 @@ def test_an_offline_target_is_reported(
     fleet["pi-02"].shutdown()
     assert client.wait_for(lambda d: d["pi-02"]["status"] == "offline")
     connection = flags(mosquitto.url, key_file)
+    packed = tmp_path / "v2.tar"  # a .tar of the artifact deploys the same
+    with tarfile.open(packed, "w") as archive:
+        archive.add(v2, arcname="v2")
     started = time.monotonic()
-    result = fleet_cli("deploy", str(v2), "--all", "--canary", "100%", "--json", *connection)
+    result = fleet_cli("deploy", str(packed), "--all", "--canary", "100%", "--json", *connection)
     assert time.monotonic() - started < 10
     assert result.exit_code == 0, result.output
-    outcomes = {d["id"]: d["outcome"] for d in json.loads(result.stdout)["devices"]}
+    doc = json.loads(result.stdout)
+    assert doc["artifact"]["version"] == "2" and doc["waves"] == [["pi-01"]]
+    outcomes = {d["id"]: d["outcome"] for d in doc["devices"]}
     assert outcomes == {"pi-01": "deployed", "pi-02": "offline"}
+    assert fleet["pi-01"].artifact.version == "2"
+    started = time.monotonic()
+    result = fleet_cli("deploy", str(v2), "--all", "--wait", "--timeout", "1", *connection)
+    assert 1 <= time.monotonic() - started < 10
+    assert result.exit_code == 0, result.output
+    assert "waiting for pi-02 to come online" in result.stderr
+    rows = {row[0]: row for row in map(str.split, result.stdout.splitlines()) if row}
+    assert " ".join(rows["pi-02"]) == "pi-02 1 offline still offline after 1 s of waiting"
     fails_with_one_line(fleet_cli("rollback", "--to", "pi-02", *connection), "pi-02 is offline")
     fails_with_one_line(fleet_cli("history", "pi-02", "--json", *connection), "pi-02 is offline")
     result = fleet_cli("history", *connection)  # the online ones, and a note of the others

@@ -388,6 +388,7 @@ class _Device:
     wave: int | None = None
     error: str | None = None
     answered: bool = False
+    timed_out: bool = False  # no reply within the timeout (a late one may still come)
     activated: bool = False  # swapped this rollout's artifact in (so a stop rolls it back)
 
     def public(self) -> DeviceOutcome:
@@ -455,9 +456,11 @@ class _Rollout:
         for index, wave in enumerate(waves):
             if self.stop_reason is not None:
                 break  # its devices stay skipped
+            why = "went offline before its wave"
             if offline and self.wait and index == len(waves) - 1:
                 self._wait_online(index, wave)
-            self._deploy_wave(index, wave)
+                why = f"still offline after {self.timeout:g} s of waiting"
+            self._deploy_wave(index, wave, why)
             self._judge(index, wave)
         if self.stop_reason is not None:
             # a device that answered nothing yet may be busy, not gone: give it one more
@@ -487,14 +490,14 @@ class _Rollout:
             timeout=self.timeout,
         )
 
-    def _deploy_wave(self, index: int, wave: list[str]) -> None:
+    def _deploy_wave(self, index: int, wave: list[str], offline_why: str) -> None:
         self.emit("wave_started", wave=index, devices=tuple(wave))
         send = []
         for d in wave:
             if _online(self.client, d):
                 send.append(d)
             else:
-                self._done(d, OFFLINE, "went offline before its wave", index)
+                self._done(d, OFFLINE, offline_why, index)
         if not send:
             return
         args = {**self.args, "timeout_s": round(self.timeout * _DEVICE_WAIT_SHARE, 3)}
@@ -506,6 +509,7 @@ class _Rollout:
             self._done(device, entry.outcome, entry.error, index)
         for device in sorted(calls.pending, key=self.ids.index):
             self.failures += 1
+            self.devices[device].timed_out = True
             self._done(device, FAILED, self._no_reply(device), index)
 
     def _record(self, device: str, reply: dict[str, Any] | None, error: str | None) -> None:
@@ -543,7 +547,7 @@ class _Rollout:
         """Stop the rollout after wave ``index`` when it must (sets ``stop_reason``)."""
         entries = [self.devices[d] for d in wave]
         tried = [e for e in entries if e.outcome != OFFLINE]
-        if index == 0 and tried and not any(e.answered for e in tried):
+        if index == 0 and tried and all(e.timed_out for e in tried):
             self.stop_reason = (
                 f"no device accepted the deploy command: the canary ({_names(tried)}) did not "
                 f"answer within {self.timeout:g} s. A device drops, without a word, commands it "

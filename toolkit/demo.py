@@ -245,7 +245,7 @@ class _Processes:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env["OMP_NUM_THREADS"] = "1"  # N learners on a few cores: one thread each
         log_path = workdir / "agent.log"
-        log = open(log_path, "ab")  # noqa: SIM115 - closed in stop_agents
+        log = open(log_path, "ab")  # closed in stop_agents
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "edge_agent.cli", "run", *argv],
@@ -255,7 +255,7 @@ class _Processes:
                 env=env,
                 cwd=workdir,
                 start_new_session=True,  # Ctrl-C reaches the demo, which stops them in order
-                preexec_fn=self._arm,  # noqa: PLW1509 - only prctl, looked up beforehand
+                preexec_fn=self._arm,  # calls prctl only
             )
         except BaseException:
             log.close()
@@ -625,7 +625,7 @@ def _plot(runs: Sequence[_Run], path: Path, config: DemoConfig) -> Path:
 
     title = f"{config.model}, {config.nodes} nodes, {config.partition}"
     if len(runs) == 1:
-        return Path(plot_metrics(runs[0].metrics, path, title=f"{title}, {runs[0].merge}"))
+        return Path(plot_metrics(runs[0].metrics, path, title=f"{title}, {runs[0].merge} merging"))
     return _plot_compare(runs, path, title)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ._common import check_out_dir, cli_command, console, err_console, literal, print_json, say
+from ._common import check_out_dir, cli_command, console, err_console, literal, print_json
 
 if TYPE_CHECKING:
     from toolkit.demo import FleetView
@@ -60,11 +60,12 @@ def _summary(report: dict[str, Any]) -> None:
         )
     console.print(table)
     seed = report["seed_model"]
-    say(
+    for line in (
         f"seed model: {seed['images']} labelled digits, {seed['epochs']} epoch(s), test accuracy "
-        f"{seed['accuracy']:.3f}; the whole demo took {report['seconds']:.0f} s"
-    )
-    say(f"report: {literal(report['report'])}  plot: {literal(report['plot'])}")
+        f"{seed['accuracy']:.3f}; the whole demo took {report['seconds']:.0f} s",
+        f"report: {report['report']}  plot: {report['plot']}",
+    ):
+        console.print(literal(line), soft_wrap=True, highlight=False)
 
 
 @cli_command

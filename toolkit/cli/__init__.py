@@ -10,9 +10,14 @@ from . import (
     _fleet,
     bench_cmd,
     broker_cmd,
+    demo_cmd,
     eval_cmd,
     export_cmd,
     fleet_cmd,  # noqa: F401  (each fleet_*_cmd module registers on _fleet.app)
+    fleet_deploy_cmd,  # noqa: F401
+    fleet_device_cmd,  # noqa: F401
+    fleet_keys_cmd,  # noqa: F401
+    fleet_learn_cmd,  # noqa: F401
     info_cmd,
     inspect_cmd,
     models_cmd,
@@ -44,6 +49,7 @@ def _root(
     set_debug(debug)
 
 
+app.command("demo")(demo_cmd.demo)
 app.command("models")(models_cmd.list_models_cmd)
 app.command("ops")(ops_cmd.ops)
 app.command("train")(train_cmd.train)

@@ -669,3 +669,50 @@ def test_states_that_changed_while_the_link_was_down_survive_its_return(make_sit
         "A": expected,
         "B": expected,
     }
+
+
+# ------------------------------------------------------------------------------- docs/brokers.md
+BROKERS_MD = Path(__file__).resolve().parents[1] / "docs" / "brokers.md"
+
+
+def test_brokers_doc_states_the_sizes_the_code_uses():
+    import inspect
+
+    from edge_agent import protocol, transport
+
+    text = BROKERS_MD.read_text()
+    max_payload = inspect.signature(MqttTransport).parameters["max_packet_bytes"].default
+    overhead = transport._PUBLISH_OVERHEAD
+    for number in (
+        protocol.DEFAULT_CHUNK_BYTES,
+        protocol.DEFAULT_CHUNK_BYTES + protocol._CHUNK_OVERHEAD,
+        max_payload,
+        max_payload + overhead,
+        MAX_PACKET,
+    ):
+        assert f"{number:,}" in text, number
+    assert f"+ {protocol._CHUNK_OVERHEAD:,} bytes" in text
+    assert f"at most {overhead} bytes" in text
+    assert max_payload + overhead + 100 < MAX_PACKET  # 1 MiB holds the largest message
+
+
+def test_brokers_doc_emqx_acl_grants_what_the_mosquitto_acl_grants():
+    """The EMQX rules in docs/brokers.md, line for line against ops/mosquitto/bitfleet.acl."""
+    import re
+
+    rules = re.search(r"```erlang\n(.*?)```", BROKERS_MD.read_text(), re.S)
+    assert rules is not None
+    emqx = {
+        action: set(re.findall(r'"([^"]+)"', topics))
+        for action, topics in re.findall(r"\{allow, all, (\w+), \[(.*?)\]\}\.", rules[1], re.S)
+    }
+    mosquitto: dict[str, set[str]] = {"publish": set(), "subscribe": set()}
+    for line in ACL.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["pattern"]:
+            action = {"write": "publish", "read": "subscribe"}[words[1]]
+            mosquitto[action].add(words[2].replace("%u", "${username}"))
+    assert emqx == mosquitto
+    assert '{allow, {username, "laptop"}, all, ["bitfleet/#"]}.' in rules[1]
+    assert "user laptop\ntopic readwrite bitfleet/#" in ACL.read_text()
+    assert rules[1].rstrip().endswith("{deny, all}.")

@@ -160,6 +160,7 @@ def test_an_unhealthy_artifact_stops_at_the_canary(
     assert "health check failed" in " ".join(rows["pi-01"])
     assert rows["pi-02"] == ["pi-02", "1", "skipped"] and rows["pi-03"] == ["pi-03", "1", "skipped"]
     assert "1 failed, 2 skipped" in result.stdout
+    assert "canary (1 failed)" in result.stderr  # its progress bar
     assert "more than the 0 tolerated (--max-failures)" in result.stderr.splitlines()[-1]
     json_run = fleet_cli("deploy", str(unhealthy), "--all", "--canary", "10", "--json", *connection)
     assert json_run.exit_code == 1

@@ -117,6 +117,7 @@ class _Bars:
             console=err_console,
         )
         self.tasks: dict[Any, TaskID] = {}
+        self.labels: dict[Any, str] = {}
         self.failed: dict[Any, int] = {}
         self.started = False
 
@@ -128,27 +129,31 @@ class _Bars:
         if not self.started:
             self.started = True
             self.progress.start()
-        progress, kind = self.progress, event.kind
+        kind = event.kind
         if kind == "waiting":
-            label = f"waiting for {', '.join(event.devices)} to come online"
-            self.tasks["waiting"] = progress.add_task(literal(label), total=None)
+            who = literal(", ".join(event.devices))
+            self._add("waiting", f"waiting for {who} to come online", None)
         elif kind == "wave_started":
             self._close("waiting")
             label = "canary" if event.wave == 0 else f"wave {event.wave}"
-            self.tasks[event.wave] = progress.add_task(label, total=len(event.devices))
+            self._add(event.wave, label, len(event.devices))
         elif kind == "device_done" and event.wave in self.tasks:
-            self._advance(event.wave, event.outcome in ("failed",))
+            self._advance(event.wave, event.outcome == "failed")
         elif kind == "rolling_back":
-            self.tasks["rollback"] = progress.add_task("rolling back", total=len(event.devices))
+            self._add("rollback", "rolling back", len(event.devices))
         elif kind == "device_rolled_back":
             self._advance("rollback", event.outcome == "failed")
+
+    def _add(self, key: Any, label: str, total: int | None) -> None:
+        self.labels[key] = label
+        self.tasks[key] = self.progress.add_task(label, total=total)
 
     def _advance(self, key: Any, failed: bool) -> None:
         task = self.tasks[key]
         if failed:
             self.failed[key] = self.failed.get(key, 0) + 1
-            label = str(self.progress.tasks[task].description).split(" [red]")[0]
-            self.progress.update(task, description=f"{label} [red]({self.failed[key]} failed)[/]")
+            label = f"{self.labels[key]} [red]({self.failed[key]} failed)[/]"
+            self.progress.update(task, description=label)
         self.progress.advance(task)
 
     def _close(self, key: Any) -> None:

@@ -7,6 +7,7 @@ The end-to-end test runs the whole demo small (3 nodes, 3 rounds); the others st
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,6 @@ def test_sigint_while_the_fleet_learns_stops_every_process(tmp_path):
     """Ctrl-C in a terminal: SIGINT to the demo alone (its agents run in their own sessions)."""
     import signal
     import subprocess
-    import sys
     import time
 
     command = [sys.executable, "-m", "toolkit.cli", "demo", "--nodes", "2", "--rounds", "500"]
@@ -195,3 +195,12 @@ def test_sigint_while_the_fleet_learns_stops_every_process(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert all(_gone(pid) for pid in started)
+
+
+def test_without_the_embedded_broker_it_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "amqtt", None)  # as if the train extra were left out
+    out = tmp_path / "d"
+    result = _demo("--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert "pip install 'bitfleet[train]'" in _one_line(result.stderr)
+    assert not out.exists()

@@ -68,7 +68,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from bitfleet.errors import BitfleetError
+from bitfleet.errors import BitfleetError, require
 from bitfleet.fsutil import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
@@ -686,7 +686,9 @@ def run_demo(
 
     say = status or (lambda message: None)
     view = watch or _no_view
-    models.model_entry(config.model)  # an unknown name fails here, before anything starts
+    # what could stop the demo half-way fails here, before anything starts
+    require("amqtt", "train", "bitfleet demo's embedded broker")
+    models.model_entry(config.model)
     parse_partition(config.partition)
     if config.out.exists() and not config.out.is_dir():
         raise NotADirectoryError(f"--out {config.out} is a file, not a folder; choose another")

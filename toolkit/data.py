@@ -14,6 +14,11 @@ Readers, all behind one door, :func:`load_dataset`:
     ImageNet-style stems of Bi-Real and SoFAr accept. The train/test split is fixed (stratified
     75/25 with ``random_state=0``: 1,347 / 450), so every run and every fleet node sees the same
     test set.
+``digits-hard[:n]``
+    Harder 32x32 RGB images generated from the same digits (warps, colour, texture, clutter;
+    train and test from disjoint source digits), cached on disk: see :mod:`toolkit.digits_hard`.
+    ``digits-hard:20000`` asks for 20,000 training images, ``digits-hard:n=5000,seed=1`` for
+    another draw; the test set has 2,000 images whatever ``n`` is.
 ``cifar10``
     The CIFAR-10 *binary* distribution (``cifar-10-binary.tar.gz``). The pickled "python"
     version is refused on purpose: unpickling a downloaded file can run arbitrary code.
@@ -143,6 +148,11 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
             "10 classes, no download",
             needs_root=False,
         ),
+        "digits-hard": DatasetInfo(
+            "32x32 RGB digits generated from the bundled ones (warps, colour, texture, clutter): "
+            "10,000 train (digits-hard:<n> for n) / 2,000 test from disjoint source digits",
+            needs_root=False,
+        ),
         "imagefolder": DatasetInfo(
             "any folder of images, one subfolder per class (torchvision ImageFolder layout)",
             needs_root=True,
@@ -189,7 +199,7 @@ def load_dataset(
     Raises:
         DatasetError: unknown name or split, bad arguments, missing or malformed files.
     """
-    key = str(name).strip().lower()
+    key, _, options = str(name).strip().lower().partition(":")
     if key not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
     if split not in SPLITS:
@@ -215,7 +225,7 @@ def load_dataset(
         if not root_path.is_dir():
             raise DatasetError(f"root {root_path} is not a folder; expected: {info.layout}")
 
-    loader = _LOADERS[key]
+    loader = _reader(key, options.strip())
     train_x, train_y, classes = loader(root_path, "train", channels, image_size)
     mean, std = _channel_stats(train_x)
     if split == "train":
@@ -342,6 +352,17 @@ def _load_digits(
     if factor > 1:
         x = np.repeat(np.repeat(x, factor, axis=2), factor, axis=3)
     return _convert_channels(x, channels), labels[idx], tuple(str(k) for k in range(10))
+
+
+def _reader(key: str, options: str) -> _Loader:
+    """The loader for ``key``; ``digits-hard`` alone takes options after a colon."""
+    if key == "digits-hard":
+        from .digits_hard import make_loader
+
+        return make_loader(options)
+    if options:
+        raise DatasetError(f"dataset {key!r} takes no options after ':'; use plain {key!r}")
+    return _LOADERS[key]
 
 
 # --------------------------------------------------------------------------- CIFAR-10

@@ -210,7 +210,7 @@ def test_a_bad_image_is_named_and_nothing_is_sent(
         (text, "cannot read image {}"),
         (wide, "{} holds a float32 array of shape (3, 32, 32)"),
         (pickled, "cannot read {} as a numpy array"),
-        (tmp_path, "image {} does not exist (a folder)"),
+        (tmp_path, "{} is a folder; name the image files in it"),
     ]
     for bad, message in cases:
         result = _fleet("infer", "pi-01", str(paths[0]), str(bad), *flags)

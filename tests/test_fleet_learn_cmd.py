@@ -90,8 +90,13 @@ def test_the_table_shows_every_kth_round_of_a_long_run_and_always_the_last():
     table = metrics_table(metrics)
     assert table is not None and table.row_count <= 20
     assert [c.header for c in table.columns] == ["round", "a", "b", "mean"]
-    assert "every 4th round of 60" in str(table.caption)
+    assert "rounds in steps of 4 (of 60" in str(table.caption)
     assert metrics_table({"devices": {"a": []}, "mean": []}) is None
+    # a device that never learned gets no column, and the caption names it
+    per_device["idle"] = []
+    table = metrics_table({"devices": per_device})
+    assert table is not None and [c.header for c in table.columns] == ["round", "a", "b", "mean"]
+    assert "no rounds yet: idle" in str(table.caption) and "(n)" not in str(table.caption)
 
 
 def test_parse_ids_takes_a_comma_list_and_names_a_bad_one():

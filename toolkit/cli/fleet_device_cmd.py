@@ -149,8 +149,10 @@ class ModelInput:
 
 def load_image(path: Path) -> Any:
     """Read ``path``: a loaded PIL image, or a numpy array for ``.npy`` (ValueError naming it)."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name the image files in it (e.g. {path}/*.png)")
     if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist" + (" (a folder)" * path.is_dir()))
+        raise FileNotFoundError(f"image {path} does not exist")
     if path.suffix.lower() == ".npy":
         try:
             return np.load(path, allow_pickle=False)

@@ -85,12 +85,12 @@ def _settings_text(values: Any) -> str:
     return ", ".join(f"{k} {values[k]}" for k in keys if k in values)
 
 
-def _outcome_table(rows: list[dict[str, Any]], title: str, detail: Any) -> Table:
+def _outcome_table(rows: list[dict[str, Any]], title: str, detail: Any, header: str) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("device", no_wrap=True)
     table.add_column("outcome", no_wrap=True)
     table.add_column("round", justify="right")
-    table.add_column("settings / error")
+    table.add_column(header)
     for row in rows:
         if row["ok"]:
             outcome, text = detail(row)
@@ -189,7 +189,10 @@ def learn_start(
     }
     rows = _send(ctx, "learn.start", overrides, to, everyone, timeout, (broker, fleet, key_file))
     table = _outcome_table(
-        rows, "learn start", lambda row: ("learning", _settings_text(row.get("settings")))
+        rows,
+        "learn start",
+        lambda row: ("learning", _settings_text(row.get("settings"))),
+        "settings / error",
     )
     _finish(rows, as_json, table)
 
@@ -218,6 +221,7 @@ def learn_stop(
         rows,
         "learn stop",
         lambda row: ("stopped" if row.get("stopped") else "was not learning", ""),
+        "error",
     )
     _finish(rows, as_json, table)
 
@@ -239,10 +243,12 @@ def metrics_table(metrics: Mapping[str, Any], max_rows: int = _MAX_ROWS) -> Tabl
     from toolkit.fleet_metrics import mean_by_round
 
     per_device: Mapping[str, Any] = metrics.get("devices") or {}
-    by_device = {
+    # round -> accuracy per device, a repeated round's latest entry winning (as in the mean)
+    reported = {
         device: {e["round"]: e["accuracy"] for e in entries if e.get("accuracy") is not None}
         for device, entries in sorted(per_device.items())
     }
+    by_device = {device: rounds for device, rounds in reported.items() if rounds}
     mean = {m["round"]: m for m in (metrics.get("mean") or mean_by_round(per_device))}
     if not mean:
         return None
@@ -266,11 +272,15 @@ def metrics_table(metrics: Mapping[str, Any], max_rows: int = _MAX_ROWS) -> Tabl
         table.add_row(str(r), *cells, f"{m['accuracy']:.3f}{devices}")
     notes = []
     if step > 1:
-        notes.append(f"every {step}th round of {len(mean)}; --json has them all")
+        notes.append(f"rounds in steps of {step} (of {len(mean)}; --json has them all)")
     if any(m["devices"] != len(by_device) for m in mean.values()):
         notes.append("(n): the mean of the n devices that reported that round")
+    idle = [device for device, rounds in reported.items() if not rounds]
+    if idle:
+        notes.append(f"no rounds yet: {', '.join(idle)}")
     if notes:
-        table.caption = "; ".join(notes)
+        table.caption = literal("\n".join(notes))
+        table.min_width = max(len(note) for note in notes)  # a narrow table: no wrapped notes
     return table
 
 

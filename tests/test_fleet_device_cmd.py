@@ -301,3 +301,30 @@ def test_bad_targets_are_one_line(
     result = _fleet(command, "pi-01", *extra, *_flags(url, key_file))
     assert time.monotonic() - started < 10
     assert result.exit_code == 1 and url in _one_line(result.output)
+
+
+def test_an_agent_that_predates_these_commands_is_named(
+    mosquitto, agents, key_file, artifact, tmp_path, images, monkeypatch
+):
+    """An older agent answers logs/metrics with "unknown command" and no manifest in status."""
+    from edge_agent.commands import Handler
+
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path / "s", artifact=str(artifact)))
+    handlers = agent.commands._handlers
+    old_status = handlers["status"]
+    monkeypatch.delitem(handlers, "logs")
+    monkeypatch.delitem(handlers, "metrics")
+    flags = _flags(mosquitto.url, key_file)
+    result = _fleet("logs", "pi-01", *flags)
+    assert result.exit_code == 1
+    assert "pi-01 refused logs: unknown command 'logs'" in _one_line(result.output)
+    result = _fleet("metrics", "--json", *flags)
+    assert result.exit_code == 1
+    assert "unknown command 'metrics'" in json.loads(result.stdout)["errors"]["pi-01"]
+
+    without = {k: v for k, v in old_status.run({}).items() if k != "manifest"}
+    monkeypatch.setitem(handlers, "status", Handler(lambda args: without))
+    result = _fleet("infer", "pi-01", str(images[0][0]), *flags)
+    assert result.exit_code == 1
+    line = _one_line(result.output)
+    assert "does not say what input its model takes" in line and "update it" in line

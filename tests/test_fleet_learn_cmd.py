@@ -233,7 +233,8 @@ def test_learn_start_reports_each_device_that_cannot_learn(
     assert result.exit_code == 1
     (row,) = json.loads(result.stdout)
     assert row["device"] == "pi-00" and not row["ok"] and "data_dir" in row["error"]
-    table = _fleet("learn", "start", "--to", "pi-00", *flags)
+    # the connection flags may come after `fleet` too, above the learn sub-command
+    table = _fleet(*flags, "learn", "start", "--to", "pi-00")
     assert table.exit_code == 1 and "failed" in table.stdout and "data_dir" in table.stdout
     # metrics of a device that never learned: no rounds, no error
     result = _fleet("metrics", "--json", *flags)

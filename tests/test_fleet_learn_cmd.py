@@ -23,7 +23,7 @@ from edge_agent.protocol import ONLINE, FrameKind, seal_json, state_body
 from toolkit.cli import app
 from toolkit.cli.fleet_learn_cmd import metrics_table, shown_rounds
 from toolkit.data import load_dataset
-from toolkit.fleet_metrics import mean_by_round, parse_ids, plot_metrics
+from toolkit.fleet_metrics import draw_metrics, mean_by_round, parse_ids, plot_metrics
 from toolkit.partition import partition
 
 IDS = ("pi-00", "pi-01", "pi-02")
@@ -118,6 +118,17 @@ def test_plot_writes_a_png_atomically_and_refuses_nothing_to_plot(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 300
     assert [p.name for p in path.parent.iterdir()] == ["fleet.png"]  # no temp file left
+    # what is drawn: a line per device (its latest entry per round) and the thick mean
+    from matplotlib.figure import Figure
+
+    axes = Figure().add_subplot()
+    again = {"a": [*per_device["a"], {"round": 4, "accuracy": 0.05}], "b": per_device["b"]}
+    assert draw_metrics(axes, {"devices": again}) == 2
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert list(lines) == ["a", "b", "fleet mean"]
+    assert list(lines["a"].get_ydata()) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.05])
+    assert lines["fleet mean"].get_linewidth() > lines["a"].get_linewidth()
+    assert list(lines["fleet mean"].get_xdata()) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_metrics({"devices": {"a": []}}, tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "collect_metrics",
+    "draw_metrics",
     "key_trouble",
     "mean_by_round",
     "parse_ids",
@@ -255,30 +256,61 @@ def mean_by_round(per_device: Mapping[str, Iterable[Mapping[str, Any]]]) -> list
     ]
 
 
+def _curves(metrics: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Device -> its (round, accuracy) points, a repeated round's latest entry winning."""
+    per_device: Mapping[str, Any] = metrics.get("devices") or {}
+    curves = {d: sorted(_latest_per_round(e).items()) for d, e in sorted(per_device.items())}
+    return {d: points for d, points in curves.items() if points}
+
+
+def draw_metrics(axes: Any, metrics: Mapping[str, Any], title: str | None = None) -> int:
+    """Draw ``metrics`` on a matplotlib ``axes``: a thin line per device, a thick fleet mean.
+
+    The drawing of :func:`plot_metrics`, for a figure of several panels (one per run, say).
+    ``metrics`` is what :func:`collect_metrics` returns (its ``mean`` is recomputed when
+    absent). Returns how many devices have a curve (0: only the empty axes are drawn).
+    """
+    curves = _curves(metrics)
+    mean = metrics.get("mean")
+    if not isinstance(mean, list):
+        mean = mean_by_round(metrics.get("devices") or {})
+    for device, points in curves.items():
+        rounds, accuracies = zip(*points, strict=True)
+        axes.plot(rounds, accuracies, linewidth=1, alpha=0.7, label=device)
+    if mean:
+        axes.plot(
+            [m["round"] for m in mean],
+            [m["accuracy"] for m in mean],
+            linewidth=3,
+            color="black",
+            label="fleet mean",
+        )
+    axes.set(xlabel="round", ylabel="accuracy on local test data", ylim=(0, 1))
+    axes.set_title(title or f"fleet accuracy over rounds ({len(curves)} devices)")
+    axes.grid(alpha=0.3)
+    if curves:
+        axes.legend(fontsize="small", ncol=1 + len(curves) // 12)
+    return len(curves)
+
+
 def plot_metrics(
     metrics: Mapping[str, Any], path: str | os.PathLike[str], title: str | None = None
 ) -> Path:
     """Accuracy over rounds as a PNG: a thin line per device, a thick one for the fleet mean.
 
     ``metrics`` is what :func:`collect_metrics` returns (its ``mean`` is recomputed when
-    absent). The file is written atomically (a temporary sibling renamed over ``path``).
-    Raises ValueError when no device has reported a round with an accuracy, and for a
-    ``path`` that is a folder.
+    absent); :func:`draw_metrics` draws it. The file is written atomically (a temporary
+    sibling renamed over ``path``). Raises ValueError when no device has reported a round with
+    an accuracy, and for a ``path`` that is a folder.
     """
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"{target} is a folder; name the PNG file to write, e.g. fleet.png")
-    per_device: Mapping[str, Any] = metrics.get("devices") or {}
-    curves = {d: sorted(_latest_per_round(e).items()) for d, e in sorted(per_device.items())}
-    curves = {d: points for d, points in curves.items() if points}
-    if not curves:
+    if not _curves(metrics):
         raise ValueError(
             "nothing to plot: no device has reported a learning round yet "
             "(start learning with bitfleet fleet learn start)"
         )
-    mean = metrics.get("mean")
-    if not isinstance(mean, list):
-        mean = mean_by_round(per_device)
     require("matplotlib", "train", "plotting the fleet's metrics")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -286,21 +318,7 @@ def plot_metrics(
     # a Figure with its own Agg canvas: no pyplot, so no global backend or figure registry
     figure = Figure(figsize=(7, 4.2))
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for device, points in curves.items():
-        rounds, accuracies = zip(*points, strict=True)
-        axes.plot(rounds, accuracies, linewidth=1, alpha=0.7, label=device)
-    axes.plot(
-        [m["round"] for m in mean],
-        [m["accuracy"] for m in mean],
-        linewidth=3,
-        color="black",
-        label="fleet mean",
-    )
-    axes.set(xlabel="round", ylabel="accuracy on local test data", ylim=(0, 1))
-    axes.set_title(title or f"fleet accuracy over rounds ({len(curves)} devices)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", ncol=1 + len(curves) // 12)
+    draw_metrics(figure.add_subplot(), metrics, title)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

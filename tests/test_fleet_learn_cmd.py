@@ -97,6 +97,14 @@ def test_the_table_shows_every_kth_round_of_a_long_run_and_always_the_last():
     table = metrics_table({"devices": per_device})
     assert table is not None and [c.header for c in table.columns] == ["round", "a", "b", "mean"]
     assert "no rounds yet: idle" in str(table.caption) and "(n)" not in str(table.caption)
+    # too many devices for the terminal: the fleet's lowest, mean and highest per round
+    many = {f"device-{i:02d}": [{"round": 0, "accuracy": i / 20}] for i in range(20)}
+    table = metrics_table({"devices": many}, width=100)
+    assert table is not None
+    assert [c.header for c in table.columns] == ["round", "lowest", "mean", "highest", "devices"]
+    assert [next(iter(c.cells)) for c in table.columns] == ["0", "0.000", "0.475", "0.950", "20"]
+    assert "20 devices: too many columns" in str(table.caption)
+    assert len(metrics_table({"devices": many}).columns) == 22  # no width: every device
 
 
 def test_parse_ids_takes_a_comma_list_and_names_a_bad_one():

@@ -238,8 +238,14 @@ def shown_rounds(rounds: list[int], max_rows: int = _MAX_ROWS) -> tuple[list[int
     return picked, step
 
 
-def metrics_table(metrics: Mapping[str, Any], max_rows: int = _MAX_ROWS) -> Table | None:
-    """Rounds as rows, one column per device and one for the fleet mean (None: no rounds)."""
+def metrics_table(
+    metrics: Mapping[str, Any], max_rows: int = _MAX_ROWS, width: int | None = None
+) -> Table | None:
+    """Rounds as rows, one column per device and one for the fleet mean (None: no rounds).
+
+    When a column per device would not fit ``width`` characters, the columns are the fleet's
+    lowest, mean and highest accuracy and how many devices reported the round instead.
+    """
     from toolkit.fleet_metrics import mean_by_round
 
     per_device: Mapping[str, Any] = metrics.get("devices") or {}
@@ -260,20 +266,40 @@ def metrics_table(metrics: Mapping[str, Any], max_rows: int = _MAX_ROWS) -> Tabl
         collapse_padding=True,
     )
     table.add_column("round", justify="right", no_wrap=True)
-    for device in by_device:
-        table.add_column(literal(device), justify="right", no_wrap=True)
-    table.add_column("mean", justify="right", no_wrap=True, style="bold")
-    for r in rounds:
-        cells = [
-            "-" if by_device[d].get(r) is None else f"{by_device[d][r]:.3f}" for d in by_device
-        ]
-        m = mean[r]
-        devices = "" if m["devices"] == len(by_device) else f" ({m['devices']})"
-        table.add_row(str(r), *cells, f"{m['accuracy']:.3f}{devices}")
+    needed = 20 + sum(max(len(device), 5) + 2 for device in by_device)
+    wide = width is None or needed <= width
     notes = []
+    if wide:
+        for device in by_device:
+            table.add_column(literal(device), justify="right", no_wrap=True)
+        table.add_column("mean", justify="right", no_wrap=True, style="bold")
+    else:
+        for column in ("lowest", "mean", "highest", "devices"):
+            style = "bold" if column == "mean" else None
+            table.add_column(column, justify="right", no_wrap=True, style=style)
+        notes.append(
+            f"{len(by_device)} devices: too many columns for this terminal; --to picks "
+            "devices, --json has them all"
+        )
+    for r in rounds:
+        m = mean[r]
+        values = [by_device[d].get(r) for d in by_device]
+        if wide:
+            cells = ["-" if v is None else f"{v:.3f}" for v in values]
+            devices = "" if m["devices"] == len(by_device) else f" ({m['devices']})"
+            table.add_row(str(r), *cells, f"{m['accuracy']:.3f}{devices}")
+        else:
+            present = [v for v in values if v is not None]
+            table.add_row(
+                str(r),
+                f"{min(present):.3f}",
+                f"{m['accuracy']:.3f}",
+                f"{max(present):.3f}",
+                str(m["devices"]),
+            )
     if step > 1:
         notes.append(f"rounds in steps of {step} (of {len(mean)}; --json has them all)")
-    if any(m["devices"] != len(by_device) for m in mean.values()):
+    if wide and any(m["devices"] != len(by_device) for m in mean.values()):
         notes.append("(n): the mean of the n devices that reported that round")
     idle = [device for device, rounds in reported.items() if not rounds]
     if idle:
@@ -329,7 +355,7 @@ def metrics(
     if as_json:
         print_json(collected)
     else:
-        table = metrics_table(collected)
+        table = metrics_table(collected, width=console.width)
         if table is None:
             who = ", ".join(collected["devices"]) or "no device"
             say(

@@ -58,15 +58,23 @@ def key_name(config: FleetSettings) -> str:
     return f"the key {config.key_file} (from {config.sources.get('key_file', '?')})"
 
 
-def _targets(
-    client: FleetClient, config: FleetSettings, to: str | None, everyone: bool
-) -> list[str]:
-    from toolkit.fleet_metrics import parse_ids, pick_devices
+def _chosen(to: str | None, everyone: bool) -> list[str] | None:
+    """The ids ``--to`` names (None: ``--all``), checked before anything connects."""
+    from toolkit.fleet_metrics import parse_ids
 
     if to is not None and everyone:
         raise typer.BadParameter("pass --to ID[,ID] or --all, not both")
-    ids = parse_ids(to) if to is not None else None
-    return pick_devices(client, ids, everyone=everyone, key=key_name(config))
+    if to is None and not everyone:
+        raise typer.BadParameter(
+            "name the devices with --to ID[,ID] or pick every online one with --all"
+        )
+    return parse_ids(to) if to is not None else None
+
+
+def _targets(client: FleetClient, config: FleetSettings, ids: list[str] | None) -> list[str]:
+    from toolkit.fleet_metrics import pick_devices
+
+    return pick_devices(client, ids, everyone=ids is None, key=key_name(config))
 
 
 # ---------------------------------------------------------------------------- learn start
@@ -118,10 +126,11 @@ def _send(
 ) -> list[dict[str, Any]]:
     from toolkit.fleet_metrics import send_all
 
+    ids = _chosen(to, everyone)
     config = settings(ctx, *conn)
     client = connect(config)
     try:
-        devices = _targets(client, config, to, everyone)
+        devices = _targets(client, config, ids)
         with err_console.status(f"{command} on {len(devices)} device(s)..."):
             results, errors = send_all(client, devices, command, args, timeout=timeout)
     finally:
@@ -175,6 +184,8 @@ def learn_start(
     key_file: KeyFileOpt = None,
 ) -> None:
     """Start gossip learning on devices (--to or --all); unset settings stay the device's own."""
+    from edge_agent.protocol import Command
+
     if merge is not None and merge not in ("vc", "avg"):
         raise typer.BadParameter(f"--merge must be vc or avg, got {merge!r}")
     overrides = {
@@ -187,7 +198,9 @@ def learn_start(
         )
         if value is not None
     }
-    rows = _send(ctx, "learn.start", overrides, to, everyone, timeout, (broker, fleet, key_file))
+    rows = _send(
+        ctx, Command.LEARN_START, overrides, to, everyone, timeout, (broker, fleet, key_file)
+    )
     table = _outcome_table(
         rows,
         "learn start",
@@ -216,7 +229,9 @@ def learn_stop(
     key_file: KeyFileOpt = None,
 ) -> None:
     """Stop gossip learning on devices (--to or --all) after the round in progress."""
-    rows = _send(ctx, "learn.stop", {}, to, everyone, timeout, (broker, fleet, key_file))
+    from edge_agent.protocol import Command
+
+    rows = _send(ctx, Command.LEARN_STOP, {}, to, everyone, timeout, (broker, fleet, key_file))
     table = _outcome_table(
         rows,
         "learn stop",
@@ -343,10 +358,11 @@ def metrics(
 
     if plot is not None and plot.is_dir():
         raise ValueError(f"--plot {plot} is a folder; name the PNG file to write, e.g. fleet.png")
+    ids = _chosen(to, everyone or to is None)
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
     try:
-        devices = _targets(client, config, to, everyone or to is None)
+        devices = _targets(client, config, ids)
         with err_console.status(f"asking {len(devices)} device(s) for their metrics..."):
             collected = collect_metrics(client, devices, timeout=timeout)
     finally:

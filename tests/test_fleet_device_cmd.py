@@ -328,3 +328,20 @@ def test_an_agent_that_predates_these_commands_is_named(
     assert result.exit_code == 1
     line = _one_line(result.output)
     assert "does not say what input its model takes" in line and "update it" in line
+
+
+def test_infer_warns_when_the_model_changes_during_the_request(
+    mosquitto, agents, key_file, artifact, tmp_path, images, monkeypatch
+):
+    from edge_agent.commands import Handler
+
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path / "s", artifact=str(artifact)))
+    handlers = agent.commands._handlers
+    old_status = handlers["status"]  # reports version 0: a deploy lands before the batch does
+    monkeypatch.setitem(
+        handlers, "status", Handler(lambda args: {**old_status.run(args), "version": "0"})
+    )
+    result = _fleet("infer", "pi-01", str(images[0][0]), "--json", *_flags(mosquitto.url, key_file))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["version"] == "1"
+    assert "pi-01 switched to digits 1 during the request" in result.stderr

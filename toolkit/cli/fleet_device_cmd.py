@@ -29,7 +29,7 @@ from rich.table import Table
 
 from bitfleet.errors import require
 
-from ._common import cli_command, console, literal, number, print_json, say
+from ._common import cli_command, console, err_console, literal, number, print_json, say
 from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
 from .fleet_learn_cmd import key_name
 
@@ -50,10 +50,8 @@ def _timeout_opt(what: str) -> Any:
 
 
 def _one_device(client: FleetClient, config: FleetSettings, device: str) -> str:
-    from edge_agent.protocol import validate_name
     from toolkit.fleet_metrics import pick_devices
 
-    validate_name(device, "device id")
     return pick_devices(client, [device], key=key_name(config))[0]
 
 
@@ -85,9 +83,10 @@ def logs(
     key_file: KeyFileOpt = None,
 ) -> None:
     """A device's latest log lines, oldest first (what its agent logs at INFO and above)."""
-    from edge_agent.protocol import Command
+    from edge_agent.protocol import Command, validate_name
     from toolkit.fleet import FleetError
 
+    validate_name(device, "device id")  # before the broker is tried
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
     try:
@@ -271,8 +270,10 @@ def infer(
     key_file: KeyFileOpt = None,
 ) -> None:
     """Classify images on a device with the model it serves: top-1 label, probability, latency."""
+    from edge_agent.protocol import validate_name
     from toolkit.fleet import FleetError
 
+    validate_name(device, "device id")  # before the broker is tried
     raw = [(path, load_image(path)) for path in images]  # a bad file stops before any sending
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
@@ -289,6 +290,15 @@ def infer(
     if not reply.get("ok"):
         raise FleetError(f"{target} could not run the batch: {reply.get('error')}")
     result = reply.get("result") or {}
+    served = (result.get("model"), result.get("version"))
+    if served != (manifest.get("model"), manifest.get("version")):
+        err_console.print(
+            f"[yellow]warning:[/] {literal(target)} switched to {literal(served[0])} "
+            f"{literal(served[1])} during the request; the images were converted, and are "
+            f"labelled, as {literal(manifest.get('model'))} {literal(manifest.get('version'))} "
+            "takes them",
+            soft_wrap=True,
+        )
     logits = np.asarray(result.get("logits"), dtype=np.float64)
     if logits.ndim != 2 or len(logits) != len(raw):
         raise FleetError(f"{target} answered {logits.shape} logits for {len(raw)} images")

@@ -134,6 +134,7 @@ class Agent:
         self.learning_loop: LearningLoop = LearningLoop(
             ctx,
             spec=self.serving.spec,
+            start_point=self.serving.learning_start,
             peers=self.presence.online_peers,
             announce=self.presence.announce,
             stopping=self.stopping,

@@ -114,8 +114,11 @@ class Learner:
         settings: LearnSettings,
         store: StateStore,
         device: str,
+        origin: str | None = None,
+        initial: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.settings = settings
+        self.origin = origin
         self.store = store
         self.device = device
         self.data = data
@@ -125,12 +128,24 @@ class Learner:
         torch.manual_seed(_device_seed(device))
         self.model = models.build(dict(spec))
         checkpoint = store.load_checkpoint()
+        resumed = False
         if checkpoint is not None:
             tensors, meta = checkpoint
-            if meta.get("model") == self.model_name and self._fits(tensors):
+            # a checkpoint learned from another deployed artifact is stale: a new model
+            # restarts learning (checkpoints written before origins were recorded resume)
+            same_origin = meta.get("origin") in (None, origin)
+            if meta.get("model") == self.model_name and same_origin and self._fits(tensors):
                 training.load_numpy_state(self.model, tensors)
                 self.round = int(meta.get("round", 0))
                 self.metrics = dict(meta.get("metrics", {}))
+                resumed = True
+        if not resumed and initial is not None:
+            if not self._fits(initial):
+                raise DataError(
+                    f"the deployed artifact's weights do not fit its network spec "
+                    f"({self.model_name}); export it again with its weights"
+                )
+            training.load_numpy_state(self.model, initial)
         self._check_data()
         self.optimizer = training.make_optimizer(self.model, settings.optimizer, settings.lr, 0.0)
         self.expected = {k: (v.shape, v.dtype) for k, v in self.state().items()}
@@ -235,6 +250,7 @@ class Learner:
             {
                 "round": self.round,
                 "model": self.model_name,
+                "origin": self.origin,
                 "metrics": self.metrics,
                 "saved_at": time.time(),
             },

@@ -24,6 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from bitfleet.errors import BitfleetError, require
 from edge_agent.commands import CommandError
 from edge_agent.config import ConfigError
@@ -100,6 +102,10 @@ class LearningLoop:
         ctx: the agent's shared pieces (settings ``learning``, ``data_dir``, ``chunk_bytes``;
             the state directory, where the learner checkpoints).
         spec: the network spec of the served model (``None``: nothing to learn).
+        start_point: the served artifact's digest and float weights (see
+            :meth:`edge_agent.serving.ModelServer.learning_start`): learning starts from those
+            weights, or from the network's seeded initialisation when the artifact has none,
+            unless a checkpoint learned from the same artifact is there to resume.
         peers: ``peers(learning_only)``: the online peers.
         announce: re-publishes this device's state (learning on or off).
         stopping: set when the agent shuts down.
@@ -110,12 +116,14 @@ class LearningLoop:
         ctx: AgentContext,
         *,
         spec: Callable[[], dict[str, Any] | None],
+        start_point: Callable[[], tuple[str, dict[str, np.ndarray] | None] | None],
         peers: Callable[[bool], list[str]],
         announce: Callable[[], None],
         stopping: threading.Event,
     ) -> None:
         self.ctx = ctx
         self._spec = spec
+        self._start_point = start_point
         self._peers = peers
         self._announce = announce
         self._stopping = stopping
@@ -152,7 +160,10 @@ class LearningLoop:
         from edge_agent.learner import Learner, load_local_data
 
         data = load_local_data(config.data_dir)
-        learner = Learner(spec, data, settings, self.ctx.store, self.ctx.device)
+        origin, weights = self._start_point() or (None, None)
+        learner = Learner(
+            spec, data, settings, self.ctx.store, self.ctx.device, origin=origin, initial=weights
+        )
         self.learner = learner
         self.rounds.append(_round_record(learner.round, learner.initial_accuracy, None, False))
         self._stop.clear()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file as safetensors_load
 
 from bitfleet.errors import BitfleetError
 from edge_agent.config import AgentConfig
@@ -145,6 +146,27 @@ class ModelServer:
         """The network spec in the served artifact's manifest (needed to learn), if any."""
         ref = self._artifact
         return _manifest_spec(ref.path) if ref is not None else None
+
+    def learning_start(self) -> tuple[str, dict[str, np.ndarray] | None] | None:
+        """Where on-device learning of the served model starts: its digest and float weights.
+
+        The weights are the artifact's ``weights_file`` (exported with ``weights=True``;
+        verified with the rest at install), or ``None`` when it carries none. ``None`` overall
+        before the first deploy.
+        """
+        ref = self._artifact
+        if ref is None:
+            return None
+        name = _manifest(ref.path).get("weights_file")
+        if not isinstance(name, str) or not name:
+            return ref.sha256, None
+        path = ref.path / Path(name).name
+        try:
+            return ref.sha256, dict(safetensors_load(path))
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types
+            raise ArtifactError(
+                f"the weights of {ref.name} {ref.version} ({path.name}) are unreadable: {err}"
+            ) from None
 
     def model_card(self) -> dict[str, Any] | None:
         """What a client needs to prepare inputs: the manifest's ``input`` and ``labels``."""

@@ -26,6 +26,7 @@ from .conventions import FORMATS
 __all__ = [
     "ARTIFACT_FORMAT",
     "MANIFEST_FILE",
+    "WEIGHTS_FILE",
     "ArtifactError",
     "write_artifact",
     "open_artifact",
@@ -35,6 +36,8 @@ __all__ = [
 
 ARTIFACT_FORMAT = "bitfleet-artifact/1"
 MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+"""The float training state an artifact may carry for on-device learning (``weights_file``)."""
 KNOWN_FORMATS = FORMATS  # the formats the writer produces, named once in exporters.conventions
 
 

@@ -1,8 +1,13 @@
 """``export(model_or_checkpoint, out_dir, format=...)``: a trained network as an artifact.
 
 The artifact is a directory with ``model.onnx`` and ``manifest.json`` (see
-:mod:`exporters.artifact`). When given a checkpoint (a run directory), the input shape,
-labels and normalisation come from its training metadata; for a bare module, pass them.
+:mod:`exporters.artifact`), and with ``weights=True`` also ``weights.safetensors``: the network's
+float training state (latent weights, batch-norm statistics), from which a device's on-device
+learning starts. A packed artifact alone cannot give it back: binarising keeps only signs and
+scales. It costs a float copy of the model (4 bytes a parameter), so it is off by default.
+
+When given a checkpoint (a run directory), the input shape, labels and normalisation come from
+its training metadata; for a bare module, pass them.
 
 An ``input_shape`` must agree with what the network records: its channels always, its height
 and width unless ``allow_resize=True`` and the network takes any size, which the spec tells: a
@@ -17,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.numpy import save as safetensors_save
 from torch import nn
 
 import bitfleet
 import models
+from models import training
 from models.checkpoint import load as load_checkpoint
 
-from .artifact import MANIFEST_FILE, write_artifact
+from .artifact import MANIFEST_FILE, WEIGHTS_FILE, write_artifact
 from .conventions import CUSTOM_DOMAIN, FORMAT_FAST, FORMATS
 from .onnx_writer import OPSET, ExportError, to_onnx
 
@@ -42,8 +49,12 @@ def export(
     normalisation: dict[str, list[float]] | None = None,
     overwrite: bool = False,
     allow_resize: bool = False,
+    weights: bool = False,
 ) -> Path:
     """Export a model or checkpoint to an artifact directory; return its path.
+
+    ``weights=True`` adds the float training state as ``weights.safetensors`` (see the module's
+    doc), named by the manifest's ``weights_file``.
 
     Raises :class:`ExportError` for an ``input_shape`` the network cannot take or does not
     record (see the module's doc), and for an ``out_dir`` that is the checkpoint itself, holds
@@ -97,9 +108,11 @@ def export(
         "training": {k: meta[k] for k in ("dataset", "epoch", "metrics") if k in meta},
         "toolkit_version": bitfleet.version(),
     }
-    return write_artifact(
-        out_dir, {"model.onnx": proto.SerializeToString()}, manifest, overwrite=overwrite
-    )
+    files = {"model.onnx": proto.SerializeToString()}
+    if weights:
+        files[WEIGHTS_FILE] = safetensors_save(training.state_to_numpy(model))
+        manifest["weights_file"] = WEIGHTS_FILE
+    return write_artifact(out_dir, files, manifest, overwrite=overwrite)
 
 
 def _checked_shape(

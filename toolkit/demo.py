@@ -7,10 +7,10 @@ only the devices are processes on the laptop instead of Raspberry Pis. Its steps
 
 1. Start the embedded broker (amqtt, a child process) on a free loopback port.
 2. Make a fleet key, then train a small model *briefly* on a few hundred labelled digits (the
-   "seed set") and export it as a portable packed ONNX artifact whose manifest holds the
-   network spec, which on-device learning needs. A matching seed model already in the output
-   folder is reused. The seed model is deliberately undertrained, so the fleet has something
-   to learn.
+   "seed set") and export it as a portable packed ONNX artifact with its network spec and its
+   float weights (``weights=True``), which on-device learning starts from. A matching seed
+   model already in the output folder is reused. The seed model is deliberately undertrained,
+   so the fleet has something to learn.
 3. Split the rest of the bundled digits among the nodes with Dirichlet label skew (each device
    sees mostly a few classes, as real devices do) and give every node the same held-out test
    set, so the devices' accuracies and their mean are comparable.
@@ -27,11 +27,9 @@ from the same start. Every process the demo starts is stopped at the end, also a
 or Ctrl-C (SIGTERM first, so agents checkpoint and say goodbye; SIGKILL after a grace period);
 on Linux the agents also die with the demo if it is killed outright.
 
-Where learning starts: an agent's learner resumes from the learning checkpoint in its state
-directory when there is one, and otherwise starts from an initialisation seeded by its device
-id (see :mod:`edge_agent.learner`). The demo writes the seed model's weights as every node's
-round-0 checkpoint, so the fleet keeps learning the very model it was given and "start" in the
-report is the deployed model's accuracy on the shared test set.
+Where learning starts: the deployed artifact carries the seed model's float weights, so every
+agent's learner starts from the very model it was given, and "start" in the report is the
+deployed model's accuracy on the shared test set.
 
 Output folder (``runs/demo`` by default)::
 
@@ -244,6 +242,7 @@ class _Processes:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env["OMP_NUM_THREADS"] = "1"  # N learners on a few cores: one thread each
+        workdir.mkdir(parents=True, exist_ok=True)
         log_path = workdir / "agent.log"
         log = open(log_path, "ab")  # closed in stop_agents
         try:
@@ -368,7 +367,12 @@ def _seed_model(
         )
         train_model(train_config, run_dir, progress=show, train_data=seed_set, test_data=test)
         exporters.export(
-            run_dir, art_dir, "onnx-portable", name=f"demo-{config.model}", version="1"
+            run_dir,
+            art_dir,
+            "onnx-portable",
+            name=f"demo-{config.model}",
+            version="1",
+            weights=True,
         )
         verify_artifact(art_dir)
         atomic_write_json(run_dir / "demo.json", recipe)
@@ -392,10 +396,10 @@ def _matching_seed(
         )
         if not same:
             return False
-        verify_artifact(art_dir)
+        # learning starts from the weights the artifact carries: one without them is stale
+        return "weights_file" in verify_artifact(art_dir)
     except (OSError, ValueError, BitfleetError):
         return False
-    return True
 
 
 def _write_node_data(
@@ -420,23 +424,6 @@ def _write_node_data(
         atomic_write_bytes(folder / "test.safetensors", test_bytes)
         dirs[device] = folder
     return dirs
-
-
-def _provision(state_dir: Path, seed: _Seed) -> None:
-    """Make the seed model the node's round-0 learning checkpoint (see the module's doc)."""
-    from edge_agent.state import StateStore
-    from models import checkpoint, spec_of, training
-
-    model = checkpoint.load(seed.checkpoint).model
-    StateStore(state_dir).save_checkpoint(
-        training.state_to_numpy(model),
-        {
-            "round": 0,
-            "model": spec_of(model)["name"],
-            "metrics": {"round": 0, "accuracy": seed.accuracy},
-            "saved_at": time.time(),
-        },
-    )
 
 
 # ------------------------------------------------------------------------------- one run
@@ -600,7 +587,6 @@ def _run_fleet(
     for device in devices:
         node = run_root / device
         state = node / "state"
-        _provision(state, seed)
         argv = _agent_argv(config, url, fleet, device, key, state, data_dirs[device])
         agents[device] = procs.spawn_agent(device, argv, node)
     status(f"[{merge}] started {len(agents)} agents; waiting until they are online")

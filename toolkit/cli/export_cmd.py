@@ -51,6 +51,14 @@ def export(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing artifact at --out.")
     ] = False,
+    with_weights: Annotated[
+        bool,
+        typer.Option(
+            "--with-weights",
+            help="Also ship the float training weights (weights.safetensors, 4 bytes a "
+            "parameter), so devices that learn on board start from this model, not from scratch.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export a trained network as packed-bit ONNX with a verified manifest."""
@@ -73,6 +81,7 @@ def export(
         input_shape=shape,
         allow_resize=allow_resize,
         overwrite=overwrite,
+        weights=with_weights,
     )
     manifest = read_manifest(path)
     if as_json:

@@ -292,7 +292,9 @@ class Agent:
         A broker such as Mosquitto lets one client per id connect, so each connect of one
         disconnects the other, and both would keep reconnecting for ever. The agent that
         started later stops (``conflict`` says why; :meth:`run` raises it as
-        :class:`DuplicateIdError`); the one that was there first warns once and serves on. If
+        :class:`DuplicateIdError`); the one that was there first warns once, announces itself
+        again so that the later one sees a fresh state (behind two bridged brokers both stay
+        connected, so no reconnect would do it), and serves on. If
         the duplicates keep coming (clocks that disagree, or an agent that does not check), it
         stops too.
         """
@@ -332,6 +334,9 @@ class Agent:
                 instance,
                 url,
             )
+            # make sure it notices: on one broker the takeover makes this agent reconnect and
+            # re-announce, but behind two bridged brokers both stay connected
+            self.presence.announce()
 
     # -------------------------------------------------------------------------------- serving
     @property

@@ -11,8 +11,8 @@ ways, retained, so late subscribers see them too); commands and replies crossing
 echoed back (every frame arrives once: an echo would show as ``replayed`` drops); gossip pushes
 chunked across the link, merged on both sides; retained artifact chunks read at the far site;
 a message too big for the main broker; what an echoing bridge (MQTT 3.1.1 without
-``try_private``) does. Two tests are expected to fail (strict xfail, each with the cause): one
-device id used at both sites, and device states that changed while the link was down.
+``try_private``) does; one device id used at both sites. One test is expected to fail (strict
+xfail, with the cause): device states that changed while the link was down.
 """
 
 from __future__ import annotations
@@ -635,15 +635,6 @@ def test_a_message_too_big_for_the_main_broker_does_not_cut_the_link(make_sites,
 
 
 # ------------------------------------------------------------------------------- identity
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "an agent stops when a state of another instance with its id, sealed after it started, "
-        "arrives; on one broker the takeover of the client id makes the first agent reconnect "
-        "and re-announce, but two brokers let both stay connected, and the first agent, which "
-        "sees the later one's state and warns, never publishes again: both serve on"
-    ),
-)
 def test_one_device_id_at_both_sites_is_caught_across_the_bridge(sites, start_agent, tmp_path):
     """Two brokers let both connect; the later agent must notice the first one and stop."""
     first = start_agent(sites, "A", "pi-a1")

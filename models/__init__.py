@@ -11,7 +11,7 @@ Importing this package registers every family. Of bitfleet's own code it imports
 torch-free :mod:`bitfleet` package (errors, checkpoint files).
 """
 
-from . import densenet, lenet, resnet  # noqa: F401  (importing a family registers its models)
+from . import densenet, fractal, lenet, resnet  # noqa: F401  (importing a family registers its models)
 from .constraints import clip_latent_weights
 from .layers import BinaryConv2d, BinaryLinear
 from .ops import OpCount, count_ops

@@ -89,6 +89,10 @@ def test_residual_fractal_units_and_longest_path():
         counts.clear()
         model(torch.zeros(2, 3, 32, 32))
         seen.add(len(counts))
+    counts.clear()
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    assert len(counts) == 60  # eval runs every column
     for h in hooks:
         h.remove()
     # global drop-path: one column, the same in all four stages: 4 * 2^(j-1) convs

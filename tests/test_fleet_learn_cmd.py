@@ -23,7 +23,7 @@ from edge_agent.protocol import ONLINE, FrameKind, seal_json, state_body
 from toolkit.cli import app
 from toolkit.cli.fleet_learn_cmd import metrics_table, shown_rounds
 from toolkit.data import load_dataset
-from toolkit.fleet_metrics import draw_metrics, mean_by_round, parse_ids, plot_metrics
+from toolkit.fleet_metrics import draw_metrics, mean_by_round, plot_metrics
 from toolkit.partition import partition
 
 IDS = ("pi-00", "pi-01", "pi-02")
@@ -105,13 +105,6 @@ def test_the_table_shows_every_kth_round_of_a_long_run_and_always_the_last():
     assert [next(iter(c.cells)) for c in table.columns] == ["0", "0.000", "0.475", "0.950", "20"]
     assert "20 devices: too many columns" in str(table.caption)
     assert len(metrics_table({"devices": many}).columns) == 22  # no width: every device
-
-
-def test_parse_ids_takes_a_comma_list_and_names_a_bad_one():
-    assert parse_ids("pi-01, pi-02,pi-01") == ["pi-01", "pi-02"]
-    for bad in ("", "pi-01,", "pi/01"):
-        with pytest.raises(ValueError, match="--to|device id"):
-            parse_ids(bad)
 
 
 def test_plot_writes_a_png_atomically_and_refuses_nothing_to_plot(tmp_path):

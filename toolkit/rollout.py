@@ -69,7 +69,7 @@ from typing import Any
 from bitfleet.errors import BitfleetError
 from edge_agent.protocol import ONLINE, Command
 from toolkit.fleet import FleetClient, artifact_tar
-from toolkit.fleet_metrics import key_trouble, pick_devices, send_all
+from toolkit.fleet_targets import key_trouble, pick_devices, send_all
 
 __all__ = [
     "DEPLOYED",
@@ -358,7 +358,7 @@ def roll_back(
     One row per target, in order: ``{"id", "ok", "name", "version", "error"}``, where ``name``
     and ``version`` are what the device serves again. The targets must be online: an unknown
     or offline one, or a key the devices reject, raises :class:`~toolkit.fleet.FleetError`
-    (:func:`toolkit.fleet_metrics.pick_devices`) before anything is sent.
+    (:func:`toolkit.fleet_targets.pick_devices`) before anything is sent.
     """
     ids = pick_devices(client, list(targets))
     results, errors = send_all(client, ids, Command.ROLLBACK, timeout=timeout_s)

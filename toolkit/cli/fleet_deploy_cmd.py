@@ -78,7 +78,7 @@ def _deploy_targets(client: FleetClient, config: FleetSettings, to: str | None) 
     Devices whose frames fail verification are included, so that the rollout's check of its
     targets names the key rather than an empty fleet.
     """
-    from toolkit.fleet_metrics import parse_ids
+    from toolkit.fleet_targets import parse_ids
 
     if to is not None:
         return parse_ids(to)
@@ -93,7 +93,7 @@ def _deploy_targets(client: FleetClient, config: FleetSettings, to: str | None) 
 
 def _online_targets(client: FleetClient, to: str | None, every: bool) -> list[str]:
     """The ``--to`` ids (each must be online), or with ``--all`` every online device."""
-    from toolkit.fleet_metrics import parse_ids, pick_devices
+    from toolkit.fleet_targets import parse_ids, pick_devices
 
     _check_choice(to, every)
     return pick_devices(client, parse_ids(to) if to is not None else None, everyone=every)
@@ -417,7 +417,7 @@ def history(
 ) -> None:
     """Ask devices for their ``history`` (help: ``_HISTORY_HELP``)."""
     from edge_agent.protocol import Command
-    from toolkit.fleet_metrics import send_all
+    from toolkit.fleet_targets import send_all
 
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)

@@ -50,7 +50,7 @@ def _timeout_opt(what: str) -> Any:
 
 
 def _one_device(client: FleetClient, config: FleetSettings, device: str) -> str:
-    from toolkit.fleet_metrics import pick_devices
+    from toolkit.fleet_targets import pick_devices
 
     return pick_devices(client, [device], key=key_name(config))[0]
 

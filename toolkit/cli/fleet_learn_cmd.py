@@ -4,7 +4,8 @@
 online one (``--all``), with only the settings given on the command line overriding each
 device's own (``learn_*`` keys of its agent.toml); ``learn stop`` switches it off after the
 round in progress. ``metrics`` shows accuracy over rounds per device and the fleet mean, and
-``--plot`` draws it. The work is :mod:`toolkit.fleet_metrics`; this module is the command line.
+``--plot`` draws it. The work is :mod:`toolkit.fleet_targets` (which devices, sending to many)
+and :mod:`toolkit.fleet_metrics` (the curves); this module is the command line.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def key_name(config: FleetSettings) -> str:
 
 def _chosen(to: str | None, everyone: bool) -> list[str] | None:
     """The ids ``--to`` names (None: ``--all``), checked before anything connects."""
-    from toolkit.fleet_metrics import parse_ids
+    from toolkit.fleet_targets import parse_ids
 
     if to is not None and everyone:
         raise typer.BadParameter("pass --to ID[,ID] or --all, not both")
@@ -72,7 +73,7 @@ def _chosen(to: str | None, everyone: bool) -> list[str] | None:
 
 
 def _targets(client: FleetClient, config: FleetSettings, ids: list[str] | None) -> list[str]:
-    from toolkit.fleet_metrics import pick_devices
+    from toolkit.fleet_targets import pick_devices
 
     return pick_devices(client, ids, everyone=ids is None, key=key_name(config))
 
@@ -124,7 +125,7 @@ def _send(
     timeout: float,
     conn: tuple[str | None, str | None, Path | None],
 ) -> list[dict[str, Any]]:
-    from toolkit.fleet_metrics import send_all
+    from toolkit.fleet_targets import send_all
 
     ids = _chosen(to, everyone)
     config = settings(ctx, *conn)

@@ -97,16 +97,16 @@ class Difficulty:
     tall as the canvas.
     """
 
-    rotation_deg: float = 30.0  # rotation drawn from +-rotation_deg
-    scale: tuple[float, float] = (0.6, 1.0)  # size of the digit relative to the canvas
-    shear: float = 0.3  # horizontal shear factor drawn from +-shear
-    translate: float = 5.0  # shift of the digit's centre drawn from +-translate per axis
-    elastic_alpha: float = 1.5  # RMS displacement of the elastic field
+    rotation_deg: float = 18.0  # rotation drawn from +-rotation_deg
+    scale: tuple[float, float] = (0.7, 1.0)  # height of the digit relative to the canvas
+    shear: float = 0.2  # horizontal shear factor drawn from +-shear
+    translate: float = 3.0  # shift of the digit's centre drawn from +-translate per axis
+    elastic_alpha: float = 0.8  # RMS displacement of the elastic field
     elastic_sigma: float = 3.0  # smoothness (Gaussian sigma) of the elastic field
-    clutter_slots: int = 3  # fragments of other digits, at most
-    clutter_prob: float = 0.6  # chance that each slot holds a fragment
+    clutter_slots: int = 2  # fragments of other digits, at most
+    clutter_prob: float = 0.45  # chance that each slot holds a fragment
     clutter_same_colour: float = 0.5  # chance that a fragment has the digit's colour
-    min_contrast: float = 0.2  # minimum |luma(digit) - luma(background colour)|, both colours
+    min_contrast: float = 0.25  # minimum |luma(digit) - luma(background colour)|, both colours
     texture_prob: tuple[float, float, float] = (0.3, 0.3, 0.4)  # flat, gradient, noise
     foreground_jitter: float = 0.25  # second foreground colour within +-jitter of the first
     noise: float = 0.1  # per-image pixel noise sigma drawn from [0, noise]

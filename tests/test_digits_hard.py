@@ -219,8 +219,16 @@ def test_train_and_eval_on_digits_hard_end_to_end(tmp_path):
     document = json.loads(result.stdout)
     assert document["samples"] == dh.TEST_SIZE
     assert document["accuracy"] == pytest.approx(summary["test_accuracy"])
-    spec = json.loads((out / "spec.json").read_text())
-    assert len(spec["meta"]["mean"]) == 3  # the normalisation the exporter's manifest carries
+    # the artifact's manifest carries the train split's per-channel normalisation
+    art = tmp_path / "art"
+    result = runner.invoke(
+        app, ["export", str(out), "--format", "onnx-portable", "--out", str(art)]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((art / "manifest.json").read_text())
+    train = load_dataset("digits-hard:100")
+    assert manifest["input"]["normalisation"] == {"mean": list(train.mean), "std": list(train.std)}
+    assert manifest["input"]["shape"][-3:] == [3, 32, 32]
 
 
 @pytest.mark.slow

@@ -230,8 +230,8 @@ def test_bad_input_is_one_line_and_deploys_nothing(
         (["--all", "--canary", "0%"], ["--canary", "0%"]),
         (["--all", "--canary", "150%"], ["--canary", "150%"]),
         (["--all", "--canary", "ten"], ["--canary", "'ten'"]),
-        (["--to", "pi-01", "--all"], ["exactly one of --to", "--all"]),
-        ([], ["exactly one of --to", "--all"]),
+        (["--to", "pi-01", "--all"], ["pass --to ID[,ID] or --all, not both"]),
+        ([], ["name the devices with --to ID[,ID], or pass --all"]),
         (["--to", "pi-01,"], ["--to takes device ids"]),
     ):
         fails_with_one_line(fleet_cli("deploy", art, *args, "--json", *connection), *expected)

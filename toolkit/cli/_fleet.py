@@ -1,6 +1,9 @@
 """What every `bitfleet fleet ...` subcommand shares: the sub-app, options and a client.
 
-The sub-app, the connection options, the settings they resolve to, and a connected client.
+The sub-app, the connection options, the settings they resolve to, a connected client, and
+the choice of devices: :func:`chosen` reads ``--to``/``--all`` before anything connects, and
+:func:`targets` checks those devices against the fleet's retained states
+(:func:`toolkit.fleet_targets.pick_devices`), its errors naming the key (:func:`key_name`).
 
 Every subcommand takes the connection settings ``--broker``, ``--fleet`` and ``--key-file``,
 after ``fleet`` or after the subcommand (the subcommand's win), and falls back to
@@ -129,3 +132,33 @@ def connect(config: FleetSettings) -> FleetClient:
     finally:
         transport_log.setLevel(level)
     return client
+
+
+def key_name(config: FleetSettings) -> str:
+    """The key a fleet command uses, for messages: its file and where that setting came from."""
+    return f"the key {config.key_file} (from {config.sources.get('key_file', '?')})"
+
+
+def chosen(to: str | None, everyone: bool) -> list[str] | None:
+    """The ids ``--to`` names (None: ``--all``), checked before anything connects.
+
+    Exactly one of the two is given, else a ValueError (one ``error:`` line) names both.
+    """
+    from toolkit.fleet_targets import parse_ids
+
+    if to is not None and everyone:
+        raise ValueError("pass --to ID[,ID] or --all, not both")
+    if to is None and not everyone:
+        raise ValueError("name the devices with --to ID[,ID], or pass --all for every device")
+    return parse_ids(to) if to is not None else None
+
+
+def targets(client: FleetClient, config: FleetSettings, ids: list[str] | None) -> list[str]:
+    """The online devices a command goes to: ``ids``, or every online one for None (``--all``).
+
+    An unknown or offline device, an empty fleet or a key the devices reject is one
+    :class:`~toolkit.fleet.FleetError` naming ``config``'s key, before anything is sent.
+    """
+    from toolkit.fleet_targets import pick_devices
+
+    return pick_devices(client, ids, everyone=ids is None, key=key_name(config))

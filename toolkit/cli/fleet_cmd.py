@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
     from toolkit.fleet_settings import FleetSettings
 
-from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
+from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, key_name, settings
 
 _REFRESH_S = 1.0  # --watch redraw interval
 
@@ -100,18 +100,6 @@ def _table(rows: list[dict[str, Any]], config: FleetSettings) -> Table:
     return table
 
 
-def _key_trouble(client: FleetClient, config: FleetSettings) -> str | None:
-    refused = client.unverified()
-    if not refused:
-        return None
-    who = ", ".join(f"{d} ({why})" for d, why in sorted(refused.items()))
-    where = config.sources.get("key_file", "?")
-    return (
-        f"frames from {who} fail verification with the key {config.key_file} (from {where}): "
-        "the key may be wrong; use the fleet key the devices run with"
-    )
-
-
 def _wait_for_telemetry(client: FleetClient, seconds: float) -> None:
     """Up to ``seconds``, until every online device has sent a heartbeat."""
     deadline = time.monotonic() + seconds
@@ -155,6 +143,8 @@ def ls(
     key_file: KeyFileOpt = None,
 ) -> None:
     """List the fleet's devices: status, last heartbeat, model, learning, RSS, dropped frames."""
+    from toolkit.fleet_targets import key_trouble
+
     if watch and as_json:
         raise typer.BadParameter("--watch draws a table; leave it out for --json")
     config = settings(ctx, broker, fleet, key_file)
@@ -162,7 +152,7 @@ def ls(
     try:
         _wait_for_telemetry(client, wait)
         rows = device_rows(client)
-        trouble = _key_trouble(client, config)
+        trouble = key_trouble(client, key_name(config))
         if not rows and trouble is not None:
             raise ValueError(f"no device on fleet {config.fleet} could be read: {trouble}")
         if trouble is not None:

@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ._common import cli_command, console, err_console, literal, number, print_json, say
-from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
+from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, chosen, connect, settings, targets
 
 if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
@@ -67,21 +67,14 @@ def parse_canary(text: str) -> float:
     return percent / 100
 
 
-def _check_choice(to: str | None, every: bool) -> None:
-    if (to is None) == (not every):
-        raise ValueError("pass exactly one of --to ID[,ID] (those devices) and --all")
-
-
-def _deploy_targets(client: FleetClient, config: FleetSettings, to: str | None) -> list[str]:
-    """The ``--to`` ids, or with ``--all`` every device of the fleet, offline ones too.
+def _deploy_targets(client: FleetClient, config: FleetSettings, ids: list[str] | None) -> list[str]:
+    """The ``--to`` ids, or for None (``--all``) every device of the fleet, offline ones too.
 
     Devices whose frames fail verification are included, so that the rollout's check of its
     targets names the key rather than an empty fleet.
     """
-    from toolkit.fleet_targets import parse_ids
-
-    if to is not None:
-        return parse_ids(to)
+    if ids is not None:
+        return ids
     everyone = sorted(set(client.devices()) | set(client.unverified()))
     if not everyone:
         raise ValueError(
@@ -89,14 +82,6 @@ def _deploy_targets(client: FleetClient, config: FleetSettings, to: str | None) 
             "nothing to deploy to (start an agent with bitfleet-agent run, or check --fleet)"
         )
     return everyone
-
-
-def _online_targets(client: FleetClient, to: str | None, every: bool) -> list[str]:
-    """The ``--to`` ids (each must be online), or with ``--all`` every online device."""
-    from toolkit.fleet_targets import parse_ids, pick_devices
-
-    _check_choice(to, every)
-    return pick_devices(client, parse_ids(to) if to is not None else None, everyone=every)
 
 
 # ---------------------------------------------------------------------------------- deploy
@@ -275,7 +260,7 @@ def deploy(
     """Roll ``artifact`` out with :func:`toolkit.rollout.rollout` (help: ``_DEPLOY_HELP``)."""
     from toolkit.rollout import rollout
 
-    _check_choice(to, every)
+    ids = chosen(to, every)
     share = parse_canary(canary)
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
@@ -284,7 +269,7 @@ def deploy(
         result = rollout(
             client,
             artifact,
-            _deploy_targets(client, config, to),
+            _deploy_targets(client, config, ids),
             canary=share,
             max_failures=max_failures,
             timeout_s=timeout,
@@ -330,11 +315,11 @@ def rollback(
     """Roll the targets back with :func:`toolkit.rollout.roll_back` (help: ``_ROLLBACK_HELP``)."""
     from toolkit.rollout import roll_back
 
-    _check_choice(to, every)
+    ids = chosen(to, every)
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
     try:
-        rows = roll_back(client, _online_targets(client, to, every), timeout_s=timeout)
+        rows = roll_back(client, targets(client, config, ids), timeout_s=timeout)
     finally:
         client.close()
     if as_json:
@@ -419,13 +404,11 @@ def history(
     from edge_agent.protocol import Command
     from toolkit.fleet_targets import send_all
 
+    asked = chosen(device, everyone=device is None)
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
     try:
-        if device is None:
-            ids = _online_targets(client, None, True)
-        else:
-            ids = _online_targets(client, device, False)
+        ids = targets(client, config, asked)
         results, errors = send_all(client, ids, Command.HISTORY, timeout=timeout)
         offline = sorted(d for d, s in client.devices().items() if d not in ids)
     finally:

@@ -30,12 +30,10 @@ from rich.table import Table
 from bitfleet.errors import require
 
 from ._common import cli_command, console, err_console, literal, number, print_json, say
-from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
-from .fleet_learn_cmd import key_name
+from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings, targets
 
 if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
-    from toolkit.fleet_settings import FleetSettings
 
 __all__ = ["ModelInput", "convert", "load_image", "logs", "infer", "softmax"]
 
@@ -47,12 +45,6 @@ def _timeout_opt(what: str) -> Any:
         help=f"Seconds to wait for the device's answer ({what}).",
         callback=number(gt=0, le=600),
     )
-
-
-def _one_device(client: FleetClient, config: FleetSettings, device: str) -> str:
-    from toolkit.fleet_targets import pick_devices
-
-    return pick_devices(client, [device], key=key_name(config))[0]
 
 
 def _result(client: FleetClient, device: str, name: str, args: Any, timeout: float) -> Any:
@@ -90,7 +82,7 @@ def logs(
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
     try:
-        target = _one_device(client, config, device)
+        [target] = targets(client, config, [device])
         result = _result(client, target, Command.LOGS, {"lines": lines}, timeout)
     finally:
         client.close()
@@ -278,7 +270,7 @@ def infer(
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
     try:
-        target = _one_device(client, config, device)
+        [target] = targets(client, config, [device])
         manifest = _served_manifest(client, target, timeout)
         model = ModelInput.from_manifest(manifest.get("input"), target)
         batch = np.stack([convert(image, path, model) for path, image in raw])

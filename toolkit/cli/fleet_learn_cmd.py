@@ -13,18 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.table import Table
 
 from ._common import cli_command, console, err_console, literal, number, print_json, say
-from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings
-
-if TYPE_CHECKING:
-    from toolkit.fleet import FleetClient
-    from toolkit.fleet_settings import FleetSettings
+from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, chosen, connect, settings, targets
 
 learn_app = typer.Typer(
     help=(
@@ -52,30 +48,6 @@ def _timeout_opt(what: str) -> Any:
         help=f"Seconds to wait for each device's answer ({what}).",
         callback=number(gt=0, le=600),
     )
-
-
-def key_name(config: FleetSettings) -> str:
-    """The key a fleet command uses, for messages: its file and where that setting came from."""
-    return f"the key {config.key_file} (from {config.sources.get('key_file', '?')})"
-
-
-def _chosen(to: str | None, everyone: bool) -> list[str] | None:
-    """The ids ``--to`` names (None: ``--all``), checked before anything connects."""
-    from toolkit.fleet_targets import parse_ids
-
-    if to is not None and everyone:
-        raise typer.BadParameter("pass --to ID[,ID] or --all, not both")
-    if to is None and not everyone:
-        raise typer.BadParameter(
-            "name the devices with --to ID[,ID] or pick every online one with --all"
-        )
-    return parse_ids(to) if to is not None else None
-
-
-def _targets(client: FleetClient, config: FleetSettings, ids: list[str] | None) -> list[str]:
-    from toolkit.fleet_targets import pick_devices
-
-    return pick_devices(client, ids, everyone=ids is None, key=key_name(config))
 
 
 # ---------------------------------------------------------------------------- learn start
@@ -127,11 +99,11 @@ def _send(
 ) -> list[dict[str, Any]]:
     from toolkit.fleet_targets import send_all
 
-    ids = _chosen(to, everyone)
+    ids = chosen(to, everyone)
     config = settings(ctx, *conn)
     client = connect(config)
     try:
-        devices = _targets(client, config, ids)
+        devices = targets(client, config, ids)
         with err_console.status(f"{command} on {len(devices)} device(s)..."):
             results, errors = send_all(client, devices, command, args, timeout=timeout)
     finally:
@@ -359,11 +331,11 @@ def metrics(
 
     if plot is not None and plot.is_dir():
         raise ValueError(f"--plot {plot} is a folder; name the PNG file to write, e.g. fleet.png")
-    ids = _chosen(to, everyone or to is None)
+    ids = chosen(to, everyone or to is None)
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
     try:
-        devices = _targets(client, config, ids)
+        devices = targets(client, config, ids)
         with err_console.status(f"asking {len(devices)} device(s) for their metrics..."):
             collected = collect_metrics(client, devices, timeout=timeout)
     finally:

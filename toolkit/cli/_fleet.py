@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ._common import number
+
 if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
     from toolkit.fleet_settings import FleetSettings
@@ -71,6 +73,16 @@ DeviceKeysDirOpt = Annotated[
 ]
 
 _CONNECT_S = 5.0  # how long to try the broker before saying it is unreachable
+
+
+def timeout_opt(what: str, *, le: float = 600) -> Any:
+    """The ``--timeout S`` option of a command that waits for ``what`` (seconds, over 0)."""
+    return typer.Option(
+        "--timeout",
+        metavar="S",
+        help=f"Seconds to wait for {what}.",
+        callback=number(gt=0, le=le),
+    )
 
 
 @app.callback()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich import box
@@ -27,8 +27,18 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._common import cli_command, console, err_console, literal, number, print_json, say
-from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, chosen, connect, settings, targets
+from ._common import cli_command, console, err_console, literal, print_json, say
+from ._fleet import (
+    BrokerOpt,
+    FleetOpt,
+    KeyFileOpt,
+    app,
+    chosen,
+    connect,
+    settings,
+    targets,
+    timeout_opt,
+)
 
 if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
@@ -40,6 +50,7 @@ ToOpt = Annotated[
     typer.Option("--to", metavar="ID[,ID]", help="The devices, by id, separated by commas."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+AnswerTimeoutOpt = Annotated[float, timeout_opt("each device's answer", le=3600)]
 
 _COLOURS = {
     "deployed": "green",
@@ -82,6 +93,12 @@ def _deploy_targets(client: FleetClient, config: FleetSettings, ids: list[str] |
             "nothing to deploy to (start an agent with bitfleet-agent run, or check --fleet)"
         )
     return everyone
+
+
+def _fail(message: str) -> NoReturn:
+    """``error: message`` on stderr, after the results, and exit code 1."""
+    err_console.print(f"[bold red]error:[/] {literal(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------- deploy
@@ -237,13 +254,7 @@ def deploy(
         ),
     ] = 0,
     timeout: Annotated[
-        float,
-        typer.Option(
-            "--timeout",
-            metavar="S",
-            help="Seconds each wave waits for its devices (and --wait for offline ones).",
-            callback=number(gt=0, le=3600),
-        ),
+        float, timeout_opt("each wave's devices (and, with --wait, for offline ones)", le=3600)
     ] = 120.0,
     wait: Annotated[
         bool,
@@ -285,10 +296,7 @@ def deploy(
         console.print(_outcome_table(result))
         say(_summary(result))
     if not result.ok:
-        err_console.print(
-            f"[bold red]error:[/] {literal(result.error)}", highlight=False, soft_wrap=True
-        )
-        raise typer.Exit(1)
+        _fail(str(result.error))
 
 
 # -------------------------------------------------------------------------------- rollback
@@ -298,15 +306,7 @@ def rollback(
     ctx: typer.Context,
     to: ToOpt = None,
     every: Annotated[bool, typer.Option("--all", help="Every device that is online now.")] = False,
-    timeout: Annotated[
-        float,
-        typer.Option(
-            "--timeout",
-            metavar="S",
-            help="Seconds to wait for each device's answer.",
-            callback=number(gt=0, le=3600),
-        ),
-    ] = 30.0,
+    timeout: AnswerTimeoutOpt = 30.0,
     as_json: JsonOpt = False,
     broker: BrokerOpt = None,
     fleet: FleetOpt = None,
@@ -338,12 +338,7 @@ def rollback(
         console.print(table)
     failed = [row["id"] for row in rows if not row["ok"]]
     if failed:
-        err_console.print(
-            f"[bold red]error:[/] {literal(', '.join(failed))} did not roll back",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
+        _fail(f"{', '.join(failed)} did not roll back")
 
 
 # --------------------------------------------------------------------------------- history
@@ -386,15 +381,7 @@ def history(
         str | None,
         typer.Argument(help="One device id; every online device when left out.", metavar="[ID]"),
     ] = None,
-    timeout: Annotated[
-        float,
-        typer.Option(
-            "--timeout",
-            metavar="S",
-            help="Seconds to wait for each device's answer.",
-            callback=number(gt=0, le=3600),
-        ),
-    ] = 10.0,
+    timeout: AnswerTimeoutOpt = 10.0,
     as_json: JsonOpt = False,
     broker: BrokerOpt = None,
     fleet: FleetOpt = None,
@@ -441,9 +428,4 @@ def history(
         )
     failed = [row["id"] for row in rows if row["error"] is not None]
     if failed:
-        err_console.print(
-            f"[bold red]error:[/] {literal(', '.join(failed))} did not answer with a history",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(1)
+        _fail(f"{', '.join(failed)} did not answer with a history")

@@ -29,22 +29,13 @@ from rich.table import Table
 
 from bitfleet.errors import require
 
-from ._common import cli_command, console, err_console, literal, number, print_json, say
-from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings, targets
+from ._common import cli_command, console, err_console, literal, print_json, say
+from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, connect, settings, targets, timeout_opt
 
 if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
 
 __all__ = ["ModelInput", "convert", "load_image", "logs", "infer", "softmax"]
-
-
-def _timeout_opt(what: str) -> Any:
-    return typer.Option(
-        "--timeout",
-        metavar="S",
-        help=f"Seconds to wait for the device's answer ({what}).",
-        callback=number(gt=0, le=600),
-    )
 
 
 def _result(client: FleetClient, device: str, name: str, args: Any, timeout: float) -> Any:
@@ -69,7 +60,9 @@ def logs(
     as_json: Annotated[
         bool, typer.Option("--json", help='Print {"device": ID, "lines": [...]}.')
     ] = False,
-    timeout: Annotated[float, _timeout_opt("it answers at once when idle")] = 10.0,
+    timeout: Annotated[
+        float, timeout_opt("the device's answer (it answers at once when idle)")
+    ] = 10.0,
     broker: BrokerOpt = None,
     fleet: FleetOpt = None,
     key_file: KeyFileOpt = None,
@@ -256,7 +249,7 @@ def infer(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document: per image and the batch.")
     ] = False,
-    timeout: Annotated[float, _timeout_opt("one batch")] = 30.0,
+    timeout: Annotated[float, timeout_opt("the device's answer (one batch)")] = 30.0,
     broker: BrokerOpt = None,
     fleet: FleetOpt = None,
     key_file: KeyFileOpt = None,

@@ -11,7 +11,7 @@ and :mod:`toolkit.fleet_metrics` (the curves); this module is the command line.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,8 +19,18 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ._common import cli_command, console, err_console, literal, number, print_json, say
-from ._fleet import BrokerOpt, FleetOpt, KeyFileOpt, app, chosen, connect, settings, targets
+from ._common import cli_command, console, err_console, literal, print_json, say
+from ._fleet import (
+    BrokerOpt,
+    FleetOpt,
+    KeyFileOpt,
+    app,
+    chosen,
+    connect,
+    settings,
+    targets,
+    timeout_opt,
+)
 
 learn_app = typer.Typer(
     help=(
@@ -41,15 +51,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document."
 _MAX_ROWS = 20  # rounds shown in the metrics table; longer runs show every k-th round
 
 
-def _timeout_opt(what: str) -> Any:
-    return typer.Option(
-        "--timeout",
-        metavar="S",
-        help=f"Seconds to wait for each device's answer ({what}).",
-        callback=number(gt=0, le=600),
-    )
-
-
 # ---------------------------------------------------------------------------- learn start
 def _outcomes(results: Mapping[str, Any], errors: Mapping[str, str]) -> list[dict[str, Any]]:
     rows = [
@@ -66,7 +67,12 @@ def _settings_text(values: Any) -> str:
     return ", ".join(f"{k} {values[k]}" for k in keys if k in values)
 
 
-def _outcome_table(rows: list[dict[str, Any]], title: str, detail: Any, header: str) -> Table:
+def _outcome_table(
+    rows: list[dict[str, Any]],
+    title: str,
+    detail: Callable[[dict[str, Any]], tuple[str, str]],
+    header: str,
+) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("device", no_wrap=True)
     table.add_column("outcome", no_wrap=True)
@@ -92,14 +98,23 @@ def _send(
     ctx: typer.Context,
     command: str,
     args: dict[str, Any],
-    to: str | None,
-    everyone: bool,
+    *,
+    choice: tuple[str | None, bool],
     timeout: float,
     conn: tuple[str | None, str | None, Path | None],
-) -> list[dict[str, Any]]:
+    as_json: bool,
+    detail: Callable[[dict[str, Any]], tuple[str, str]],
+    header: str,
+) -> None:
+    """Send ``command`` to the chosen devices and print a row each; exit code 1 if any failed.
+
+    ``choice`` is ``(--to, --all)``, ``conn`` the connection flags; the table is titled with the
+    command's name, and ``detail(row)`` gives an answering device's outcome and the text of the
+    last column, headed ``header``.
+    """
     from toolkit.fleet_targets import send_all
 
-    ids = chosen(to, everyone)
+    ids = chosen(*choice)
     config = settings(ctx, *conn)
     client = connect(config)
     try:
@@ -108,14 +123,11 @@ def _send(
             results, errors = send_all(client, devices, command, args, timeout=timeout)
     finally:
         client.close()
-    return _outcomes(results, errors)
-
-
-def _finish(rows: list[dict[str, Any]], as_json: bool, table: Table) -> None:
+    rows = _outcomes(results, errors)
     if as_json:
         print_json(rows)
     else:
-        console.print(table)
+        console.print(_outcome_table(rows, command.replace(".", " "), detail, header))
     if any(not row["ok"] for row in rows):
         raise typer.Exit(1)
 
@@ -151,7 +163,9 @@ def learn_start(
         typer.Option("--rounds", min=0, help="Stop after this many rounds (0: until learn stop)."),
     ] = None,
     as_json: JsonOpt = False,
-    timeout: Annotated[float, _timeout_opt("a device loads torch on its first start")] = 30.0,
+    timeout: Annotated[
+        float, timeout_opt("each device's answer (a device loads torch on its first start)")
+    ] = 30.0,
     broker: BrokerOpt = None,
     fleet: FleetOpt = None,
     key_file: KeyFileOpt = None,
@@ -171,16 +185,17 @@ def learn_start(
         )
         if value is not None
     }
-    rows = _send(
-        ctx, Command.LEARN_START, overrides, to, everyone, timeout, (broker, fleet, key_file)
+    _send(
+        ctx,
+        Command.LEARN_START,
+        overrides,
+        choice=(to, everyone),
+        timeout=timeout,
+        conn=(broker, fleet, key_file),
+        as_json=as_json,
+        detail=lambda row: ("learning", _settings_text(row.get("settings"))),
+        header="settings / error",
     )
-    table = _outcome_table(
-        rows,
-        "learn start",
-        lambda row: ("learning", _settings_text(row.get("settings"))),
-        "settings / error",
-    )
-    _finish(rows, as_json, table)
 
 
 @learn_app.command(
@@ -196,7 +211,9 @@ def learn_stop(
     to: ToOpt = None,
     everyone: AllOpt = False,
     as_json: JsonOpt = False,
-    timeout: Annotated[float, _timeout_opt("it finishes the round in progress")] = 60.0,
+    timeout: Annotated[
+        float, timeout_opt("each device's answer (it finishes the round in progress)")
+    ] = 60.0,
     broker: BrokerOpt = None,
     fleet: FleetOpt = None,
     key_file: KeyFileOpt = None,
@@ -204,14 +221,17 @@ def learn_stop(
     """Stop gossip learning on devices (--to or --all) after the round in progress."""
     from edge_agent.protocol import Command
 
-    rows = _send(ctx, Command.LEARN_STOP, {}, to, everyone, timeout, (broker, fleet, key_file))
-    table = _outcome_table(
-        rows,
-        "learn stop",
-        lambda row: ("stopped" if row.get("stopped") else "was not learning", ""),
-        "error",
+    _send(
+        ctx,
+        Command.LEARN_STOP,
+        {},
+        choice=(to, everyone),
+        timeout=timeout,
+        conn=(broker, fleet, key_file),
+        as_json=as_json,
+        detail=lambda row: ("stopped" if row.get("stopped") else "was not learning", ""),
+        header="error",
     )
-    _finish(rows, as_json, table)
 
 
 # -------------------------------------------------------------------------------- metrics
@@ -321,7 +341,7 @@ def metrics(
         bool,
         typer.Option("--json", help="Print the collected metrics (per device, mean, errors)."),
     ] = False,
-    timeout: Annotated[float, _timeout_opt("all are asked at once")] = 10.0,
+    timeout: Annotated[float, timeout_opt("each device's answer (all are asked at once)")] = 10.0,
     broker: BrokerOpt = None,
     fleet: FleetOpt = None,
     key_file: KeyFileOpt = None,

@@ -129,7 +129,9 @@ def test_every_model_has_flops_and_bops_only_if_binary(name):
     shape = (1, 1, 32, 32) if name == "lenet5" else (1, 3, 32, 32)
     count = models.count_ops(model, shape)
     assert count.params > 0 and count.flops > 0
-    assert (count.bops > 0) == name.startswith("bireal")
+    binary = any(getattr(m, "is_binary", False) for m in model.modules())
+    assert (count.bops > 0) == binary
+    assert binary == (name.startswith(("bireal", "binarydensenet", "sofar")))  # the zoo's binaries
 
 
 def test_batch_is_divided_out_and_mode_restored():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig
+from edge_agent.protocol import ONLINE, FrameKind, seal_json, state_body
 
 FLEET = "lab"
 
@@ -52,3 +54,25 @@ def daemon_args(
         "0.5",
         *extra,
     ]
+
+
+def ghost(fleet: Any, device: str = "pi-09") -> str:
+    """A signed, retained ``online`` state of ``device``; no agent serves it: it never answers.
+
+    ``fleet`` is a connected :class:`toolkit.fleet.FleetClient` (the ``fleet`` fixture).
+    """
+    body = state_body(
+        ONLINE,
+        model="digits",
+        version="1",
+        sha256=None,
+        agent_version="0",
+        learning=False,
+        model_spec=None,
+        platform="test",
+        instance="ghost",
+        since=time.time(),
+    )
+    frame = seal_json(FrameKind.STATE, body, sender=device, keyring=fleet.keyring)
+    fleet.transport.publish_and_wait(fleet.topics.state(device), frame, qos=1, retain=True)
+    return device

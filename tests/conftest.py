@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,6 +42,21 @@ def amqtt_broker() -> Iterator[EmbeddedBroker]:
 def broker(request: pytest.FixtureRequest) -> MosquittoBroker | EmbeddedBroker:
     """Each test that takes it runs once on Mosquitto and once on amqtt."""
     return request.getfixturevalue("mosquitto" if request.param == "mosquitto" else "amqtt_broker")
+
+
+@pytest.fixture
+def no_user_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No BITFLEET_* variable of the user's, and fleet.toml in the test's own (empty) folder.
+
+    Returns that fleet.toml's path (not written). The fleet CLI tests use it on every test:
+    ``pytestmark = pytest.mark.usefixtures("no_user_settings")``.
+    """
+    for name in list(os.environ):
+        if name.startswith("BITFLEET_"):
+            monkeypatch.delenv(name)
+    config = tmp_path / "config" / "fleet.toml"
+    monkeypatch.setattr("toolkit.fleet_settings.config_path", lambda: config)
+    return config
 
 
 @pytest.fixture(scope="module")

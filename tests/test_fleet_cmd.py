@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from agent_support import FLEET, agent_config
-from typer.testing import CliRunner
+from fleet_cli_support import flags, fleet_cli, one_line
 
 from edge_agent.broker import free_port
-from toolkit.cli import app, fleet_cmd
+from toolkit.cli import fleet_cmd
 from toolkit.fleet_settings import (
     DEFAULT_BROKER,
     DEFAULT_FLEET,
@@ -19,31 +19,11 @@ from toolkit.fleet_settings import (
     resolve,
 )
 
-ENV_NAMES = ("BITFLEET_BROKER", "BITFLEET_FLEET", "BITFLEET_KEY_FILE")
-
-
-@pytest.fixture(autouse=True)
-def _no_user_settings(monkeypatch, tmp_path):
-    """No test reads the real user's environment or fleet.toml."""
-    for name in ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(
-        "toolkit.fleet_settings.config_path", lambda: tmp_path / "config" / "fleet.toml"
-    )
+pytestmark = pytest.mark.usefixtures("no_user_settings")
 
 
 def _ls(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(app, ["fleet", "ls", *args], env=env)
-
-
-def _flags(url: str, key_file: Path) -> list[str]:
-    return ["--broker", url, "--fleet", FLEET, "--key-file", str(key_file)]
-
-
-def _one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
+    return fleet_cli("ls", *args, env=env)
 
 
 # ------------------------------------------------------------------------------ settings
@@ -102,7 +82,7 @@ def test_ls_lists_devices_online_then_one_offline(mosquitto, agents, key_file, a
     agents(
         agent_config(mosquitto.url, key_file, tmp_path / "b", id="pi-02", artifact=str(artifact))
     )
-    result = _ls("--json", "--wait", "5", *_flags(mosquitto.url, key_file))
+    result = _ls("--json", "--wait", "5", *flags(mosquitto.url, key_file))
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [row["id"] for row in rows] == ["pi-01", "pi-02"]
@@ -114,12 +94,12 @@ def test_ls_lists_devices_online_then_one_offline(mosquitto, agents, key_file, a
         assert {"round", "accuracy", "learning"} <= set(row)
 
     first.shutdown()
-    result = _ls("--json", "--wait", "0", *_flags(mosquitto.url, key_file))
+    result = _ls("--json", "--wait", "0", *flags(mosquitto.url, key_file))
     assert result.exit_code == 0, result.output
     status = {row["id"]: row["status"] for row in json.loads(result.stdout)}
     assert status == {"pi-01": "offline", "pi-02": "online"}
 
-    table = _ls("--wait", "0", *_flags(mosquitto.url, key_file))
+    table = _ls("--wait", "0", *flags(mosquitto.url, key_file))
     assert table.exit_code == 0, table.output
     assert "pi-01" in table.stdout and "offline" in table.stdout and "digits" in table.stdout
 
@@ -135,45 +115,45 @@ def test_ls_reads_its_settings_from_the_environment(
     assert [row["id"] for row in json.loads(result.stdout)] == ["pi-01"]
     # flags after `fleet` work too, and a flag beats the environment
     env["BITFLEET_FLEET"] = "elsewhere"
-    result = CliRunner().invoke(app, ["fleet", "--fleet", FLEET, "ls", "--json"], env=env)
+    result = fleet_cli("ls", "--json", prefix=("--fleet", FLEET), env=env)
     assert [row["id"] for row in json.loads(result.stdout)] == ["pi-01"]
 
 
 def test_an_empty_fleet_says_so_and_exits_0(mosquitto, key_file):
-    result = _ls("--wait", "0", *_flags(mosquitto.url, key_file))
+    result = _ls("--wait", "0", *flags(mosquitto.url, key_file))
     assert result.exit_code == 0
-    line = _one_line(result.stdout)
+    line = one_line(result.stdout)
     assert "no device has announced itself" in line and FLEET in line and mosquitto.url in line
-    result = _ls("--json", "--wait", "0", *_flags(mosquitto.url, key_file))
+    result = _ls("--json", "--wait", "0", *flags(mosquitto.url, key_file))
     assert result.exit_code == 0 and json.loads(result.stdout) == []
 
 
 def test_an_unreachable_broker_is_one_line_within_seconds(key_file):
     url = f"mqtt://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = _ls("--json", *_flags(url, key_file))
+    result = _ls("--json", *flags(url, key_file))
     assert time.monotonic() - started < 10
     assert result.exit_code != 0
-    line = _one_line(result.output)
+    line = one_line(result.output)
     assert line.startswith("error:") and url in line
 
 
-def test_a_missing_key_file_is_one_line(mosquitto, tmp_path):
+def test_a_missing_key_file_isone_line(mosquitto, tmp_path):
     result = _ls("--broker", mosquitto.url)
     assert result.exit_code != 0
-    line = _one_line(result.output)
+    line = one_line(result.output)
     assert "--key-file" in line and "BITFLEET_KEY_FILE" in line and "fleet.toml" in line
     result = _ls("--broker", mosquitto.url, "--key-file", str(tmp_path / "gone.key"))
-    assert result.exit_code != 0 and "gone.key" in _one_line(result.output)
+    assert result.exit_code != 0 and "gone.key" in one_line(result.output)
 
 
 def test_a_wrong_key_is_named(mosquitto, agents, key_file, artifact, tmp_path):
     agents(agent_config(mosquitto.url, key_file, tmp_path / "s", artifact=str(artifact)))
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(b"w" * 32)
-    result = _ls("--json", "--wait", "0", *_flags(mosquitto.url, wrong))
+    result = _ls("--json", "--wait", "0", *flags(mosquitto.url, wrong))
     assert result.exit_code != 0
-    line = _one_line(result.output)
+    line = one_line(result.output)
     assert "pi-01" in line and "key may be wrong" in line
 
 
@@ -187,10 +167,10 @@ def test_watch_redraws_until_ctrl_c(mosquitto, agents, key_file, artifact, tmp_p
             raise KeyboardInterrupt
 
     monkeypatch.setattr(fleet_cmd, "_tick", tick)
-    result = _ls("--watch", "--wait", "0", *_flags(mosquitto.url, key_file))
+    result = _ls("--watch", "--wait", "0", *flags(mosquitto.url, key_file))
     assert result.exit_code == 0, result.output
     assert "pi-01" in result.stdout and ticks == [1.0, 1.0]
-    result = _ls("--watch", "--json", *_flags(mosquitto.url, key_file))
+    result = _ls("--watch", "--json", *flags(mosquitto.url, key_file))
     assert result.exit_code != 0 and "--watch" in result.output
 
 

@@ -9,20 +9,19 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from agent_support import FLEET, agent_config
+from agent_support import agent_config
+from fleet_cli_support import fails_with_one_line, flags, fleet_cli, one_line
 from test_rollout import clients, history, lenet_artifact, serves, start_fleet, versions_deployed
-from typer.testing import CliRunner
 
 from edge_agent.broker import free_port
-from toolkit.cli import app
 from toolkit.cli.fleet_deploy_cmd import parse_canary
 from toolkit.fleet import FleetClient
-from toolkit.fleet_settings import ENV
 
 IDS = ["pi-01", "pi-02", "pi-03", "pi-04"]
+
+pytestmark = pytest.mark.usefixtures("no_user_settings")
 
 
 @pytest.fixture(scope="module")
@@ -39,41 +38,6 @@ def unhealthy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def client_for(key_file: Path) -> Iterator[Callable[..., FleetClient]]:
     yield from clients(key_file)
-
-
-@pytest.fixture(autouse=True)
-def _no_user_settings(monkeypatch, tmp_path):
-    """No test reads the real user's environment or fleet.toml."""
-    for name in ENV.values():
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(
-        "toolkit.fleet_settings.config_path", lambda: tmp_path / "config" / "fleet.toml"
-    )
-
-
-def fleet_cli(*args: str, prefix: tuple[str, ...] = ()) -> Any:
-    return CliRunner().invoke(app, ["fleet", *prefix, *args])
-
-
-def flags(url: str, key_file: Path) -> list[str]:
-    return ["--broker", url, "--fleet", FLEET, "--key-file", str(key_file)]
-
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
-
-
-def fails_with_one_line(result: Any, *expected: str) -> str:
-    """A failed command: exit code != 0, nothing on stdout, one ``error:`` line naming it all."""
-    assert result.exit_code != 0, result.output
-    assert result.stdout == "", result.stdout
-    line = one_line(result.output)
-    assert line.startswith("error:"), line
-    for text in expected:
-        assert text in line, line
-    return line
 
 
 def test_canary_percentages():

@@ -14,41 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_support import FLEET, agent_config
-from test_fleet_learn_cmd import ghost
-from typer.testing import CliRunner
+from agent_support import agent_config, ghost
+from fleet_cli_support import flags, fleet_cli, one_line
 
 from edge_agent.broker import free_port
-from toolkit.cli import app
 from toolkit.cli.fleet_device_cmd import ModelInput, convert, softmax
 from toolkit.data import load_dataset
 
 LABELS = [f"digit {i}" for i in range(10)]
 COUNT = 12  # test images sent as PNG files
 
-
-@pytest.fixture(autouse=True)
-def _no_user_settings(monkeypatch, tmp_path):
-    """No test reads the real user's environment or fleet.toml."""
-    for name in ("BITFLEET_BROKER", "BITFLEET_FLEET", "BITFLEET_KEY_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(
-        "toolkit.fleet_settings.config_path", lambda: tmp_path / "config" / "fleet.toml"
-    )
-
-
-def _fleet(*args: str):
-    return CliRunner().invoke(app, ["fleet", *args])
-
-
-def _flags(url: str, key_file: Path) -> list[str]:
-    return ["--broker", url, "--fleet", FLEET, "--key-file", str(key_file)]
-
-
-def _one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("no_user_settings")
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +136,9 @@ def test_infer_classifies_image_files_with_the_manifest_labels(
     np.save(npy_pixels, _pixels(test, 1))
     big = Image.fromarray(_pixels(test, 2)).resize((96, 96), Image.Resampling.NEAREST)
     big.convert("RGB").save(jpeg, quality=95)
-    flags = _flags(mosquitto.url, key_file)
+    connection = flags(mosquitto.url, key_file)
 
-    result = _fleet(
+    result = fleet_cli(
         "infer",
         "pi-01",
         *map(str, paths),
@@ -170,7 +146,7 @@ def test_infer_classifies_image_files_with_the_manifest_labels(
         str(npy_pixels),
         str(jpeg),
         "--json",
-        *flags,
+        *connection,
     )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
@@ -187,7 +163,7 @@ def test_infer_classifies_image_files_with_the_manifest_labels(
     assert [row["class"] for row in rows[COUNT:]] == [rows[i]["class"] for i in range(3)]
     assert len(agent.serving.latencies) == 1  # one batch
 
-    table = _fleet("infer", "pi-01", str(paths[0]), str(paths[1]), *flags)
+    table = fleet_cli("infer", "pi-01", str(paths[0]), str(paths[1]), *connection)
     assert table.exit_code == 0, table.output
     assert LABELS[truth[0]] in table.stdout and "test1.png" in table.stdout
     assert "ms" in table.stdout and "one batch of 2" in table.stdout
@@ -198,7 +174,7 @@ def test_a_bad_image_is_named_and_nothing_is_sent(
 ):
     agent = agents(agent_config(mosquitto.url, key_file, tmp_path / "s", artifact=str(trained)))
     paths, _ = images
-    flags = _flags(mosquitto.url, key_file)
+    connection = flags(mosquitto.url, key_file)
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     wide = tmp_path / "wide.npy"
@@ -213,21 +189,21 @@ def test_a_bad_image_is_named_and_nothing_is_sent(
         (tmp_path, "{} is a folder; name the image files in it"),
     ]
     for bad, message in cases:
-        result = _fleet("infer", "pi-01", str(paths[0]), str(bad), *flags)
+        result = fleet_cli("infer", "pi-01", str(paths[0]), str(bad), *connection)
         assert result.exit_code == 1
-        assert message.format(bad) in _one_line(result.output)
+        assert message.format(bad) in one_line(result.output)
     assert len(agent.serving.latencies) == 0  # no batch reached the device
     # the file is checked before the broker is: the image, not the broker, is named
     url = f"mqtt://127.0.0.1:{free_port()}"
-    result = _fleet("infer", "pi-01", str(tmp_path / "gone.png"), *_flags(url, key_file))
-    assert result.exit_code == 1 and "gone.png" in _one_line(result.output)
+    result = fleet_cli("infer", "pi-01", str(tmp_path / "gone.png"), *flags(url, key_file))
+    assert result.exit_code == 1 and "gone.png" in one_line(result.output)
 
 
 def test_infer_on_a_device_without_a_model(mosquitto, agents, key_file, tmp_path, images):
     agents(agent_config(mosquitto.url, key_file, tmp_path / "s"))
-    result = _fleet("infer", "pi-01", str(images[0][0]), *_flags(mosquitto.url, key_file))
+    result = fleet_cli("infer", "pi-01", str(images[0][0]), *flags(mosquitto.url, key_file))
     assert result.exit_code == 1
-    assert "pi-01 serves no model yet" in _one_line(result.output)
+    assert "pi-01 serves no model yet" in one_line(result.output)
 
 
 # ------------------------------------------------------------------------------------ logs
@@ -236,20 +212,20 @@ def test_logs_returns_what_the_agent_logged(
 ):
     caplog.set_level(logging.INFO)  # the daemon lets INFO through; a test process must ask
     agents(agent_config(mosquitto.url, key_file, tmp_path / "s", artifact=str(artifact)))
-    flags = _flags(mosquitto.url, key_file)
-    result = _fleet("logs", "pi-01", "--json", *flags)
+    connection = flags(mosquitto.url, key_file)
+    result = fleet_cli("logs", "pi-01", "--json", *connection)
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["device"] == "pi-01"
     assert any("INFO bitfleet.agent: serving digits 1" in line for line in document["lines"])
 
-    plain = _fleet("logs", "pi-01", *flags)
+    plain = fleet_cli("logs", "pi-01", *connection)
     assert plain.exit_code == 0 and "serving digits 1" in plain.stdout
     assert plain.stdout.splitlines() == document["lines"][-len(plain.stdout.splitlines()) :]
-    two = _fleet("logs", "pi-01", "--lines", "2", "--json", *flags)
+    two = fleet_cli("logs", "pi-01", "--lines", "2", "--json", *connection)
     assert len(json.loads(two.stdout)["lines"]) == 2
     for bad in ("0", "1001", "many"):
-        result = _fleet("logs", "pi-01", "--lines", bad, *flags)
+        result = fleet_cli("logs", "pi-01", "--lines", bad, *connection)
         assert result.exit_code != 0 and "--lines" in result.output
 
 
@@ -259,35 +235,35 @@ def test_bad_targets_are_one_line(
     command, mosquitto, fleet, agents, key_file, artifact, tmp_path, images
 ):
     extra = [str(images[0][0])] if command == "infer" else []
-    flags = _flags(mosquitto.url, key_file)
+    connection = flags(mosquitto.url, key_file)
 
     def run(device: str, *more: str):
-        return _fleet(command, device, *extra, *more, *flags)
+        return fleet_cli(command, device, *extra, *more, *connection)
 
-    assert "no device has announced itself on fleet lab" in _one_line(run("pi-01").output)
+    assert "no device has announced itself on fleet lab" in one_line(run("pi-01").output)
     agent = agents(agent_config(mosquitto.url, key_file, tmp_path / "s", artifact=str(artifact)))
     result = run("pi-07")
     assert result.exit_code == 1
-    line = _one_line(result.output)
+    line = one_line(result.output)
     assert "no device pi-07" in line and "known: pi-01" in line
     result = run("pi/01")
-    assert result.exit_code == 1 and "invalid device id" in _one_line(result.output)
+    assert result.exit_code == 1 and "invalid device id" in one_line(result.output)
 
     ghost(fleet, "pi-09")  # says it is online, never answers
     started = time.monotonic()
     result = run("pi-09", "--timeout", "1")
     assert time.monotonic() - started < 8
-    assert result.exit_code == 1 and "did not answer" in _one_line(result.output)
+    assert result.exit_code == 1 and "did not answer" in one_line(result.output)
 
     agent.shutdown()
     result = run("pi-01")
-    assert result.exit_code == 1 and "pi-01 is offline" in _one_line(result.output)
+    assert result.exit_code == 1 and "pi-01 is offline" in one_line(result.output)
 
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(b"w" * 32)
-    result = _fleet(command, "pi-01", *extra, *_flags(mosquitto.url, wrong))
+    result = fleet_cli(command, "pi-01", *extra, *flags(mosquitto.url, wrong))
     assert result.exit_code == 1
-    line = _one_line(result.output)
+    line = one_line(result.output)
     assert (
         "no device accepted the command" in line
         and "key may be wrong" in line
@@ -298,9 +274,9 @@ def test_bad_targets_are_one_line(
         return  # the broker is reached the same way (_fleet.connect); 5 s is enough once
     url = f"mqtt://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = _fleet(command, "pi-01", *extra, *_flags(url, key_file))
+    result = fleet_cli(command, "pi-01", *extra, *flags(url, key_file))
     assert time.monotonic() - started < 10
-    assert result.exit_code == 1 and url in _one_line(result.output)
+    assert result.exit_code == 1 and url in one_line(result.output)
 
 
 def test_an_agent_that_predates_these_commands_is_named(
@@ -314,19 +290,19 @@ def test_an_agent_that_predates_these_commands_is_named(
     old_status = handlers["status"]
     monkeypatch.delitem(handlers, "logs")
     monkeypatch.delitem(handlers, "metrics")
-    flags = _flags(mosquitto.url, key_file)
-    result = _fleet("logs", "pi-01", *flags)
+    connection = flags(mosquitto.url, key_file)
+    result = fleet_cli("logs", "pi-01", *connection)
     assert result.exit_code == 1
-    assert "pi-01 refused logs: unknown command 'logs'" in _one_line(result.output)
-    result = _fleet("metrics", "--json", *flags)
+    assert "pi-01 refused logs: unknown command 'logs'" in one_line(result.output)
+    result = fleet_cli("metrics", "--json", *connection)
     assert result.exit_code == 1
     assert "unknown command 'metrics'" in json.loads(result.stdout)["errors"]["pi-01"]
 
     without = {k: v for k, v in old_status.run({}).items() if k != "manifest"}
     monkeypatch.setitem(handlers, "status", Handler(lambda args: without))
-    result = _fleet("infer", "pi-01", str(images[0][0]), *flags)
+    result = fleet_cli("infer", "pi-01", str(images[0][0]), *connection)
     assert result.exit_code == 1
-    line = _one_line(result.output)
+    line = one_line(result.output)
     assert "does not say what input its model takes" in line and "update it" in line
 
 
@@ -341,7 +317,9 @@ def test_infer_warns_when_the_model_changes_during_the_request(
     monkeypatch.setitem(
         handlers, "status", Handler(lambda args: {**old_status.run(args), "version": "0"})
     )
-    result = _fleet("infer", "pi-01", str(images[0][0]), "--json", *_flags(mosquitto.url, key_file))
+    result = fleet_cli(
+        "infer", "pi-01", str(images[0][0]), "--json", *flags(mosquitto.url, key_file)
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["version"] == "1"
     assert "pi-01 switched to digits 1 during the request" in result.stderr

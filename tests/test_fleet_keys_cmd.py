@@ -23,47 +23,29 @@ from pathlib import Path
 
 import pytest
 from agent_support import FLEET
-from typer.testing import CliRunner
+from fleet_cli_support import fails_with_one_line, fleet_cli
 
 from edge_agent.broker import MosquittoBroker, free_port
 from edge_agent.broker_access import check_password, read_acl_file, read_password_file
 from edge_agent.config import load_config
 from edge_agent.protocol import MIN_KEY_BYTES, Command
 from edge_agent.transport import TransportError
-from toolkit.cli import app
 from toolkit.cli._fleet import connect
 from toolkit.fleet_keys import ACL_TEXT, OPERATOR, KeyFolder, mosquitto_hash
 from toolkit.fleet_settings import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _no_user_settings(monkeypatch, tmp_path) -> Path:
-    """No test reads the real user's BITFLEET_* variables or fleet.toml, or writes beside it."""
-    for name in list(os.environ):
-        if name.startswith("BITFLEET_"):
-            monkeypatch.delenv(name)
-    config = tmp_path / "config" / "fleet.toml"
-    monkeypatch.setattr("toolkit.fleet_settings.config_path", lambda: config)
-    return config
+pytestmark = pytest.mark.usefixtures("no_user_settings")
 
 
 def _keys(*args: str):
-    return CliRunner().invoke(app, ["fleet", "keys", *args])
+    return fleet_cli("keys", *args)
 
 
 def _ok(result) -> str:
     assert result.exit_code == 0, result.output
     return result.stdout
-
-
-def _error(result) -> str:
-    """The one `error:` line of a refused command (exit code 1, no traceback)."""
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture
@@ -83,7 +65,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------------- the files made
-def test_init_writes_the_key_accounts_and_acl_with_private_modes(keys, _no_user_settings):
+def test_init_writes_the_key_accounts_and_acl_with_private_modes(keys, no_user_settings):
     assert len(keys.fleet_key.read_bytes()) == MIN_KEY_BYTES
     password = keys.operator_password.read_text()
     assert password.endswith("\n") and len(password.strip()) >= 32
@@ -98,7 +80,7 @@ def test_init_writes_the_key_accounts_and_acl_with_private_modes(keys, _no_user_
     # the default folder is `keys` beside fleet.toml, and --json says where everything went
     result = _keys("init", "--json")
     document = json.loads(_ok(result))
-    default = _no_user_settings.parent / "keys"
+    default = no_user_settings.parent / "keys"
     assert document["dir"] == str(default) and Path(document["fleet_key"]).is_file()
     assert document["fleet_toml"] == [
         'key_file = "keys/fleet.key"',
@@ -172,20 +154,20 @@ def test_add_writes_each_device_s_key_account_and_folder(keys, tmp_path):
 @pytest.mark.parametrize("bad", ["pi/01", "pi+", "#", "pi 01", "..", OPERATOR, "x" * 65])
 def test_a_bad_device_id_is_one_line_and_nothing_is_written(keys, bad):
     before = _snapshot(keys.root)
-    line = _error(_keys("add", "pi-01", bad, "--dir", str(keys.root)))
+    line = fails_with_one_line(_keys("add", "pi-01", bad, "--dir", str(keys.root)))
     assert repr(bad) in line
     assert _snapshot(keys.root) == before  # not even pi-01
 
 
 def test_existing_secrets_are_kept_without_force(keys):
     key = keys.fleet_key.read_bytes()
-    line = _error(_keys("init", "--dir", str(keys.root)))
+    line = fails_with_one_line(_keys("init", "--dir", str(keys.root)))
     assert str(keys.fleet_key) in line and "--force" in line
     assert keys.fleet_key.read_bytes() == key
 
     _ok(_keys("add", "pi-01", "--dir", str(keys.root)))
     before = _snapshot(keys.root)
-    line = _error(_keys("add", "pi-02", "pi-01", "--dir", str(keys.root)))
+    line = fails_with_one_line(_keys("add", "pi-02", "pi-01", "--dir", str(keys.root)))
     assert "pi-01" in line and "--force" in line
     assert _snapshot(keys.root) == before
 
@@ -204,22 +186,24 @@ def test_existing_secrets_are_kept_without_force(keys):
 
 
 def test_add_before_init_and_a_relative_device_dir_are_one_line(tmp_path, keys):
-    line = _error(_keys("add", "pi-01", "--dir", str(tmp_path / "empty")))
+    line = fails_with_one_line(_keys("add", "pi-01", "--dir", str(tmp_path / "empty")))
     assert "keys init" in line and str(tmp_path / "empty") in line
     assert not (tmp_path / "empty").exists()
-    line = _error(_keys("add", "pi-01", "--dir", str(keys.root), "--device-dir", "etc/bitfleet"))
+    line = fails_with_one_line(
+        _keys("add", "pi-01", "--dir", str(keys.root), "--device-dir", "etc/bitfleet")
+    )
     assert "must be absolute" in line
 
 
 def test_an_unwritable_folder_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    line = _error(_keys("init", "--dir", str(blocker / "keys")))
+    line = fails_with_one_line(_keys("init", "--dir", str(blocker / "keys")))
     assert str(blocker / "keys") in line and "--dir" in line
     if os.geteuid() != 0:  # root writes through permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        line = _error(_keys("init", "--dir", str(locked)))
+        line = fails_with_one_line(_keys("init", "--dir", str(locked)))
         assert str(locked) in line and "permission denied" in line.lower()
 
 
@@ -243,7 +227,7 @@ def _embedded(port: int, keys: KeyFolder) -> subprocess.Popen[str]:
 
 @pytest.fixture(params=["mosquitto", "amqtt"])
 def provisioned(
-    request, initialised, tmp_path, _no_user_settings
+    request, initialised, tmp_path, no_user_settings
 ) -> Iterator[tuple[str, KeyFolder, Path]]:
     """(broker URL, key folder, pi-01's installed device folder) on a broker that runs them.
 
@@ -256,7 +240,7 @@ def provisioned(
     add = ["add", "pi-01", "pi-02", "--dir", str(keys.root), "--broker", url, "--fleet", FLEET]
     _ok(_keys(*add, "--device-dir", str(device_dir)))
     shutil.copytree(keys.agent_folder("pi-01"), device_dir)  # what rsync does on the device
-    config = _no_user_settings
+    config = no_user_settings
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(
         "\n".join([f'broker = "{url}"', f'fleet = "{FLEET}"', *printed["fleet_toml"]])
@@ -280,7 +264,7 @@ def _agent_config(state: Path, artifact: Path, config: Path):
 
 
 def _ls(*args: str):
-    return CliRunner().invoke(app, ["fleet", *args, "ls", "--json", "--wait", "5"])
+    return fleet_cli("ls", "--json", "--wait", "5", prefix=args)
 
 
 def test_provisioned_devices_join_and_the_laptop_lists_and_commands_them(

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_support import FLEET, agent_config
+from agent_support import agent_config, ghost
+from fleet_cli_support import flags, fleet_cli, one_line
 from safetensors.numpy import save_file
-from typer.testing import CliRunner
 
 from edge_agent.broker import free_port
 from edge_agent.config import LearnSettings
-from edge_agent.protocol import ONLINE, FrameKind, seal_json, state_body
-from toolkit.cli import app
 from toolkit.cli.fleet_learn_cmd import metrics_table, shown_rounds
 from toolkit.data import load_dataset
 from toolkit.fleet_metrics import draw_metrics, mean_by_round, plot_metrics
@@ -28,29 +26,7 @@ from toolkit.partition import partition
 
 IDS = ("pi-00", "pi-01", "pi-02")
 
-
-@pytest.fixture(autouse=True)
-def _no_user_settings(monkeypatch, tmp_path):
-    """No test reads the real user's environment or fleet.toml."""
-    for name in ("BITFLEET_BROKER", "BITFLEET_FLEET", "BITFLEET_KEY_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(
-        "toolkit.fleet_settings.config_path", lambda: tmp_path / "config" / "fleet.toml"
-    )
-
-
-def _fleet(*args: str):
-    return CliRunner().invoke(app, ["fleet", *args])
-
-
-def _flags(url: str, key_file: Path) -> list[str]:
-    return ["--broker", url, "--fleet", FLEET, "--key-file", str(key_file)]
-
-
-def _one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("no_user_settings")
 
 
 # ------------------------------------------------------------------------------ the mean
@@ -184,9 +160,11 @@ def _wait_until(predicate, timeout: float) -> bool:
 
 def test_learn_start_metrics_plot_and_stop(broker, agents, key_file, artifact, tmp_path, shards):
     fleet_agents = _start_fleet(agents, broker.url, key_file, artifact, tmp_path, shards)
-    flags = _flags(broker.url, key_file)
+    connection = flags(broker.url, key_file)
 
-    started = _fleet("learn", "start", "--all", "--local-steps", "8", "--merge", "avg", *flags)
+    started = fleet_cli(
+        "learn", "start", "--all", "--local-steps", "8", "--merge", "avg", *connection
+    )
     assert started.exit_code == 0, started.output
     assert all(device in started.stdout for device in IDS) and "local_steps 8" in started.stdout
     assert all(agent.learning for agent in fleet_agents)
@@ -196,18 +174,18 @@ def test_learn_start_metrics_plot_and_stop(broker, agents, key_file, artifact, t
     assert all(agent.learner.settings.peers == LearnSettings().peers for agent in fleet_agents)
 
     assert _wait_until(lambda: all(a.learner.round >= 6 for a in fleet_agents), 120)
-    stopped = _fleet("learn", "stop", "--all", "--json", *flags)
+    stopped = fleet_cli("learn", "stop", "--all", "--json", *connection)
     assert stopped.exit_code == 0, stopped.output
     rows = json.loads(stopped.stdout)
     assert [row["device"] for row in rows] == list(IDS)
     assert all(row["ok"] and row["stopped"] and row["round"] >= 6 for row in rows)
     assert not any(agent.learning for agent in fleet_agents)
 
-    listed = _fleet("ls", "--json", "--wait", "0", *flags)
+    listed = fleet_cli("ls", "--json", "--wait", "0", *connection)
     assert not any(row["learning"] for row in json.loads(listed.stdout))
 
     plot = tmp_path / "fleet.png"
-    result = _fleet("metrics", "--json", "--plot", str(plot), *flags)
+    result = fleet_cli("metrics", "--json", "--plot", str(plot), *connection)
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert sorted(metrics["devices"]) == list(IDS) and metrics["errors"] == {}
@@ -227,7 +205,7 @@ def test_learn_start_metrics_plot_and_stop(broker, agents, key_file, artifact, t
     with Image.open(plot) as image:
         assert image.format == "PNG"
 
-    table = _fleet("metrics", "--to", "pi-00,pi-02", *flags)
+    table = fleet_cli("metrics", "--to", "pi-00,pi-02", *connection)
     assert table.exit_code == 0, table.output
     header = next(line for line in table.stdout.splitlines() if line.lstrip().startswith("round"))
     assert "pi-00" in header and "pi-02" in header and "pi-01" not in header
@@ -240,21 +218,21 @@ def test_learn_start_reports_each_device_that_cannot_learn(
     agents(
         agent_config(mosquitto.url, key_file, tmp_path / "a", id="pi-00", artifact=str(artifact))
     )
-    flags = _flags(mosquitto.url, key_file)
-    result = _fleet("learn", "start", "--to", "pi-00", "--json", *flags)
+    connection = flags(mosquitto.url, key_file)
+    result = fleet_cli("learn", "start", "--to", "pi-00", "--json", *connection)
     assert result.exit_code == 1
     (row,) = json.loads(result.stdout)
     assert row["device"] == "pi-00" and not row["ok"] and "data_dir" in row["error"]
     # the connection flags may come after `fleet` too, above the learn sub-command
-    table = _fleet(*flags, "learn", "start", "--to", "pi-00")
+    table = fleet_cli(*connection, "learn", "start", "--to", "pi-00")
     assert table.exit_code == 1 and "failed" in table.stdout and "data_dir" in table.stdout
     # metrics of a device that never learned: no rounds, no error
-    result = _fleet("metrics", "--json", *flags)
+    result = fleet_cli("metrics", "--json", *connection)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["devices"] == {"pi-00": []}
-    result = _fleet("metrics", *flags)
+    result = fleet_cli("metrics", *connection)
     assert result.exit_code == 0 and "no learning round reported yet" in result.stdout
-    result = _fleet("metrics", "--plot", str(tmp_path / "none.png"), *flags)
+    result = fleet_cli("metrics", "--plot", str(tmp_path / "none.png"), *connection)
     assert result.exit_code == 1 and "nothing to plot" in result.output
 
 
@@ -262,35 +240,35 @@ def test_learn_start_reports_each_device_that_cannot_learn(
 def test_bad_targets_are_one_line_and_nothing_is_sent(
     mosquitto, agents, key_file, artifact, tmp_path
 ):
-    flags = _flags(mosquitto.url, key_file)
+    connection = flags(mosquitto.url, key_file)
     for args in (("learn", "start", "--all"), ("metrics",), ("learn", "stop", "--to", "pi-00")):
-        result = _fleet(*args, *flags)
+        result = fleet_cli(*args, *connection)
         assert result.exit_code == 1
-        assert "no device has announced itself on fleet lab" in _one_line(result.output)
+        assert "no device has announced itself on fleet lab" in one_line(result.output)
 
     agent = agents(
         agent_config(mosquitto.url, key_file, tmp_path / "a", id="pi-00", artifact=str(artifact))
     )
-    result = _fleet("learn", "start", "--to", "pi-00,pi-07", *flags)
+    result = fleet_cli("learn", "start", "--to", "pi-00,pi-07", *connection)
     assert result.exit_code == 1
-    line = _one_line(result.output)
+    line = one_line(result.output)
     assert "no device pi-07" in line and "known: pi-00" in line
     assert not agent.learning  # pi-00 was named too, but nothing went out
 
     for args in (("learn", "start"), ("learn", "stop", "--to", "pi-00", "--all")):
-        result = _fleet(*args, *flags)
+        result = fleet_cli(*args, *connection)
         assert result.exit_code != 0 and ("--to" in result.output and "--all" in result.output)
-    result = _fleet("learn", "start", "--all", "--merge", "median", *flags)
+    result = fleet_cli("learn", "start", "--all", "--merge", "median", *connection)
     assert result.exit_code != 0 and "--merge" in result.output
-    result = _fleet("learn", "start", "--all", "--peers", "0", *flags)
+    result = fleet_cli("learn", "start", "--all", "--peers", "0", *connection)
     assert result.exit_code != 0 and "--peers" in result.output
 
     agent.shutdown()
-    result = _fleet("learn", "stop", "--to", "pi-00", *flags)
-    assert result.exit_code == 1 and "pi-00 is offline" in _one_line(result.output)
-    result = _fleet("metrics", "--json", *flags)
+    result = fleet_cli("learn", "stop", "--to", "pi-00", *connection)
+    assert result.exit_code == 1 and "pi-00 is offline" in one_line(result.output)
+    result = fleet_cli("metrics", "--json", *connection)
     assert result.exit_code == 1
-    assert "no device of fleet lab is online" in _one_line(result.output)
+    assert "no device of fleet lab is online" in one_line(result.output)
 
 
 def test_a_wrong_key_says_no_device_accepted_the_command(
@@ -302,9 +280,9 @@ def test_a_wrong_key_says_no_device_accepted_the_command(
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(b"w" * 32)
     for args in (("learn", "start", "--all"), ("metrics", "--json")):
-        result = _fleet(*args, *_flags(mosquitto.url, wrong))
+        result = fleet_cli(*args, *flags(mosquitto.url, wrong))
         assert result.exit_code == 1
-        line = _one_line(result.output)
+        line = one_line(result.output)
         assert "no device accepted the command" in line and "pi-00" in line
         assert "key may be wrong" in line and str(wrong) in line
 
@@ -313,34 +291,15 @@ def test_an_unreachable_broker_is_one_line_within_seconds(key_file):
     url = f"mqtt://127.0.0.1:{free_port()}"
     for args in (("learn", "start", "--all"),):  # metrics connects the same way
         started = time.monotonic()
-        result = _fleet(*args, *_flags(url, key_file))
+        result = fleet_cli(*args, *flags(url, key_file))
         assert time.monotonic() - started < 10
-        assert result.exit_code == 1 and url in _one_line(result.output)
+        assert result.exit_code == 1 and url in one_line(result.output)
     # the choice of devices is checked before the broker is tried
-    result = _fleet("learn", "start", "--to", "pi/01", *_flags(url, key_file))
-    assert result.exit_code == 1 and "invalid device id" in _one_line(result.output)
-    result = _fleet("metrics", "--to", "pi-01", "--all", *_flags(url, key_file))
-    assert result.exit_code == 1 and "not both" in _one_line(result.output)
+    result = fleet_cli("learn", "start", "--to", "pi/01", *flags(url, key_file))
+    assert result.exit_code == 1 and "invalid device id" in one_line(result.output)
+    result = fleet_cli("metrics", "--to", "pi-01", "--all", *flags(url, key_file))
+    assert result.exit_code == 1 and "not both" in one_line(result.output)
     assert url not in result.output
-
-
-def ghost(fleet, device: str = "pi-09") -> str:
-    """A signed, retained ``online`` state of ``device``; no agent serves it: it never answers."""
-    body = state_body(
-        ONLINE,
-        model="digits",
-        version="1",
-        sha256=None,
-        agent_version="0",
-        learning=False,
-        model_spec=None,
-        platform="test",
-        instance="ghost",
-        since=time.time(),
-    )
-    frame = seal_json(FrameKind.STATE, body, sender=device, keyring=fleet.keyring)
-    fleet.transport.publish_and_wait(fleet.topics.state(device), frame, qos=1, retain=True)
-    return device
 
 
 def test_a_device_that_does_not_answer_is_an_error_not_a_hang(
@@ -351,9 +310,9 @@ def test_a_device_that_does_not_answer_is_an_error_not_a_hang(
         agent_config(mosquitto.url, key_file, tmp_path / "a", id="pi-00", artifact=str(artifact))
     )
     ghost(fleet, "pi-09")
-    flags = _flags(mosquitto.url, key_file)
+    connection = flags(mosquitto.url, key_file)
     started = time.monotonic()
-    result = _fleet("metrics", "--json", "--timeout", "1", *flags)
+    result = fleet_cli("metrics", "--json", "--timeout", "1", *connection)
     assert time.monotonic() - started < 8
     assert result.exit_code == 1
     metrics = json.loads(result.stdout)
@@ -361,7 +320,7 @@ def test_a_device_that_does_not_answer_is_an_error_not_a_hang(
     assert list(metrics["errors"]) == ["pi-09"] and "did not answer" in metrics["errors"]["pi-09"]
     assert "pi-09" in result.stderr
 
-    result = _fleet("learn", "stop", "--all", "--timeout", "1", "--json", *flags)
+    result = fleet_cli("learn", "stop", "--all", "--timeout", "1", "--json", *connection)
     assert result.exit_code == 1
     rows = {row["device"]: row for row in json.loads(result.stdout)}
     assert rows["pi-00"]["ok"] and rows["pi-00"]["stopped"] is False

@@ -14,17 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-from agent_support import FLEET, daemon_args
-from typer.testing import CliRunner
-
-from toolkit.cli import app
+import pytest
+from agent_support import daemon_args
+from fleet_cli_support import flags, fleet_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("no_user_settings")
+
 
 def _ls_json(url: str, key_file: Path) -> dict[str, str]:
-    flags = ["--broker", url, "--fleet", FLEET, "--key-file", str(key_file)]
-    result = CliRunner().invoke(app, ["fleet", "ls", "--json", "--wait", "0", *flags])
+    result = fleet_cli("ls", "--json", "--wait", "0", *flags(url, key_file))
     assert result.exit_code == 0, result.output
     return {row["id"]: row["status"] for row in json.loads(result.stdout)}
 

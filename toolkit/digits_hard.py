@@ -106,10 +106,10 @@ class Difficulty:
     clutter_slots: int = 2  # fragments of other digits, at most
     clutter_prob: float = 0.45  # chance that each slot holds a fragment
     clutter_same_colour: float = 0.5  # chance that a fragment has the digit's colour
-    min_contrast: float = 0.25  # minimum |luma(digit) - luma(background colour)|, both colours
+    min_contrast: float = 0.22  # minimum |luma(digit) - luma(background colour)|, both colours
     texture_prob: tuple[float, float, float] = (0.3, 0.3, 0.4)  # flat, gradient, noise
     foreground_jitter: float = 0.25  # second foreground colour within +-jitter of the first
-    noise: float = 0.1  # per-image pixel noise sigma drawn from [0, noise]
+    noise: float = 0.11  # per-image pixel noise sigma drawn from [0, noise]
 
     def digest(self) -> str:
         """Short hash of the knobs, part of the cache key."""

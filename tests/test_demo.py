@@ -204,3 +204,38 @@ def test_without_the_embedded_broker_it_names_the_extra(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     assert "pip install 'bitfleet[train]'" in _one_line(result.stderr)
     assert not out.exists()
+
+
+def test_the_compare_figure_draws_each_run_as_fleet_metrics_does(tmp_path, monkeypatch):
+    """Each panel of ``--compare``'s fleet.png is drawn by toolkit.fleet_metrics.draw_metrics."""
+    import toolkit.fleet_metrics as fleet_metrics
+    from toolkit.demo import DemoConfig, _plot, _Run
+
+    panels: list[tuple[str, dict[str, list[float]]]] = []
+    real = fleet_metrics.draw_metrics
+
+    def spy(axes, metrics, title=None):
+        drawn = real(axes, metrics, title)
+        panels.append((title, {line.get_label(): list(line.get_ydata()) for line in axes.lines}))
+        return drawn
+
+    monkeypatch.setattr(fleet_metrics, "draw_metrics", spy)
+    per_device = {
+        # pi-00 stopped and started again, so it reported round 1 twice: the latest counts
+        "pi-00": [
+            {"round": 0, "accuracy": 0.5},
+            {"round": 1, "accuracy": 0.1},
+            {"round": 1, "accuracy": 0.7},
+        ],
+        "pi-01": [{"round": 0, "accuracy": 0.4}, {"round": 1, "accuracy": 0.8}],
+    }
+    runs = [_Run(merge, {"devices": per_device}, {}, 1.0) for merge in ("vc", "avg")]
+    config = DemoConfig(nodes=2, rounds=1, compare=True, out=tmp_path)
+    path = _plot(runs, tmp_path / "fleet.png", config)
+    assert [title for title, _ in panels] == ["vc merging", "avg merging"]
+    for _, lines in panels:
+        assert lines["pi-00"] == pytest.approx([0.5, 0.7])
+        assert lines["pi-01"] == pytest.approx([0.4, 0.8])
+        assert lines["fleet mean"] == pytest.approx([0.45, 0.75])
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 2 * image.size[1]  # two panels

@@ -616,35 +616,26 @@ def _plot(runs: Sequence[_Run], path: Path, config: DemoConfig) -> Path:
 
 
 def _plot_compare(runs: Sequence[_Run], path: Path, title: str) -> Path:
-    """One panel per merge method, as :func:`toolkit.fleet_metrics.plot_metrics` draws a run."""
+    """One panel per merge method, each drawn by :func:`toolkit.fleet_metrics.draw_metrics`.
+
+    The panels share the y axis and one legend (the devices are the same in every run).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from toolkit.fleet_metrics import mean_by_round
+    from toolkit.fleet_metrics import draw_metrics
 
     figure = Figure(figsize=(5.5 * len(runs), 4.2))
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(runs), sharey=True)
     for ax, run in zip(axes, runs, strict=True):
-        per_device = run.metrics.get("devices", {})
-        for device, entries in sorted(per_device.items()):
-            points = sorted(
-                (e["round"], e["accuracy"]) for e in entries if e["accuracy"] is not None
-            )
-            if points:
-                ax.plot(*zip(*points, strict=True), linewidth=1, alpha=0.7, label=device)
-        mean = mean_by_round(per_device)
-        ax.plot(
-            [m["round"] for m in mean],
-            [m["accuracy"] for m in mean],
-            linewidth=3,
-            color="black",
-            label="fleet mean",
-        )
-        ax.set(xlabel="round", ylim=(0, 1), title=f"{run.merge} merging")
-        ax.grid(alpha=0.3)
+        draw_metrics(ax, run.metrics, title=f"{run.merge} merging")
+        ax.set_ylabel("")
+    for ax in axes[:-1]:
+        legend = ax.get_legend()
+        if legend is not None:
+            legend.remove()
     axes[0].set_ylabel("accuracy on the shared test set")
-    axes[-1].legend(fontsize="small", loc="lower right")
     figure.suptitle(title)
     figure.tight_layout()
     buffer = io.BytesIO()

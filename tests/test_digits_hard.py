@@ -244,3 +244,16 @@ def test_simulate_on_digits_hard(monkeypatch, cache):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["methods"]["vc"]["rounds"] == 1
     assert list(cache.glob(f"digits-hard-v*-train-seed{dh.DEFAULT_SEED}-n60-*.safetensors"))
+
+
+def test_docs_list_every_knob_with_its_default():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "datasets.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", text, flags=re.MULTILINE))
+    defaults = dataclasses.asdict(dh.DIFFICULTY)
+    assert rows.keys() == defaults.keys()
+    for name, value in defaults.items():
+        assert rows[name].strip() == str(value), f"docs/datasets.md: {name} is {value}"

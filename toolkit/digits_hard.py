@@ -47,7 +47,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -66,7 +65,6 @@ __all__ = [
     "Difficulty",
     "HardDigits",
     "cache_dir",
-    "describe",
     "generate",
     "load",
     "make_loader",
@@ -85,7 +83,7 @@ CHUNK = 250
 SIZE = 32
 CLASSES = tuple(str(k) for k in range(10))
 _SPLIT_CODE = {"train": 1, "test": 2}
-_MAX_TRAIN_SIZE = 1_000_000
+_MAX_TRAIN_SIZE = 200_000  # 2.5 GB once normalised to float32
 _GLYPH_CENTRE = (SIZE - 1) / 2.0
 
 
@@ -474,14 +472,3 @@ def make_loader(options: str) -> Callable[[Path | None, str, int | None, int | N
         return _uint8_to_float(data.x, image_size, channels), data.y, CLASSES
 
     return loader
-
-
-def describe() -> dict[str, Any]:
-    """The generator's identity and knobs, for reports and benchmarks."""
-    return {
-        "version": GENERATOR_VERSION,
-        "default_train_size": DEFAULT_TRAIN_SIZE,
-        "test_size": TEST_SIZE,
-        "knobs": asdict(DIFFICULTY),
-        "cache_dir": str(cache_dir()),
-    }

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from fleet_cli_support import broken_help_lines
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -239,3 +240,7 @@ def test_the_compare_figure_draws_each_run_as_fleet_metrics_does(tmp_path, monke
         assert lines["fleet mean"] == pytest.approx([0.45, 0.75])
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 2 * image.size[1]  # two panels
+
+
+def test_the_help_reads_as_paragraphs():
+    assert broken_help_lines("demo") == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from agent_support import FLEET, agent_config
-from fleet_cli_support import flags, fleet_cli, one_line
+from fleet_cli_support import broken_help_lines, commands, flags, fleet_cli, one_line
 
 from edge_agent.broker import free_port
 from toolkit.cli import fleet_cmd
@@ -248,3 +248,9 @@ def test_the_keyring_holds_the_device_keys_the_agents_sign_with(tmp_path):
     (devices / "pi-02.key").write_bytes(b"short")
     with pytest.raises(ValueError, match="pi-02"):
         resolve(key_file=fleet_key, device_keys_dir=devices, env={}, config=config).keyring()
+
+
+@pytest.mark.parametrize("path", commands("fleet"), ids=" ".join)
+def test_every_fleet_command_s_help_reads_as_paragraphs(path):
+    """No --help of a fleet command shows a sentence broken where its source line ended."""
+    assert broken_help_lines(*path) == []

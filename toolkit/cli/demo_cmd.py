@@ -68,6 +68,8 @@ def _summary(report: dict[str, Any]) -> None:
         console.print(literal(line), soft_wrap=True, highlight=False)
 
 
+# typer keeps the docstring's line breaks in --help: each of its lines stands alone (a list
+# item, or a whole short paragraph), never a sentence broken to fit
 @cli_command
 def demo(
     nodes: Annotated[
@@ -96,11 +98,15 @@ def demo(
 ) -> None:
     """Run a whole fleet on this machine and watch it learn (under a minute on 2 cores).
 
-    Starts the embedded MQTT broker, trains a seed model briefly on a few hundred digits and
-    exports it, gives each of NODES agents a label-skewed shard of the rest, deploys the model
-    with a staged rollout, lets the fleet gossip-learn with variance-corrected merging for
-    ROUNDS rounds, and writes OUT/report.json and OUT/fleet.png. Every process it starts is
-    stopped at the end, after an error or on Ctrl-C.
+    Its steps:
+    1. start the embedded MQTT broker;
+    2. train a seed model briefly on a few hundred digits, and export it;
+    3. give each of NODES agents a label-skewed shard of the rest of the digits;
+    4. deploy the model to them with a staged rollout;
+    5. let them gossip-learn for ROUNDS rounds with variance-corrected merging;
+    6. write OUT/report.json and OUT/fleet.png.
+
+    Every process it starts is stopped at the end, also after an error or on Ctrl-C.
     """
     from toolkit.demo import DemoConfig, run_demo
 

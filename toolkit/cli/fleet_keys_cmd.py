@@ -108,7 +108,15 @@ def init(
         )
 
 
-@keys_app.command("add")
+_ADD_HELP = (
+    "Give each device its own key, broker account and a folder to copy to it.\n\n"
+    "The folder (agents/<id>: agent.toml, fleet.key, keys/) configures the device; its "
+    "agent.toml names the broker and fleet of --broker/--fleet, BITFLEET_BROKER/BITFLEET_FLEET "
+    "or fleet.toml: use the broker's address as the devices reach it."
+)
+
+
+@keys_app.command("add", help=_ADD_HELP)
 @cli_command
 def add(
     ctx: typer.Context,
@@ -136,12 +144,7 @@ def add(
     fleet: FleetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Give each device its own key, broker account and a folder to copy to it.
-
-    The folder (agents/<id>: agent.toml, fleet.key, keys/) configures the device; its
-    agent.toml names the broker and fleet of --broker/--fleet, BITFLEET_BROKER/BITFLEET_FLEET
-    or fleet.toml: use the broker's address as the devices reach it.
-    """
+    """Make each device's key, account and folder (help: ``_ADD_HELP``)."""
     from edge_agent.broker import is_loopback
     from edge_agent.transport import parse_broker_url
     from toolkit.fleet_keys import add_devices

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 from agent_support import agent_config
 from fleet_cli_support import fails_with_one_line, flags, fleet_cli, one_line
-from test_rollout import clients, history, lenet_artifact, serves, start_fleet, versions_deployed
+from test_rollout import (
+    clients,
+    history,
+    lenet_artifact,
+    serves,
+    start_fleet,
+    take_offline,
+    versions_deployed,
+)
 
 from edge_agent.broker import free_port
 from toolkit.cli.fleet_deploy_cmd import parse_canary
@@ -145,8 +153,7 @@ def test_an_offline_target_is_reported(
 ):
     fleet = start_fleet(mosquitto, agents, key_file, artifact, tmp_path, IDS[:2])
     client = client_for(mosquitto.url, IDS[:2])
-    fleet["pi-02"].shutdown()
-    assert client.wait_for(lambda d: d["pi-02"]["status"] == "offline")
+    take_offline(fleet, client, "pi-02")
     connection = flags(mosquitto.url, key_file)
     packed = tmp_path / "v2.tar"  # a .tar of the artifact deploys the same
     with tarfile.open(packed, "w") as archive:

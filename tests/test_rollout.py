@@ -76,6 +76,12 @@ def start_fleet(
     }
 
 
+def take_offline(fleet: dict[str, Any], client: FleetClient, device: str) -> None:
+    """Shut ``device``'s agent down and wait until ``client`` sees its retained ``offline``."""
+    fleet[device].shutdown()
+    assert client.wait_for(lambda d: d[device]["status"] == "offline")
+
+
 def clients(key_file: Path) -> Iterator[Callable[..., FleetClient]]:
     """A factory of connected laptop clients that see the given devices online; then closes."""
     made: list[FleetClient] = []
@@ -267,8 +273,7 @@ def test_an_offline_target_is_reported_not_waited_for(
 ):
     fleet = start_fleet(mosquitto, agents, key_file, artifact, tmp_path, IDS[:3])
     client = client_for(mosquitto.url, IDS[:3])
-    fleet["pi-03"].shutdown()
-    assert client.wait_for(lambda d: d["pi-03"]["status"] == "offline")
+    take_offline(fleet, client, "pi-03")
     started = time.monotonic()
     result = rollout(client, v2, IDS[:3], canary=0.5, timeout_s=30)
     assert time.monotonic() - started < 10  # not 30: nobody waited for pi-03
@@ -294,8 +299,7 @@ def test_with_wait_a_target_that_comes_online_gets_the_artifact(
 ):
     fleet = start_fleet(mosquitto, agents, key_file, artifact, tmp_path, IDS[:2])
     client = client_for(mosquitto.url, IDS[:2])
-    fleet["pi-02"].shutdown()
-    assert client.wait_for(lambda d: d["pi-02"]["status"] == "offline")
+    take_offline(fleet, client, "pi-02")
 
     def restart(event: RolloutEvent) -> None:
         if event.kind == "waiting":  # pi-02 comes back while the rollout waits for it
@@ -364,8 +368,7 @@ def test_no_target_online_is_an_error(
 ):
     fleet = start_fleet(mosquitto, agents, key_file, artifact, tmp_path, IDS[:1])
     client = client_for(mosquitto.url, IDS[:1])
-    fleet["pi-01"].shutdown()
-    assert client.wait_for(lambda d: d["pi-01"]["status"] == "offline")
+    take_offline(fleet, client, "pi-01")
     with pytest.raises(RolloutError, match=r"none of the targets is online \(pi-01 offline\)"):
         rollout(client, v2, ["pi-01"])
     started = time.monotonic()

@@ -71,6 +71,13 @@ DeviceKeysDirOpt = Annotated[
         "(env BITFLEET_DEVICE_KEYS_DIR).",
     ),
 ]
+# the choice of devices (read by chosen) and --json, as the many-device commands spell them
+ToOpt = Annotated[
+    str | None,
+    typer.Option("--to", metavar="ID[,ID]", help="The devices, by id, separated by commas."),
+]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every device that is online now.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 _CONNECT_S = 5.0  # how long to try the broker before saying it is unreachable
 

@@ -29,9 +29,12 @@ from rich.table import Table
 
 from ._common import cli_command, console, err_console, literal, print_json, say
 from ._fleet import (
+    AllOpt,
     BrokerOpt,
     FleetOpt,
+    JsonOpt,
     KeyFileOpt,
+    ToOpt,
     app,
     chosen,
     connect,
@@ -45,11 +48,6 @@ if TYPE_CHECKING:
     from toolkit.fleet_settings import FleetSettings
     from toolkit.rollout import RolloutEvent, RolloutResult
 
-ToOpt = Annotated[
-    str | None,
-    typer.Option("--to", metavar="ID[,ID]", help="The devices, by id, separated by commas."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 AnswerTimeoutOpt = Annotated[float, timeout_opt("each device's answer", le=3600)]
 
 _COLOURS = {
@@ -305,7 +303,7 @@ def deploy(
 def rollback(
     ctx: typer.Context,
     to: ToOpt = None,
-    every: Annotated[bool, typer.Option("--all", help="Every device that is online now.")] = False,
+    every: AllOpt = False,
     timeout: AnswerTimeoutOpt = 30.0,
     as_json: JsonOpt = False,
     broker: BrokerOpt = None,

@@ -21,9 +21,12 @@ from rich.table import Table
 
 from ._common import cli_command, console, err_console, literal, print_json, say
 from ._fleet import (
+    AllOpt,
     BrokerOpt,
     FleetOpt,
+    JsonOpt,
     KeyFileOpt,
+    ToOpt,
     app,
     chosen,
     connect,
@@ -40,13 +43,6 @@ learn_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(learn_app, name="learn")
-
-ToOpt = Annotated[
-    str | None,
-    typer.Option("--to", metavar="ID[,ID]", help="The devices, by id, separated by commas."),
-]
-AllOpt = Annotated[bool, typer.Option("--all", help="Every device that is online now.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 _MAX_ROWS = 20  # rounds shown in the metrics table; longer runs show every k-th round
 

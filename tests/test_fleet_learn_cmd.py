@@ -212,6 +212,30 @@ def test_learn_start_metrics_plot_and_stop(broker, agents, key_file, artifact, t
     assert "mean" in header
 
 
+def test_learn_start_wait_returns_when_every_run_has_reached_its_rounds(
+    mosquitto, agents, key_file, artifact, tmp_path, shards
+):
+    fleet_agents = _start_fleet(agents, mosquitto.url, key_file, artifact, tmp_path, shards)
+    connection = flags(mosquitto.url, key_file)
+    args = ("learn", "start", "--all", "--local-steps", "2", "--rounds", "3", "--wait")
+    result = fleet_cli(*args, "--json", *connection)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["device"] for row in rows] == list(IDS)
+    for row, agent in zip(rows, fleet_agents, strict=True):
+        assert not agent.learning and agent.learner.round == 3  # it returned after the runs
+        assert row["ok"] and row["final"]["round"] == 3
+        assert row["final"]["accuracy"] == agent.learner.metrics["accuracy"]
+
+    again = fleet_cli(*args, *connection)  # resumed at round 3 of 3: ends at once
+    assert again.exit_code == 0, again.output
+    assert again.stdout.count("finished") == len(IDS) and "round 3" in again.stdout
+
+    endless = fleet_cli("learn", "start", "--all", "--rounds", "0", "--wait", *connection)
+    assert endless.exit_code != 0 and "--wait needs runs that end" in endless.output
+    assert not any(agent.learning for agent in fleet_agents)  # refused before sending
+
+
 def test_learn_start_reports_each_device_that_cannot_learn(
     mosquitto, agents, key_file, artifact, tmp_path
 ):

@@ -16,7 +16,9 @@ for the starting point of each run (the accuracy before training, ``train_loss``
     metrics["mean"]          # [{"round": 0, "accuracy": 0.11, "devices": 3}, ...]
     plot_metrics(metrics, "fleet.png")
 
-Which devices a command goes to, and sending it to many, is :mod:`toolkit.fleet_targets`.
+:func:`wait_for_runs` waits until the devices' learning runs have ended (``learn start
+--rounds N --wait``). Which devices a command goes to, and sending it to many, is
+:mod:`toolkit.fleet_targets`.
 
 Torch-free; matplotlib is imported by :func:`plot_metrics` alone (it comes with the ``train``
 extra).
@@ -27,19 +29,21 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitfleet.errors import require
 from bitfleet.fsutil import atomic_write_bytes
 from edge_agent.protocol import Command
+from toolkit.fleet import FleetError
 from toolkit.fleet_targets import send_all
 
 if TYPE_CHECKING:
     from toolkit.fleet import FleetClient
 
-__all__ = ["collect_metrics", "draw_metrics", "mean_by_round", "plot_metrics"]
+__all__ = ["collect_metrics", "draw_metrics", "mean_by_round", "plot_metrics", "wait_for_runs"]
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -94,6 +98,47 @@ def collect_metrics(
         "errors": dict(sorted(errors.items())),
         "learning": learning,
     }
+
+
+def wait_for_runs(
+    client: FleetClient,
+    devices: Iterable[str],
+    *,
+    timeout: float | None = None,
+    poll_s: float = 1.0,
+    on_poll: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Until every device's learning run has ended; each device's final learning status.
+
+    Polls the ``metrics`` command every ``poll_s`` seconds and hands each device's learning
+    status (``on``, ``round``, ``accuracy``, ``error``: what its telemetry says) to
+    ``on_poll``, for a progress bar. A run ends when it reaches its rounds, stops on an error
+    (the status's ``error`` says which) or is stopped. A run without a round limit ends only
+    with ``learn stop``. Raises :class:`~toolkit.fleet.FleetError` when a device does not
+    answer (gone offline, say) or the runs have not all ended within ``timeout`` seconds.
+    """
+    waiting = list(dict.fromkeys(devices))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        results, errors = send_all(client, waiting, Command.METRICS, timeout=max(poll_s, 10.0))
+        if errors:
+            device, why = sorted(errors.items())[0]
+            raise FleetError(f"lost {device} while waiting for its learning run to end: {why}")
+        statuses = {
+            d: dict(r.get("learning") or {}) if isinstance(r, Mapping) else {}
+            for d, r in results.items()
+        }
+        if on_poll is not None:
+            on_poll(statuses)
+        running = sorted(d for d, status in statuses.items() if status.get("on"))
+        if not running:
+            return statuses
+        if deadline is not None and time.monotonic() > deadline:
+            raise FleetError(
+                f"learning still runs on {', '.join(running)} after {timeout:g} s; "
+                "bitfleet fleet metrics shows where it got to, learn stop ends it"
+            )
+        time.sleep(poll_s)
 
 
 def _latest_per_round(entries: Iterable[Mapping[str, Any]]) -> dict[int, float]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -34,6 +34,9 @@ from ._fleet import (
     targets,
     timeout_opt,
 )
+
+if TYPE_CHECKING:
+    from toolkit.fleet import FleetClient
 
 learn_app = typer.Typer(
     help=(
@@ -101,12 +104,14 @@ def _send(
     as_json: bool,
     detail: Callable[[dict[str, Any]], tuple[str, str]],
     header: str,
+    then: Callable[[FleetClient, list[dict[str, Any]]], None] | None = None,
 ) -> None:
     """Send ``command`` to the chosen devices and print a row each; exit code 1 if any failed.
 
     ``choice`` is ``(--to, --all)``, ``conn`` the connection flags; the table is titled with the
     command's name, and ``detail(row)`` gives an answering device's outcome and the text of the
-    last column, headed ``header``.
+    last column, headed ``header``. ``then(client, rows)``, when given, runs before the client
+    closes (and may mark rows failed), once every device has answered.
     """
     from toolkit.fleet_targets import send_all
 
@@ -117,15 +122,73 @@ def _send(
         devices = targets(client, config, ids)
         with err_console.status(f"{command} on {len(devices)} device(s)..."):
             results, errors = send_all(client, devices, command, args, timeout=timeout)
+        rows = _outcomes(results, errors)
+        if then is not None:
+            then(client, rows)
     finally:
         client.close()
-    rows = _outcomes(results, errors)
     if as_json:
         print_json(rows)
     else:
         console.print(_outcome_table(rows, command.replace(".", " "), detail, header))
     if any(not row["ok"] for row in rows):
         raise typer.Exit(1)
+
+
+def _wait_for_runs(client: FleetClient, rows: list[dict[str, Any]]) -> None:
+    """``learn start --wait``: a progress bar of rounds until every started run has ended.
+
+    Each row that started gets ``final`` (its last learning status); a run that ended with an
+    error becomes a failed row.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from toolkit.fleet_metrics import wait_for_runs
+
+    started = {row["device"]: row for row in rows if row["ok"]}
+    if not started:
+        return
+    unbounded = sorted(d for d, row in started.items() if not _rounds(row))
+    if unbounded:
+        raise ValueError(
+            f"--wait needs runs that end, but {', '.join(unbounded)} learn(s) until learn stop "
+            "(rounds 0); learning is on: pass --rounds N next time, or run bitfleet fleet "
+            "learn stop"
+        )
+    first = {d: int(row.get("round") or 0) for d, row in started.items()}
+    total = sum(max(0, _rounds(row) - first[d]) for d, row in started.items())
+    columns = (TextColumn("learning"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"))
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        bar = progress.add_task("rounds", total=total)
+
+        def show(statuses: dict[str, dict[str, Any]]) -> None:
+            done = sum(
+                max(0, min(_rounds(started[d]), int(s.get("round") or 0)) - first[d])
+                for d, s in statuses.items()
+            )
+            progress.update(bar, completed=done)
+
+        finals = wait_for_runs(client, started, on_poll=show)
+    for device, status in finals.items():
+        row = started[device]
+        row["final"] = {"round": status.get("round"), "accuracy": status.get("accuracy")}
+        if status.get("error"):
+            row.update(ok=False, error=f"learning stopped: {status['error']}")
+
+
+def _rounds(row: Mapping[str, Any]) -> int:
+    values = row.get("settings")
+    rounds = values.get("rounds") if isinstance(values, Mapping) else None
+    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else 0
+
+
+def _started(row: dict[str, Any]) -> tuple[str, str]:
+    final = row.get("final")
+    if isinstance(final, Mapping):
+        accuracy = final.get("accuracy")
+        shown = f"{accuracy:.3f}" if isinstance(accuracy, int | float) else "-"
+        return "finished", f"round {final.get('round')}, accuracy {shown}"
+    return "learning", _settings_text(row.get("settings"))
 
 
 @learn_app.command(
@@ -158,6 +221,14 @@ def learn_start(
         int | None,
         typer.Option("--rounds", min=0, help="Stop after this many rounds (0: until learn stop)."),
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait, with a progress bar, until every run has reached its rounds; then show "
+            "each device's final round and accuracy (Ctrl-C stops waiting, not learning).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     timeout: Annotated[
         float, timeout_opt("each device's answer (a device loads torch on its first start)")
@@ -169,6 +240,8 @@ def learn_start(
     """Start gossip learning on devices (--to or --all); unset settings stay the device's own."""
     from edge_agent.protocol import Command
 
+    if wait and rounds == 0:
+        raise typer.BadParameter("--wait needs runs that end: pass --rounds N (N > 0)")
     if merge is not None and merge not in ("vc", "avg"):
         raise typer.BadParameter(f"--merge must be vc or avg, got {merge!r}")
     overrides = {
@@ -189,8 +262,9 @@ def learn_start(
         timeout=timeout,
         conn=(broker, fleet, key_file),
         as_json=as_json,
-        detail=lambda row: ("learning", _settings_text(row.get("settings"))),
+        detail=_started,
         header="settings / error",
+        then=_wait_for_runs if wait else None,
     )
 
 

@@ -167,7 +167,7 @@ def test_readme_extraction_finds_the_setup_blocks_first() -> None:
     blocks = readme_blocks()
     assert len(blocks) > 2
     assert blocks[0].lang == blocks[1].lang == "bash"
-    assert "pip install" in blocks[0].code and "bitfleet train" in blocks[0].code
+    assert "pip install" in blocks[0].code and "bitfleet demo" in blocks[0].code
     assert "python -m pytest" in blocks[1].code
 
 

@@ -23,7 +23,7 @@ def raw_pixels(ds: ArrayDataset) -> np.ndarray:
 
 
 def test_registry_lists_every_reader():
-    assert list_datasets() == ["cifar10", "digits", "imagefolder", "mnist"]
+    assert list_datasets() == ["cifar10", "digits", "digits-hard", "imagefolder", "mnist"]
     assert not DATASETS["digits"].needs_root
     assert all(DATASETS[n].needs_root for n in ("cifar10", "mnist", "imagefolder"))
 

@@ -1009,6 +1009,9 @@ def test_frame_kinds_and_command_names_are_the_wire_strings():
         "learn.start",
         "learn.stop",
         "config.set",
+        "logs",
+        "history",
+        "metrics",
     )
     assert (Command.LEARN_START, Command.CONFIG_SET) == ("learn.start", "config.set")
 

@@ -246,6 +246,9 @@ def test_an_empty_fleet_and_an_unreachable_broker_are_one_line(mosquitto, key_fi
     started = time.monotonic()
     fails_with_one_line(fleet_cli("deploy", str(v2), "--all", *flags(url, key_file)), url)
     assert time.monotonic() - started < 10
+    # the artifact is checked first: a missing one is named, whatever the broker
+    missing = fleet_cli("deploy", "nowhere", "--all", *flags(url, key_file))
+    fails_with_one_line(missing, "artifact nowhere does not exist")
 
 
 def test_devices_that_drop_the_deploy_command_are_named(

@@ -267,10 +267,12 @@ def deploy(
     key_file: KeyFileOpt = None,
 ) -> None:
     """Roll ``artifact`` out with :func:`toolkit.rollout.rollout` (help: ``_DEPLOY_HELP``)."""
+    from toolkit.fleet import artifact_tar
     from toolkit.rollout import rollout
 
     ids = chosen(to, every)
     share = parse_canary(canary)
+    artifact_tar(artifact)  # a missing or damaged artifact is named before the broker is tried
     config = settings(ctx, broker, fleet, key_file)
     client = connect(config)
     bars = _Bars()

@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "atomic_write_bytes",
+    "atomic_write_secret",
     "atomic_write_text",
     "atomic_write_json",
     "sha256_file",
@@ -80,6 +81,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def atomic_write_secret(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` atomically, readable by its owner only (0600), from the first byte on.
+
+    :func:`atomic_write_bytes` gives the new file the mode of the file it replaces, so that
+    file is made 0600 first (created empty if missing; a symbolic link is refused).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    atomic_write_bytes(path, data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

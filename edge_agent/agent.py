@@ -436,12 +436,8 @@ def load_keyring(config: AgentConfig) -> Keyring:
     With per-device keys a device signs with its own key and verifies each peer with that
     peer's key, so a device that leaks its key lets an attacker impersonate it alone.
     """
-    device_keys: dict[str, bytes] = {}
     try:
-        if config.device_keys_dir:
-            for file in sorted(Path(config.device_keys_dir).glob("*.key")):
-                device_keys[file.stem] = file.read_bytes()
-        return Keyring.from_file(config.key_file, device_keys)
+        return Keyring.from_files(config.key_file, config.device_keys_dir or None)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot use the keys ({err})") from None
 

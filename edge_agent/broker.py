@@ -51,6 +51,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from bitfleet.errors import BitfleetError, MissingExtraError, require
+from bitfleet.fsutil import atomic_write_secret
 
 __all__ = [
     "BrokerError",
@@ -106,32 +107,23 @@ def mosquitto_available() -> bool:
 
 
 def write_password_file(path: str | os.PathLike[str], users: Mapping[str, str]) -> Path:
-    """Write a Mosquitto password file for ``users`` (name -> password) with ``mosquitto_passwd``.
+    """Write a Mosquitto password file for ``users`` (name -> password), atomically, mode 0600.
 
-    The file is replaced, created with mode 0600, and holds salted hashes only. The passwords
-    pass through ``mosquitto_passwd``'s command line (``-b``), visible for a moment in the
-    process list: use it on a machine you trust, as tests and provisioning scripts do. Raises
-    :class:`BrokerError` if ``mosquitto_passwd`` is missing or refuses a user.
+    The file is replaced and holds salted ``$7$`` hashes only, made as ``mosquitto_passwd``
+    makes them (:func:`edge_agent.broker_access.hash_password`), so it needs no Mosquitto and
+    no password ever appears on a command line. Raises ``ValueError`` for an empty user name
+    or one holding ':'.
     """
-    tool = _find_tool("mosquitto_passwd")
-    if tool is None:
-        raise BrokerError(
-            "mosquitto_passwd not found on PATH, in /usr/sbin or /usr/local/sbin "
-            "(install the mosquitto package)"
-        )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    target.touch(mode=0o600)
+    from edge_agent.broker_access import hash_password
+
+    lines = []
     for name, password in users.items():
         if not name or ":" in name:
             raise ValueError(f"bad user name {name!r}: must be non-empty without ':'")
-        done = subprocess.run(
-            [tool, "-b", str(target), name, password], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            why = (done.stderr or done.stdout).strip().splitlines()
-            raise BrokerError(f"mosquitto_passwd failed for {name!r}: {why[-1] if why else '?'}")
+        lines.append(f"{name}:{hash_password(password)}\n")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_secret(target, "".join(lines).encode("utf-8"))
     return target
 
 

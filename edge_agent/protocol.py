@@ -113,6 +113,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ParamSpec, TypeGuard, TypeVar
 
 import numpy as np
@@ -467,6 +468,24 @@ class Keyring:
                 f"{MIN_KEY_BYTES}; generate one with: head -c 32 /dev/urandom > fleet.key"
             )
         return cls(key, device_keys)
+
+    @classmethod
+    def from_files(
+        cls,
+        key_file: str | os.PathLike[str],
+        device_keys_dir: str | os.PathLike[str] | None = None,
+    ) -> Keyring:
+        """The fleet key of ``key_file`` plus every ``<device>.key`` file of ``device_keys_dir``.
+
+        How an agent and the laptop read their keys, so both verify a device that signs with
+        its own key alike. Raises :class:`ProtocolError` for a fleet key that is too short and
+        ``OSError`` for a file or folder that cannot be read.
+        """
+        device_keys: dict[str, bytes] = {}
+        if device_keys_dir:
+            for file in sorted(Path(device_keys_dir).glob("*.key")):
+                device_keys[file.stem] = file.read_bytes()
+        return cls.from_file(key_file, device_keys)
 
     def key_for(self, sender: str) -> bytes:
         """The key for frames from ``sender``: its own key if it has one, else the fleet key."""

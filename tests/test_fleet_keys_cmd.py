@@ -26,12 +26,17 @@ from agent_support import FLEET
 from fleet_cli_support import fails_with_one_line, fleet_cli
 
 from edge_agent.broker import MosquittoBroker, free_port
-from edge_agent.broker_access import check_password, read_acl_file, read_password_file
+from edge_agent.broker_access import (
+    check_password,
+    hash_password,
+    read_acl_file,
+    read_password_file,
+)
 from edge_agent.config import load_config
 from edge_agent.protocol import MIN_KEY_BYTES, Command
 from edge_agent.transport import TransportError
 from toolkit.cli._fleet import connect
-from toolkit.fleet_keys import ACL_TEXT, OPERATOR, KeyFolder, mosquitto_hash
+from toolkit.fleet_keys import ACL_TEXT, OPERATOR, KeyFolder
 from toolkit.fleet_settings import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,11 +107,11 @@ def test_the_acl_is_the_shipped_one_and_lets_the_operator_do_everything():
 
 
 def test_password_hashes_are_mosquitto_passwd_s():
-    digest = mosquitto_hash("correct horse")
+    digest = hash_password("correct horse")
     assert re.fullmatch(r"\$7\$101\$[A-Za-z0-9+/]{16}\$[A-Za-z0-9+/]{86}==", digest)
     assert check_password(digest, "correct horse") and not check_password(digest, "wrong")
-    assert mosquitto_hash("x", salt=b"s" * 12) == mosquitto_hash("x", salt=b"s" * 12)
-    assert mosquitto_hash("x") != mosquitto_hash("x")  # a fresh salt each time
+    assert hash_password("x", salt=b"s" * 12) == hash_password("x", salt=b"s" * 12)
+    assert hash_password("x") != hash_password("x")  # a fresh salt each time
 
 
 def test_add_writes_each_device_s_key_account_and_folder(keys, tmp_path):

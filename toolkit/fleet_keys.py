@@ -35,8 +35,6 @@ starts).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import secrets
@@ -45,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from bitfleet.errors import BitfleetError
-from bitfleet.fsutil import atomic_write_bytes, atomic_write_text
+from bitfleet.fsutil import atomic_write_secret, atomic_write_text
 from edge_agent.protocol import MIN_KEY_BYTES, validate_name
 
 __all__ = [
@@ -60,7 +58,6 @@ __all__ = [
     "default_dir",
     "fleet_toml_lines",
     "init_keys",
-    "mosquitto_hash",
 ]
 
 OPERATOR = "laptop"
@@ -73,8 +70,6 @@ DEVICE_DIR = "/etc/bitfleet"
 _STATE_DIR = "/var/lib/bitfleet"  # the agent's state on the device (the systemd StateDirectory)
 _PASSWORD_CHARS = 24  # random bytes of a broker password: 32 URL-safe characters, no ':'
 # Mosquitto 2's `mosquitto_passwd`: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt ($7$).
-_HASH_ITERATIONS = 101
-_SALT_BYTES = 12
 _SECRET_MODE = 0o600
 _FOLDER_MODE = 0o700
 
@@ -220,20 +215,6 @@ class AddReport:
 # ---------------------------------------------------------------------------- file writing
 
 
-def _secret(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically, readable by its owner only, from the first byte on.
-
-    :func:`~bitfleet.fsutil.atomic_write_bytes` gives the new file the mode of the file it
-    replaces, so that file is made 0600 first (created empty if missing).
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, _SECRET_MODE)
-    try:
-        os.fchmod(fd, _SECRET_MODE)
-    finally:
-        os.close(fd)
-    atomic_write_bytes(path, data)
-
-
 def _folder(path: Path) -> None:
     """Make ``path`` (and its parents); a folder made here is 0700."""
     if not path.is_dir():
@@ -258,18 +239,6 @@ def _writable(root: Path, what: Iterable[Path]) -> None:
             )
 
 
-def mosquitto_hash(password: str, *, salt: bytes | None = None) -> str:
-    """``password`` hashed as Mosquitto 2's ``mosquitto_passwd`` does: ``$7$101$salt$hash``.
-
-    PBKDF2-HMAC-SHA512, 101 iterations, a random 12-byte salt, both base64: what Mosquitto 2
-    and :func:`edge_agent.broker_access.check_password` verify.
-    """
-    salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, _HASH_ITERATIONS)
-    encoded = (base64.b64encode(part).decode("ascii") for part in (salt, digest))
-    return f"$7${_HASH_ITERATIONS}${'$'.join(encoded)}"
-
-
 def _accounts(path: Path) -> dict[str, str]:
     """User name -> its whole line, in file order, of a Mosquitto password file (if any)."""
     if not path.exists():
@@ -284,10 +253,12 @@ def _accounts(path: Path) -> dict[str, str]:
 
 def _write_accounts(path: Path, passwords: dict[str, str]) -> None:
     """Set the accounts in ``passwords`` (name -> clear password), keep every other one."""
+    from edge_agent.broker_access import hash_password  # with amqtt (the train extra)
+
     lines = _accounts(path)
     for user, password in passwords.items():
-        lines[user] = f"{user}:{mosquitto_hash(password)}"
-    _secret(path, "".join(f"{line}\n" for line in lines.values()).encode("utf-8"))
+        lines[user] = f"{user}:{hash_password(password)}"
+    atomic_write_secret(path, "".join(f"{line}\n" for line in lines.values()).encode("utf-8"))
 
 
 def _password() -> str:
@@ -322,13 +293,13 @@ def init_keys(root: str | os.PathLike[str], *, force: bool = False) -> InitRepor
     password = _password()
     try:
         kept = [user for user in _accounts(folder.password_file) if user != OPERATOR]
-        _secret(folder.fleet_key, key)
-        _secret(folder.operator_password, f"{password}\n".encode())
+        atomic_write_secret(folder.fleet_key, key)
+        atomic_write_secret(folder.operator_password, f"{password}\n".encode())
         _write_accounts(folder.password_file, {OPERATOR: password})
         atomic_write_text(folder.acl_file, ACL_TEXT)
         refreshed = []
         for device in _agent_folders(folder):
-            _secret(folder.agent_folder(device) / "fleet.key", key)
+            atomic_write_secret(folder.agent_folder(device) / "fleet.key", key)
             refreshed.append(device)
     except OSError as err:
         raise _unwritable(err) from None
@@ -417,14 +388,14 @@ def add_devices(
     written: list[Path] = []
     try:
         for device in names:
-            _secret(folder.device_key(device), secrets.token_bytes(MIN_KEY_BYTES))
+            atomic_write_secret(folder.device_key(device), secrets.token_bytes(MIN_KEY_BYTES))
             written.append(folder.device_key(device))
         for device in names:
             agent = folder.agent_folder(device)
             _folder(agent)
-            _secret(agent / "fleet.key", fleet_key)
+            atomic_write_secret(agent / "fleet.key", fleet_key)
             config = _agent_toml(device, passwords[device], broker, fleet, device_dir)
-            _secret(agent / "agent.toml", config.encode("utf-8"))
+            atomic_write_secret(agent / "agent.toml", config.encode("utf-8"))
             written.append(agent)
         peers = [d for d in _agent_folders(folder) if d not in names]
         _sync_keys(folder)
@@ -447,7 +418,7 @@ def _sync_keys(folder: KeyFolder) -> None:
         for name, key in keys.items():
             path = target / name
             if not path.is_file() or path.read_bytes() != key:
-                _secret(path, key)
+                atomic_write_secret(path, key)
 
 
 def _agent_toml(device: str, password: str, broker: str, fleet: str, device_dir: str) -> str:

@@ -22,8 +22,8 @@ Every ``bitfleet fleet`` command resolves each setting the same way, first match
 
 The password comes from a file, never a flag or a variable, so it stays out of the process
 list and the shell history. The per-device keys are read as the agent reads them
-(:func:`edge_agent.agent.load_keyring`), so the laptop verifies a device that signs with its
-own key exactly as that device's peers do.
+(:meth:`edge_agent.protocol.Keyring.from_files`), so the laptop verifies a device that signs
+with its own key exactly as that device's peers do.
 """
 
 from __future__ import annotations
@@ -123,11 +123,10 @@ class FleetSettings:
     def keyring(self) -> Keyring:
         """The fleet key plus the ``<device>.key`` files of ``device_keys_dir``, if one is set.
 
-        Read by the agent's own loader, so a device that signs with its own key is verified
+        Read as the agent reads them, so a device that signs with its own key is verified
         here with the key it signs with. Errors are one line naming the file or folder.
         """
-        from edge_agent.agent import load_keyring
-        from edge_agent.config import AgentConfig
+        from edge_agent.protocol import Keyring
 
         key = self.require_key_file()
         folder = ""
@@ -139,7 +138,10 @@ class FleetSettings:
                     f"{self._ways('device_keys_dir', 'DIR')}"
                 )
             folder = str(self.device_keys_dir)
-        return load_keyring(AgentConfig(key_file=str(key), device_keys_dir=folder))
+        try:
+            return Keyring.from_files(key, folder or None)
+        except (OSError, ValueError) as err:
+            raise FleetSettingsError(f"cannot use the keys ({err})") from None
 
     def password(self) -> str | None:
         """The broker password: the first line of ``password_file`` (None when none is set).

@@ -30,7 +30,7 @@ from . import quantizers
 from .quantizers import QuantizerLike
 from .small_conv import dense_conv2d, use_dense_path
 
-__all__ = ["BinaryConv2d", "BinaryLinear", "QuantizedLayer"]
+__all__ = ["AWConv2d", "BinaryConv2d", "BinaryLinear", "QuantizedLayer"]
 
 _PadArg = int | tuple[int, int] | str
 _PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
@@ -249,3 +249,8 @@ class BinaryLinear(QuantizedLayer, nn.Linear):
             return F.linear(x, weight, self.bias)
         out = F.linear(x, weight) * scale
         return out if self.bias is None else out + self.bias
+
+
+# AW-convolution is a BinaryConv2d with attention on its weights; it lives with the other
+# attention modules and is re-exported here, beside the layers it extends.
+from .attention import AWConv2d  # noqa: E402

@@ -12,6 +12,15 @@ counted: their cost is small next to the convolutions and they are the same in e
 being compared. The count runs one forward pass on a zero input with hooks on the layers, so
 any architecture built from ``nn.Conv2d`` / ``nn.Linear`` (and their binary subclasses) is
 counted without per-family code.
+
+Two declarations let a layer that does more than a convolution say so (AW-convolution,
+:class:`models.attention.AWConv2d`, uses both):
+
+- ``binary_macs = False``: its quantizers are binary but its MACs are not XNOR-popcounts
+  (per-sample real weights), so they count as FLOPs;
+- ``extra_macs() -> int``: real-valued MACs per image that its forward does outside its child
+  layers (AW's per-sample weight generation); they count as FLOPs, in a row of their own named
+  ``<layer>.extra`` of kind ``"extra"``. Child layers (``nn.Linear`` etc.) are hooked as usual.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ class LayerCost:
     """Cost of one convolution or dense layer."""
 
     name: str
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv", "linear" or "extra" (a layer's own work besides its children)
     binary: bool
     macs: int
     params: int
@@ -64,6 +73,9 @@ class OpCount:
 
 
 def _is_binary(module: nn.Module) -> bool:
+    declared = getattr(module, "binary_macs", None)
+    if declared is not None:
+        return bool(declared and getattr(module, "is_binary", False))
     return bool(getattr(module, "is_binary", False))
 
 
@@ -94,6 +106,9 @@ def count_ops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 224, 224))
                 names[module], kind, _is_binary(module), macs, params, tuple(output.shape[1:])
             )
         )
+        extra = getattr(module, "extra_macs", None)
+        if extra is not None:
+            layers.append(LayerCost(f"{names[module]}.extra", "extra", False, int(extra()), 0, ()))
 
     names = {module: name for name, module in model.named_modules()}
     for module in model.modules():

@@ -16,6 +16,12 @@ ReLU), so the two differ only where binarization differs and their layer shapes 
 
 Stems: ``"imagenet"`` is conv7x7/2 + BN + max-pool/2 (224x224 inputs); ``"cifar"`` is a conv3x3/1
 + BN with no pooling, for 32x32 inputs.
+
+Attention (``attention=``, :mod:`models.attention`): ``"aw"`` makes every 3x3 convolution of the
+stages (binary or float) an :class:`~models.attention.AWConv2d`; ``"se"`` puts a
+squeeze-excitation gate on each residual branch after its last batch norm, before the shortcut
+is added (Bi-Real: every unit; float: every basic block), as SE-ResNet does; ``"se+aw"`` both.
+The stem, the 1x1 shortcuts and the classifier never carry attention.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .attention import AWConv2d, SqueezeExcitation, parse_attention
 from .layers import BinaryConv2d
 from .quantizers import QuantizerLike
 from .registry import register_model
@@ -43,8 +50,26 @@ def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _conv3x3(aw: bool) -> type[BinaryConv2d]:
+    """The 3x3 convolution of a unit or block: with attention on its weights, or plain."""
+    return AWConv2d if aw else BinaryConv2d
+
+
+def _float_aw(module: nn.Module) -> bool:
+    """An AW-convolution without quantizers: initialised as the float conv it extends."""
+    return (
+        isinstance(module, AWConv2d)
+        and module.input_quantizer is None
+        and module.kernel_quantizer is None
+    )
+
+
 class BiRealUnit(nn.Module):
-    """One binary 3x3 conv with its own real-valued shortcut (Bi-Real's building block)."""
+    """One binary 3x3 conv with its own real-valued shortcut (Bi-Real's building block).
+
+    ``attention`` (see :data:`models.attention.ATTENTIONS`): ``"aw"`` makes the conv an
+    AW-convolution, ``"se"`` gates the branch ``BN(conv(x))`` before the shortcut is added.
+    """
 
     def __init__(
         self,
@@ -53,9 +78,12 @@ class BiRealUnit(nn.Module):
         stride: int,
         input_quantizer: QuantizerLike,
         kernel_quantizer: QuantizerLike,
+        *,
+        attention: str = "none",
     ) -> None:
         super().__init__()
-        self.conv = BinaryConv2d(
+        use_se, use_aw = parse_attention(attention)
+        self.conv = _conv3x3(use_aw)(
             in_channels,
             out_channels,
             3,
@@ -66,27 +94,42 @@ class BiRealUnit(nn.Module):
             kernel_quantizer=kernel_quantizer,
         )
         self.bn = nn.BatchNorm2d(out_channels)
+        self.se = SqueezeExcitation(out_channels) if use_se else None
         self.shortcut = _downsample(in_channels, out_channels, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.bn(self.conv(x)) + self.shortcut(x)
+        out = self.bn(self.conv(x))
+        if self.se is not None:
+            out = self.se(out)
+        return out + self.shortcut(x)
 
 
 class BasicBlock(nn.Module):
-    """Float ResNet basic block: two 3x3 convs with BN and ReLU around one shortcut."""
+    """Float ResNet basic block: two 3x3 convs with BN and ReLU around one shortcut.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    ``attention``: ``"aw"`` makes both convs AW-convolutions, ``"se"`` gates the branch after
+    its second batch norm, before the shortcut is added (SE-ResNet's place).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, *, attention: str = "none"
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        use_se, use_aw = parse_attention(attention)
+        conv: type[nn.Conv2d] = AWConv2d if use_aw else nn.Conv2d
+        self.conv1 = conv(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv2 = conv(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
+        self.se = SqueezeExcitation(out_channels) if use_se else None
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = _downsample(in_channels, out_channels, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if self.se is not None:
+            out = self.se(out)
         return self.relu(out + self.shortcut(x))
 
 
@@ -102,6 +145,7 @@ class ResNet(nn.Module):
         width: multiplier on the stage widths 64, 128, 256, 512.
         in_channels: input image channels.
         input_quantizer, kernel_quantizer: quantizers of the binary convs (Bi-Real only).
+        attention: ``"none"``, ``"se"``, ``"aw"`` or ``"se+aw"`` (see the module doc).
     """
 
     def __init__(
@@ -115,8 +159,10 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         input_quantizer: QuantizerLike = "approx_sign",
         kernel_quantizer: QuantizerLike = "magnitude_aware_sign",
+        attention: str = "none",
     ) -> None:
         super().__init__()
+        parse_attention(attention)  # a bad name fails here, before anything is built
         if block not in ("bireal", "basic"):
             raise ValueError(f"unknown ResNet block {block!r}; use 'bireal' or 'basic'")
         if stem not in STEMS:
@@ -148,15 +194,27 @@ class ResNet(nn.Module):
             for b in range(blocks):
                 stride = 2 if index > 0 and b == 0 else 1
                 if float_net:
-                    units.append(BasicBlock(channels, out_channels, stride))
+                    units.append(BasicBlock(channels, out_channels, stride, attention=attention))
                 else:
                     units.append(
                         BiRealUnit(
-                            channels, out_channels, stride, input_quantizer, kernel_quantizer
+                            channels,
+                            out_channels,
+                            stride,
+                            input_quantizer,
+                            kernel_quantizer,
+                            attention=attention,
                         )
                     )
                     units.append(
-                        BiRealUnit(out_channels, out_channels, 1, input_quantizer, kernel_quantizer)
+                        BiRealUnit(
+                            out_channels,
+                            out_channels,
+                            1,
+                            input_quantizer,
+                            kernel_quantizer,
+                            attention=attention,
+                        )
                     )
                 channels = out_channels
             stages.append(nn.Sequential(*units))
@@ -167,7 +225,8 @@ class ResNet(nn.Module):
 
     def _init_weights(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and not isinstance(m, BinaryConv2d):
+            if isinstance(m, nn.Conv2d) and (not isinstance(m, BinaryConv2d) or _float_aw(m)):
+                # binary layers' latent weights keep their own init
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -189,6 +248,7 @@ def bireal18(
     in_channels: int = 3,
     input_quantizer: str | None = "approx_sign",
     kernel_quantizer: str | None = "magnitude_aware_sign",
+    attention: str = "none",
 ) -> ResNet:
     """Bi-Real ResNet-18: 16 binary 3x3 convs, each with a real shortcut (ImageNet 56.4%)."""
     return ResNet(
@@ -200,6 +260,7 @@ def bireal18(
         in_channels=in_channels,
         input_quantizer=input_quantizer,
         kernel_quantizer=kernel_quantizer,
+        attention=attention,
     )
 
 
@@ -211,6 +272,7 @@ def bireal34(
     in_channels: int = 3,
     input_quantizer: str | None = "approx_sign",
     kernel_quantizer: str | None = "magnitude_aware_sign",
+    attention: str = "none",
 ) -> ResNet:
     """Bi-Real ResNet-34: 32 binary 3x3 convs, each with a real shortcut (ImageNet 62.2%)."""
     return ResNet(
@@ -222,12 +284,17 @@ def bireal34(
         in_channels=in_channels,
         input_quantizer=input_quantizer,
         kernel_quantizer=kernel_quantizer,
+        attention=attention,
     )
 
 
 @register_model(family="resnet")
 def resnet18(
-    num_classes: int = 10, stem: str = "cifar", width: float = 1.0, in_channels: int = 3
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width: float = 1.0,
+    in_channels: int = 3,
+    attention: str = "none",
 ) -> ResNet:
     """Float ResNet-18 in Bi-Real's layout (avg-pool downsampling shortcuts)."""
     return ResNet(
@@ -237,12 +304,17 @@ def resnet18(
         stem=stem,
         width=width,
         in_channels=in_channels,
+        attention=attention,
     )
 
 
 @register_model(family="resnet")
 def resnet34(
-    num_classes: int = 10, stem: str = "cifar", width: float = 1.0, in_channels: int = 3
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width: float = 1.0,
+    in_channels: int = 3,
+    attention: str = "none",
 ) -> ResNet:
     """Float ResNet-34 in Bi-Real's layout (avg-pool downsampling shortcuts)."""
     return ResNet(
@@ -252,4 +324,5 @@ def resnet34(
         stem=stem,
         width=width,
         in_channels=in_channels,
+        attention=attention,
     )

@@ -1,0 +1,229 @@
+"""AW-convolution and squeeze-excitation: the layers, the ResNet builders, the op counter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from models.attention import ATTENTIONS, AWConv2d, SqueezeExcitation, parse_attention
+from models.layers import BinaryConv2d
+
+BINARY = {"input_quantizer": "approx_sign", "kernel_quantizer": "magnitude_aware_sign"}
+RESNETS = ["bireal18", "bireal34", "resnet18", "resnet34"]
+
+
+def _randomize_attention(layer: AWConv2d, seed: int = 0) -> None:
+    """Give ``rows`` (zero at init) random values, so A(x) is not zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.rows.weight.copy_(torch.randn(layer.rows.weight.shape, generator=g) * 0.3)
+        layer.rows.bias.copy_(torch.randn(layer.rows.bias.shape, generator=g) * 0.1)
+
+
+def _twin(aw: AWConv2d, plain: nn.Conv2d) -> None:
+    with torch.no_grad():
+        plain.weight.copy_(aw.weight)
+        if plain.bias is not None and aw.bias is not None:
+            plain.bias.copy_(aw.bias)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0), (1, "same")])
+def test_zero_attention_equals_the_plain_float_conv(stride, padding):
+    torch.manual_seed(0)
+    aw = AWConv2d(6, 10, 3, stride, padding)
+    plain = nn.Conv2d(6, 10, 3, stride, padding)
+    _twin(aw, plain)
+    x = torch.randn(5, 6, 9, 9)
+    assert torch.equal(aw.attention(x), torch.zeros(5, 10, 6, 3, 3))  # A starts at zero
+    torch.testing.assert_close(aw(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_zero_attention_equals_the_plain_binary_conv(stride):
+    torch.manual_seed(0)
+    aw = AWConv2d(6, 10, 3, stride, 1, bias=False, **BINARY)
+    plain = BinaryConv2d(6, 10, 3, stride, 1, bias=False, **BINARY)
+    _twin(aw, plain)
+    x = torch.randn(5, 6, 8, 8)
+    assert aw.is_binary  # binary input and latent weight: clipped and gossiped as one
+    torch.testing.assert_close(aw(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantizers", [{}, BINARY], ids=["float", "binary"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_batched_equals_a_per_sample_loop(quantizers, stride):
+    torch.manual_seed(1)
+    layer = AWConv2d(4, 6, 3, stride, 1, **quantizers)
+    _randomize_attention(layer)
+    x = torch.randn(5, 4, 7, 7)
+    batched = layer(x)
+    attention = layer.attention(x)
+    assert attention.abs().amax() > 0.1  # the attention really differs between samples
+    assert (attention[0] - attention[1]).abs().amax() > 1e-3
+    weight = layer.quantized_weight()
+    for i in range(len(x)):
+        # the definition, sample by sample: conv(x, A(x) * W + W)
+        xi = x[i : i + 1]
+        if quantizers:
+            xi = F.pad(layer.input_quantizer(xi), layer.one_padding, value=1.0)
+        else:
+            xi = F.pad(xi, layer.one_padding)
+        expected = F.conv2d(xi, attention[i] * weight + weight, layer.bias, stride)
+        torch.testing.assert_close(batched[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+        # and a batch of one runs the same
+        torch.testing.assert_close(layer(x[i : i + 1]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_weight_shaped_and_not_a_separable_product():
+    torch.manual_seed(2)
+    layer = AWConv2d(4, 6, 3, padding=1)
+    _randomize_attention(layer)
+    a = layer.attention(torch.randn(3, 4, 5, 5))
+    assert a.shape == (3, *layer.weight.shape)
+    # a channel map times a spatial map would be rank 1 as (Cout*Cin) x (kh*kw); ours is not,
+    # and as Cout x (Cin*kh*kw) it has the layer's rank (2)
+    for sample in a:
+        assert torch.linalg.matrix_rank(sample.reshape(6 * 4, 9)) > 1
+        assert torch.linalg.matrix_rank(sample.reshape(6, 4 * 9)) == layer.rank
+
+
+def test_gradients_reach_the_attention_parameters():
+    torch.manual_seed(3)
+    layer = AWConv2d(4, 6, 3, padding=1, **BINARY)
+    x = torch.randn(3, 4, 6, 6)
+    layer(x).square().sum().backward()
+    # at init A = 0 = U V with U = 0: the gradient reaches U's layer, so training leaves zero
+    assert layer.rows.weight.grad is not None and layer.rows.weight.grad.abs().sum() > 0
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    layer.zero_grad()
+    _randomize_attention(layer)
+    layer(x).square().sum().backward()
+    for name in ("squeeze", "rows", "cols"):
+        for param in getattr(layer, name).parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="groups=1"):
+        AWConv2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="rank"):
+        AWConv2d(4, 4, 3, rank=0)
+    with pytest.raises(ValueError, match="reflect"):
+        AWConv2d(4, 4, 3, padding_mode="reflect")
+
+
+def test_squeeze_excitation_gates_each_channel():
+    torch.manual_seed(4)
+    se = SqueezeExcitation(32)
+    x = torch.randn(2, 32, 5, 5)
+    pooled = x.mean((2, 3), keepdim=True)
+    gate = torch.sigmoid(se.expand(torch.relu(se.reduce(pooled))))
+    torch.testing.assert_close(se(x), x * gate)
+    assert se.reduce.out_channels == 4  # max(4, 32 // 16)
+
+
+def test_parse_attention():
+    assert [parse_attention(a) for a in ATTENTIONS] == [
+        (False, False),
+        (True, False),
+        (False, True),
+        (True, True),
+    ]
+    with pytest.raises(ValueError, match="'se\\+aw'"):
+        parse_attention("cbam")
+
+
+# --- op counting ------------------------------------------------------------------------------
+
+
+def _attention_share(layer: nn.Module, shape: tuple[int, ...]) -> tuple[float, models.OpCount]:
+    count = models.count_ops(nn.Sequential(layer), shape)
+    conv = next(row for row in count.layers if row.name == "0")
+    return (count.flops + count.bops - conv.macs) / conv.macs, count
+
+
+def test_attention_costs_at_most_10_percent_at_a_representative_size():
+    # 64 -> 64 channels on an 8x8 map: Bi-Real-18's third stage at 32x32 input (width 0.25),
+    # or a width-1 net's 256 channels at the same map; (k + 1) / (H*W) = 3/64 plus small layers
+    layer = AWConv2d(64, 64, 3, padding=1, bias=False, **BINARY)
+    share, count = _attention_share(layer, (1, 64, 8, 8))
+    assert 0.04 < share <= 0.10
+    rows = {row.name: row for row in count.layers}
+    assert set(rows) == {"0", "0.extra", "0.squeeze", "0.rows", "0.cols"}
+    assert rows["0"].macs == 64 * 64 * 9 * 64  # the grouped conv costs what the plain one does
+    assert rows["0.extra"].macs == 3 * 64 * 64 * 9  # U @ V (rank 2) and A * W + W
+    assert rows["0.squeeze"].macs == 64 * 4 and rows["0.rows"].macs == 4 * 64 * 2
+    assert rows["0.cols"].macs == 4 * 2 * 64 * 9
+    # per-sample real weights: a binary AW layer's MACs are FLOPs, not BOPs
+    assert count.bops == 0 and not rows["0"].binary
+
+
+@pytest.mark.parametrize(
+    "name,stem,size", [("resnet18", "cifar", 32), ("bireal18", "imagenet", 224)]
+)
+def test_whole_network_attention_cost(name, stem, size):
+    plain = models.count_ops(models.create(name, stem=stem), (1, 3, size, size))
+    aw = models.count_ops(models.create(name, stem=stem, attention="aw"), (1, 3, size, size))
+    conv_macs = plain.flops + plain.bops
+    extra = aw.flops + aw.bops - conv_macs
+    assert 0 < extra <= 0.10 * conv_macs
+    se = models.count_ops(models.create(name, stem=stem, attention="se"), (1, 3, size, size))
+    assert 0 < se.flops - plain.flops < 0.01 * conv_macs  # SE's two small layers per block
+
+
+def test_binary_aw_counts_as_flops():
+    plain = models.count_ops(models.create("bireal18", width=0.25), (1, 3, 32, 32))
+    aw = models.count_ops(models.create("bireal18", width=0.25, attention="aw"), (1, 3, 32, 32))
+    assert plain.bops > 0 and aw.bops == 0
+    extras = [row for row in aw.layers if row.kind == "extra"]
+    assert len(extras) == 16  # one per binary 3x3 conv
+    assert aw.flops > plain.flops + plain.bops  # every conv MAC plus the attention
+
+
+# --- the builders -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("name", RESNETS)
+def test_spec_round_trip(name, attention):
+    torch.manual_seed(0)
+    model = models.create(name, width=0.125, attention=attention).eval()
+    spec = models.spec_of(model)
+    assert spec["args"]["attention"] == attention
+    rebuilt = models.build(models.load_spec(models.dump_spec(spec, "yaml"))).eval()
+    assert models.spec_of(rebuilt) == spec
+    rebuilt.load_state_dict(model.state_dict())  # the same architecture, name for name
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    aw = [m for m in model.modules() if isinstance(m, AWConv2d)]
+    se = [m for m in model.modules() if isinstance(m, SqueezeExcitation)]
+    convs3x3 = 32 if name.endswith("34") else 16
+    units = convs3x3 if name.startswith("bireal") else convs3x3 // 2
+    assert len(aw) == (convs3x3 if "aw" in attention else 0)
+    assert len(se) == (units if "se" in attention else 0)
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="unknown attention 'cbam'"):
+        models.create("resnet18", attention="cbam")
+
+
+def test_attention_trains_in_a_network():
+    torch.manual_seed(5)
+    model = models.create("bireal18", width=0.125, attention="se+aw")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    aw = next(m for m in model.modules() if isinstance(m, AWConv2d))
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        models.clip_latent_weights(model)
+    # after a step U has left zero, so A(x) is no longer zero: the attention is being learned
+    assert aw.rows.weight.abs().sum() > 0
+    assert aw.attention(torch.randn(2, aw.in_channels, 4, 4)).abs().amax() > 0
+    assert aw.weight.abs().amax() <= 1.0  # the latent weight is clipped like any binary one

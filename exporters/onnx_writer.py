@@ -41,6 +41,7 @@ from torch import nn
 from bitfleet.errors import BitfleetError
 from models import quantizers
 from models.layers import BinaryConv2d, BinaryLinear
+from models.nasb import Zero
 from models.quantizers import Quantizer, sign
 
 from .conventions import (
@@ -78,6 +79,7 @@ _KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
     nn.Identity,
     nn.Flatten,
     nn.Dropout,
+    Zero,  # NASB's "none" op: a strided slice times 0, standard ops
 )
 
 

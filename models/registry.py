@@ -64,13 +64,24 @@ class ModelEntry:
     family: str
     factory: Callable[..., nn.Module]
     description: str
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | None = None) -> Any:
-    """Register a factory under its function name; usable bare or with ``family=``."""
+def register_model(
+    fn: Callable[..., nn.Module] | None = None,
+    *,
+    family: str | None = None,
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Any:
+    """Register a factory under its function name; usable bare or with ``family=``.
+
+    ``canonical`` maps the bound arguments (defaults filled in) to the form the spec records
+    and the factory receives, for arguments that name something outside the spec: NASB turns
+    a genotype file's path into the genotype itself, so the spec rebuilds the network anywhere.
+    """
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = factory.__name__
@@ -78,7 +89,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | 
             raise ValueError(f"model '{name}' is registered twice")
         fam = family or factory.__module__.rsplit(".", 1)[-1]
         doc = inspect.getdoc(factory) or ""
-        _REGISTRY[name] = ModelEntry(name, fam, factory, doc.split("\n", 1)[0])
+        _REGISTRY[name] = ModelEntry(name, fam, factory, doc.split("\n", 1)[0], canonical)
         return factory
 
     return wrap(fn) if fn is not None else wrap
@@ -129,6 +140,8 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     """
     entry = model_entry(name)
     args = _bind(entry, kwargs)
+    if entry.canonical is not None:
+        args = entry.canonical(args)
     model = entry.factory(**args)
     setattr(model, _SPEC_ATTR, {"format": SPEC_FORMAT, "name": name, "args": _jsonable(args)})
     return model

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
 
+import exporters
+import models
+from exporters import runtime
 from models.nasb import (
+    BASELINE,
     BINARY_PRIMITIVES,
     PRIMITIVES,
+    BinaryConvOp,
     FactorizedReduce,
     Genotype,
     GenotypeError,
+    NASBNetwork,
+    analytic_cost,
     make_op,
+    op_cost,
     preprocess,
 )
 
@@ -223,3 +233,133 @@ def test_genotype_is_frozen_and_hashable():
     with pytest.raises(AttributeError):
         genotype.normal = ()  # type: ignore[misc]
     assert len({genotype, Genotype.from_dict(EVERY_OP)}) == 1
+
+
+# --- the network ---------------------------------------------------------------------------
+
+TINY = {"channels": 4, "layers": 3}  # stem 8 channels, a reduction cell at 1 and 2
+
+
+def test_nasb_is_registered_and_builds_every_op():
+    assert "nasb" in models.list_models()
+    torch.manual_seed(0)
+    net = models.create("nasb", genotype=EVERY_OP, num_classes=7, **TINY)
+    assert isinstance(net, NASBNetwork)
+    out = net(torch.randn(2, 3, 13, 13))  # odd sizes: every reduction rounds up alike
+    assert out.shape == (2, 7)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert [cell.reduction for cell in net.cells] == [False, True, True]
+    built = {name for cell in net.cells for name in (type(op).__name__ for op in cell.ops.values())}
+    assert {"Zero", "BinaryConvOp", "FactorizedReduce", "MaxPool2d", "AvgPool2d"} <= built
+
+
+def test_unused_nodes_and_inputs_get_no_layers():
+    genotype = {
+        "normal": [["bin_conv_3x3", 1], ["skip_connect", 1], ["bin_conv_5x5", 0], ["none", 2]],
+        "normal_concat": [2],  # node 1 (state 3) is computed by nobody: not built
+        "reduce": [["max_pool_3x3", 1], ["bin_conv_3x3", 1], ["bin_conv_3x3", 2], ["none", 0]],
+    }
+    net = models.create("nasb", genotype=genotype, **TINY)
+    normal = net.cells[0]
+    assert normal.preprocess0 is None  # only node 1 read input 0
+    assert sorted(normal.ops) == ["0", "1"]
+    assert net.cells[1].preprocess0 is not None  # the reduce cell's "none" reads input 0
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_ops_by_hand_for_a_one_cell_network():
+    genotype = {
+        "normal": [["bin_conv_3x3", 1], ["skip_connect", 0]],
+        "reduce": [["bin_conv_3x3", 1], ["skip_connect", 0]],
+    }
+    net = models.create("nasb", genotype=genotype, channels=4, layers=1)
+    count = models.count_ops(net, (1, 3, 8, 8))
+    # stem conv3x3 3->8 at 8x8: 3*8*9*64; one reduction cell of 8 channels: two 1x1 convs 8->8
+    # at 8x8 (8*8*64 each), a factorised reduce 8->8 at 4x4 (8*8*16), a binary 3x3 conv 8->8 at
+    # 4x4 (8*8*9*16 BOPs); classifier 8->10
+    assert count.flops == 13_824 + 2 * 4_096 + 1_024 + 80
+    assert count.bops == 9_216
+    assert count.ops == 23_120 + 9_216 / 64
+    assert analytic_cost(genotype, channels=4, layers=1, input_size=(8, 8)) == (23_120, 9_216)
+
+
+@pytest.mark.parametrize("genotype", [EVERY_OP, BASELINE.to_dict()], ids=["every_op", "baseline"])
+@pytest.mark.parametrize(
+    "stem, size, layers", [("cifar", 32, 5), ("imagenet", 64, 4), ("imagenet", 45, 6)]
+)
+def test_network_ops_equal_the_op_counters(genotype, stem, size, layers):
+    net = models.create("nasb", genotype=genotype, channels=6, layers=layers, stem=stem)
+    count = models.count_ops(net, (1, 3, size, size))
+    flops, bops = analytic_cost(
+        genotype, channels=6, layers=layers, stem=stem, input_size=(size, size)
+    )
+    assert (count.flops, count.bops) == (flops, bops)
+    # every binary op of every cell is a binary conv the counter sees
+    binary_ops = sum(isinstance(op, BinaryConvOp) for cell in net.cells for op in cell.ops.values())
+    assert sum(layer.binary for layer in count.layers) == binary_ops > 0
+
+
+@pytest.mark.parametrize("name", PRIMITIVES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_op_cost_equals_the_op_counters(name, stride):
+    op = make_op(name, 6, stride)
+    count = models.count_ops(op, (1, 6, 9, 9))
+    assert op_cost(name, 6, stride, 9, 9) == (count.flops, count.bops)
+
+
+def test_defaults_land_near_bireal18_at_224():
+    bireal = models.count_ops(models.create("bireal18", stem="imagenet", num_classes=1000))
+    flops, bops = analytic_cost(BASELINE, stem="imagenet", num_classes=1000)
+    assert abs((flops + bops / 64) / bireal.ops - 1) < 0.05
+
+
+def test_spec_holds_the_genotype_and_rebuilds_the_network(tmp_path):
+    path = Genotype.from_dict(EVERY_OP).save(tmp_path / "g.json")
+    torch.manual_seed(0)
+    net = models.create("nasb", genotype=str(path), **TINY).eval()
+    spec = models.spec_of(net)
+    assert spec["args"]["genotype"] == EVERY_OP  # the genotype itself, not the path
+    path.unlink()  # the spec needs no file
+    rebuilt = models.build(json.loads(models.dump_spec(spec))).eval()
+    assert models.spec_of(rebuilt) == spec
+    rebuilt.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(rebuilt(x), net(x))
+    # without a genotype: the baseline cell, recorded in the spec too
+    default = models.spec_of(models.create("nasb", width=0.25))
+    assert default["args"]["genotype"] == BASELINE.to_dict()
+
+
+def test_bad_genotype_through_the_registry_is_one_line():
+    with pytest.raises(GenotypeError, match="genotype normal edge 3: unknown operation 'conv_9x9'"):
+        models.create("nasb", genotype=_with("normal", 3, ["conv_9x9", 1]))
+    with pytest.raises(ValueError, match="unknown stem 'big'"):
+        models.create("nasb", stem="big")
+
+
+@pytest.mark.parametrize("flavour", ["onnx", "onnx-portable"])
+def test_export_parity_with_every_op(flavour, tmp_path):
+    torch.manual_seed(0)
+    net = models.create("nasb", genotype=EVERY_OP, **TINY).eval()
+    for module in net.modules():  # batch norm statistics far from the identity
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(16, 3, 15, 15)
+    with torch.no_grad():
+        expected = net(x).numpy()
+    path = exporters.export(net, tmp_path / flavour, flavour, input_shape=(3, 15, 15))
+    got = runtime.load(path, threads=1).predict(x.numpy())
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    proto = onnx.load(str(path / "model.onnx"))
+    binary_ops = sum(isinstance(op, BinaryConvOp) for c in net.cells for op in c.ops.values())
+    custom = [n for n in proto.graph.node if n.domain == "bitfleet"]
+    if flavour == "onnx":  # every binary conv is one packed XNOR node, its BN and add folded in
+        assert len(custom) == binary_ops
+        assert all(len(n.input) == 5 for n in custom)
+    else:
+        assert not custom

@@ -131,7 +131,7 @@ def test_every_model_has_flops_and_bops_only_if_binary(name):
     assert count.params > 0 and count.flops > 0
     binary = any(getattr(m, "is_binary", False) for m in model.modules())
     assert (count.bops > 0) == binary
-    assert binary == (name.startswith(("bireal", "binarydensenet", "sofar")))  # the zoo's binaries
+    assert binary == (name.startswith(("bireal", "binarydensenet", "sofar", "nasb")))  # binaries
 
 
 def test_batch_is_divided_out_and_mode_restored():

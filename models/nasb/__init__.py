@@ -2,7 +2,10 @@
 
 - :mod:`.space`: the candidate operations (:data:`PRIMITIVES`, :func:`make_op`) and a cell
   input's :func:`preprocess`, shared by the search's supernet and the derived network;
-- :mod:`.genotype`: :class:`Genotype`, the chosen cells as human-readable JSON.
+- :mod:`.genotype`: :class:`Genotype`, the chosen cells as human-readable JSON;
+- :mod:`.network`: :class:`NASBNetwork`, the cells of a genotype stacked into a network, and
+  :func:`analytic_cost`, its FLOPs and BOPs by formula;
+- :mod:`.zoo`: the registered ``nasb`` model (``models.create("nasb", genotype=...)``).
 
 Example::
 
@@ -12,6 +15,7 @@ Example::
 """
 
 from .genotype import Edge, Genotype, GenotypeError
+from .network import Cell, NASBNetwork, analytic_cost, op_cost, reduction_layers
 from .space import (
     BINARY_PRIMITIVES,
     PRIMITIVES,
@@ -21,16 +25,24 @@ from .space import (
     make_op,
     preprocess,
 )
+from .zoo import BASELINE, nasb
 
 __all__ = [
+    "BASELINE",
     "BINARY_PRIMITIVES",
     "PRIMITIVES",
     "BinaryConvOp",
+    "Cell",
     "Edge",
     "FactorizedReduce",
     "Genotype",
     "GenotypeError",
+    "NASBNetwork",
     "Zero",
+    "analytic_cost",
     "make_op",
+    "nasb",
+    "op_cost",
     "preprocess",
+    "reduction_layers",
 ]

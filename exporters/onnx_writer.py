@@ -21,7 +21,9 @@ registered quantizer exports without a change here. The custom domain, op names,
 padding order and sign convention come from :mod:`exporters.conventions`.
 
 Layers that are not binary (the first conv, 1x1 downsampling convs, batch norm, pooling,
-the classifier) are exported by ``torch.onnx.export`` as usual. The writer refuses modules it
+the classifier) are exported by ``torch.onnx.export`` as usual. AW-convolutions
+(:class:`models.attention.AWConv2d`) have per-sample real weights: :mod:`exporters.onnx_attention`
+writes them as standard float ops in both flavours. The writer refuses modules it
 does not know rather than exporting something it cannot vouch for.
 """
 
@@ -40,7 +42,7 @@ from torch import nn
 
 from bitfleet.errors import BitfleetError
 from models import quantizers
-from models.layers import BinaryConv2d, BinaryLinear
+from models.layers import AWConv2d, BinaryConv2d, BinaryLinear
 from models.nasb import Zero
 from models.quantizers import Quantizer, sign
 
@@ -349,11 +351,15 @@ class _ExportedBinaryLayer(nn.Module):
 
 def _export_twin(model: nn.Module, flavour: str) -> nn.Module:
     """A copy of ``model`` with binary-weight layers replaced by their exported form."""
+    from .onnx_attention import ExportedAWConv  # it builds on this module's helpers
+
     twin = copy.deepcopy(model).eval()
     for name, module in list(twin.named_modules()):
         for child_name, child in list(module.named_children()):
             path = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, BinaryConv2d | BinaryLinear):
+            if isinstance(child, AWConv2d):
+                setattr(module, child_name, ExportedAWConv(path, child))
+            elif isinstance(child, BinaryConv2d | BinaryLinear):
                 if child.kernel_quantizer is None:
                     # a float layer in binary-layer clothing: export as its float base
                     base: nn.Module
@@ -386,15 +392,18 @@ def _export_twin(model: nn.Module, flavour: str) -> nn.Module:
 
 
 def _check_known_leaves(model: nn.Module) -> None:
+    from .onnx_attention import ExportedAWConv
+
     for name, module in model.named_modules():
-        if isinstance(module, _ExportedBinaryLayer) or next(module.children(), None) is not None:
+        exported = isinstance(module, _ExportedBinaryLayer | ExportedAWConv)
+        if exported or next(module.children(), None) is not None:
             continue
         if isinstance(module, Quantizer):
             continue  # quantizers of float layers: parameter-free, nothing to export
         if not isinstance(module, _KNOWN_LEAVES):
             raise ExportError(
                 f"cannot export layer '{name}' of type {type(module).__name__}: the ONNX writer "
-                "does not know it. Known layers: BinaryConv2d, BinaryLinear, "
+                "does not know it. Known layers: AWConv2d, BinaryConv2d, BinaryLinear, "
                 + ", ".join(sorted(t.__name__ for t in _KNOWN_LEAVES))
             )
 

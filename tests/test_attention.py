@@ -15,12 +15,12 @@ BINARY = {"input_quantizer": "approx_sign", "kernel_quantizer": "magnitude_aware
 RESNETS = ["bireal18", "bireal34", "resnet18", "resnet34"]
 
 
-def _randomize_attention(layer: AWConv2d, seed: int = 0) -> None:
+def _randomize_attention(layer: AWConv2d, seed: int = 0, scale: float = 0.3) -> None:
     """Give ``rows`` (zero at init) random values, so A(x) is not zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        layer.rows.weight.copy_(torch.randn(layer.rows.weight.shape, generator=g) * 0.3)
-        layer.rows.bias.copy_(torch.randn(layer.rows.bias.shape, generator=g) * 0.1)
+        layer.rows.weight.copy_(torch.randn(layer.rows.weight.shape, generator=g) * scale)
+        layer.rows.bias.copy_(torch.randn(layer.rows.bias.shape, generator=g) * scale / 3)
 
 
 def _twin(aw: AWConv2d, plain: nn.Conv2d) -> None:
@@ -227,3 +227,152 @@ def test_attention_trains_in_a_network():
     assert aw.rows.weight.abs().sum() > 0
     assert aw.attention(torch.randn(2, aw.in_channels, 4, 4)).abs().amax() > 0
     assert aw.weight.abs().amax() <= 1.0  # the latent weight is clipped like any binary one
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> None:
+    """Random batch-norm statistics and a non-zero attention, so parity means something."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            module.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            module.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+        elif isinstance(module, AWConv2d):
+            # small enough that 16 layers of (1 + A) keep a float net's logits finite
+            _randomize_attention(module, seed, scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    from toolkit.data import load_dataset
+
+    return load_dataset("digits", "test", channels=3).x
+
+
+def _sign_ties(model: nn.Module, x: torch.Tensor, tie: float = 1e-6) -> torch.Tensor:
+    """Per image: whether some activation a binary layer binarises lies within ``tie`` of 0.
+
+    There float rounding (another summation order in ONNX Runtime) may flip a sign, and one
+    flipped bit moves every later layer: such an image is a float tie, not a parity failure.
+    """
+    closest = torch.full((len(x),), float("inf"))
+    hooks = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        nearest = inputs[0].detach().abs().flatten(1).amin(1)
+        closest.copy_(torch.minimum(closest, nearest))
+
+    for module in model.modules():
+        if getattr(module, "input_quantizer", None) is not None:
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return closest < tie
+
+
+@pytest.mark.parametrize("attention", ["aw", "se+aw"])
+@pytest.mark.parametrize("name", ["bireal18", "resnet18"])
+def test_export_parity_in_both_flavours(name, attention, digits_test, tmp_path):
+    import numpy as np
+
+    import exporters
+    from exporters import runtime
+
+    torch.manual_seed(0)
+    model = models.create(name, width=0.125, attention=attention).eval()
+    _randomize(model)
+    x = torch.from_numpy(digits_test)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    scale = abs(expected).max()
+    assert np.isfinite(scale)
+    # images where no binarised activation is a float tie (all of them for the float ResNet)
+    clear = ~_sign_ties(model, x).numpy()
+    assert clear.mean() > 0.95
+    for flavour in ("onnx-portable", "onnx"):
+        path = exporters.export(model, tmp_path / flavour, flavour, input_shape=(3, 32, 32))
+        got = runtime.load(path, threads=1).predict(digits_test)
+        assert got.shape == expected.shape
+        # test_export's tolerance
+        assert abs(got - expected)[clear].max() <= 1e-4 * scale, flavour
+        assert (got.argmax(1) == expected.argmax(1))[clear].all(), flavour
+
+
+def test_exported_aw_graph_is_standard_and_keeps_weights_packed():
+    import numpy as np
+    from onnx import numpy_helper
+
+    from exporters.onnx_writer import to_onnx
+
+    model = models.create("bireal18", width=0.125, attention="aw").eval()
+    proto = to_onnx(model, (3, 32, 32), "onnx")
+    ops = [n.op_type for n in proto.graph.node]
+    # every binary 3x3 conv is an AW conv: no custom node, one im2col Conv and one per-sample
+    # MatMul each (plus U @ V), group = Cin on the im2col Conv, never group = batch
+    assert {n.domain for n in proto.graph.node} == {""}
+    assert ops.count("MatMul") == 2 * 16
+    im2col = [
+        n
+        for n in proto.graph.node
+        if n.op_type == "Conv"
+        and n.attribute
+        and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
+    assert len(im2col) == 16
+    packed = [
+        numpy_helper.to_array(init)
+        for init in proto.graph.initializer
+        if init.data_type == 2  # uint8: the base weights, one bit per value
+    ]
+    assert sum(p.size for p in packed) * 8 >= sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, AWConv2d)
+    )
+    assert not any(
+        np.array_equal(numpy_helper.to_array(init).shape, m.weight.shape)
+        for init in proto.graph.initializer
+        for m in model.modules()
+        if isinstance(m, AWConv2d)
+    )  # no float copy of a binary base weight
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def test_train_and_bench_with_attention(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", "--model", "bireal18", "--stem", "imagenet", "--width", "0.125"]
+    result = runner.invoke(
+        app, [*args, "--attention", "aw", "--epochs", "1", "--out", str(out), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["model"]["args"]["attention"] == "aw"
+    result = runner.invoke(app, ["bench", str(out), "--repeats", "2", "--warmup", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["threads"]["1"]["onnx_ms"] > 0
+    # bad input: one line, exit code 1, nothing written
+    result = runner.invoke(app, [*args, "--attention", "cbam", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "unknown attention 'cbam'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "b" / "spec.json").exists()
+    result = runner.invoke(app, ["train", "--model", "lenet5", "--attention", "aw"])
+    assert result.exit_code == 1 and "attention" in result.output
+    result = runner.invoke(app, ["bench", "lenet5", "--attention", "aw"])
+    assert result.exit_code == 1 and "has no attention option" in result.output
+    result = runner.invoke(app, ["bench", str(out), "--attention", "se"])
+    assert result.exit_code == 1 and "already fixes its attention" in result.output

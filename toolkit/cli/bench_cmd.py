@@ -20,6 +20,10 @@ def bench(
     stem: Annotated[
         str | None, typer.Option(help="Stem, for a model name (default imagenet).")
     ] = None,
+    attention: Annotated[
+        str | None,
+        typer.Option(help="Attention, for a ResNet-family model name: none, se, aw or se+aw."),
+    ] = None,
     input_size: Annotated[
         int | None,
         typer.Option(
@@ -49,6 +53,10 @@ def bench(
     if Path(model).exists():
         from models import checkpoint
 
+        if attention is not None:
+            raise ValueError(
+                "--attention is for a model name; a checkpoint's spec already fixes its attention"
+            )
         loaded = checkpoint.load(model)
         net, meta = loaded.model, loaded.meta
         channels = loaded.spec["args"].get("in_channels", meta.get("channels", 3))
@@ -67,6 +75,10 @@ def bench(
             args["stem"] = stem or "imagenet"
         elif stem is not None:
             raise ValueError(f"model '{model}' has no stem option; drop --stem")
+        if attention is not None:
+            if "attention" not in accepted:
+                raise ValueError(f"model '{model}' has no attention option; drop --attention")
+            args["attention"] = attention
         imagenet = args.get("stem") == "imagenet"
         if "num_classes" in accepted:
             args["num_classes"] = 1000 if imagenet else 10

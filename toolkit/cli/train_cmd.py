@@ -54,6 +54,13 @@ def train(
     width: Annotated[
         float | None, typer.Option(callback=number(gt=0), help="ResNet width multiplier.")
     ] = None,
+    attention: Annotated[
+        str | None,
+        typer.Option(
+            help="ResNet / Bi-Real attention: none, se, aw or se+aw (AW-convolution and "
+            "squeeze-excitation; see docs/models.md)."
+        ),
+    ] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="Checkpoint of a teacher for knowledge distillation.")
     ] = None,
@@ -79,7 +86,8 @@ def train(
     check_out_dir(out)
     config = TrainConfig(
         model=model,
-        model_args=resnet_args(stem, width),
+        model_args=resnet_args(stem, width)
+        | ({"attention": attention} if attention is not None else {}),
         dataset=dataset,
         data_root=str(data_root) if data_root else None,
         channels=channels,

@@ -22,6 +22,7 @@ from . import (
     inspect_cmd,
     models_cmd,
     ops_cmd,
+    search_cmd,
     simulate_cmd,
     train_cmd,
 )
@@ -59,6 +60,7 @@ app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("bench")(bench_cmd.bench)
 app.command("simulate")(simulate_cmd.simulate)
+app.command("search")(search_cmd.search)
 app.add_typer(_fleet.app, name="fleet")
 app.command("broker")(broker_cmd.broker)
 

@@ -376,3 +376,22 @@ def test_train_and_bench_with_attention(tmp_path):
     assert result.exit_code == 1 and "has no attention option" in result.output
     result = runner.invoke(app, ["bench", str(out), "--attention", "se"])
     assert result.exit_code == 1 and "already fixes its attention" in result.output
+
+
+def test_speed_benchmark_runs(capsys):
+    import json
+
+    from benchmarks import attention_speed
+
+    argv = ["--width", "0.125", "--batch", "2", "--steps", "1", "--warmup", "0", "--repeats", "1"]
+    assert attention_speed.main([*argv, "--layers"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    steps = doc["training_step"]
+    assert set(steps) == {"none", "aw"} and steps["none"]["ratio_to_none"] == 1.0
+    assert steps["aw"]["step_ms_median"] > 0
+    assert list(doc["layers_forward_backward"]) == [
+        "8ch_32x32",
+        "16ch_16x16",
+        "32ch_8x8",
+        "64ch_4x4",
+    ]

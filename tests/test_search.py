@@ -315,6 +315,22 @@ def test_cli_search_json_reports_genotype_ops_and_target(runner, tmp_path):
     assert document["ops"] == pytest.approx(models.count_ops(net, (1, 1, 224, 224)).ops)
 
 
+def test_cli_search_says_where_the_genotype_is_and_how_to_train_it(runner, tmp_path):
+    out = tmp_path / "s"
+    args = ["search", "--dataset", "digits", "--epochs", "1", "--channels", "10"]
+    args += ["--limit", "64", "--target-ops", "40M", "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"genotype written to {out / 'genotype.json'}")
+    assert "target 40.00M" in lines[0]
+    # 8 cells of 10 channels: the default network at width 0.5
+    assert lines[1] == (
+        f"train it: bitfleet train --model nasb --genotype {out / 'genotype.json'} "
+        "--dataset digits --stem imagenet --width 0.5"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

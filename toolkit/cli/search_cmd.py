@@ -98,6 +98,7 @@ def search(
     Example: bitfleet search --dataset digits-hard --target-ops 1.7e8 --epochs 10 --out runs/s
     """
     from models.nasb import PRIMITIVES
+    from models.nasb.network import DEFAULT_CHANNELS, DEFAULT_LAYERS
     from toolkit.search import SearchConfig
     from toolkit.search import search as run_search
 
@@ -131,5 +132,14 @@ def search(
         f"genotype written to {literal(out / 'genotype.json')} (alphas.png beside it): the "
         f"network costs {human(result.ops)} OPs at 224x224, target {human(target)}"
     )
-    args = ", ".join(f"{k}={v}" for k, v in result.network.items())
-    say(f"the network's arguments ({args}) are in {literal(out / 'search.json')}")
+    network = result.network
+    if network["layers"] == DEFAULT_LAYERS:
+        width = network["channels"] / DEFAULT_CHANNELS
+        say(
+            f"train it: bitfleet train --model nasb --genotype {literal(out / 'genotype.json')} "
+            f"--dataset {literal(dataset)} --stem {network['stem']}"
+            + (f" --width {width:g}" if width != 1 else "")
+        )
+    else:
+        args = ", ".join(f"{k}={v}" for k, v in network.items())
+        say(f"build it with models.create('nasb', genotype=..., {literal(args)})")

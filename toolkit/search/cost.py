@@ -155,9 +155,14 @@ def _op_cost(name: str, channels: int, stride: int, size: tuple[int, int]) -> fl
 
 def _cell_sizes(supernet: Supernet, input_size: int) -> list[tuple[int, int]]:
     """Height and width of each cell's inputs (after preprocessing) at ``input_size``."""
-    with torch.no_grad():
-        stem = supernet.stem.eval()(torch.zeros(1, supernet.in_channels, input_size, input_size))
-    supernet.stem.train()
+    was_training = supernet.stem.training
+    try:
+        with torch.no_grad():
+            stem = supernet.stem.eval()(
+                torch.zeros(1, supernet.in_channels, input_size, input_size)
+            )
+    finally:
+        supernet.stem.train(was_training)
     height, width = int(stem.shape[2]), int(stem.shape[3])
     sizes = []
     for layout in supernet.layout:

@@ -24,7 +24,6 @@ Output directory::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -455,8 +454,3 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
-
-
-def load_result(out: str | Path) -> dict[str, Any]:
-    """The ``search.json`` of a finished search directory."""
-    return dict(json.loads((Path(out) / "search.json").read_text()))

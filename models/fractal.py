@@ -56,7 +56,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .densenet import BDN28_LAYERS, BDN28_REDUCTION, BinaryDenseConv, BinaryDenseNet
+from .attention import AWConv2d, SqueezeExcitation, parse_attention
+from .densenet import (
+    BDN28_LAYERS,
+    BDN28_REDUCTION,
+    LATENT_CLIP,
+    BinaryDenseConv,
+    BinaryDenseNet,
+)
 from .ops import count_ops
 from .quantizers import QuantizerLike
 from .registry import create, register_model
@@ -204,10 +211,12 @@ class FractalResNet(ResNet):
         kernel_quantizer: QuantizerLike = "magnitude_aware_sign",
         drop_path: float = 0.0,
         global_drop: float = 0.0,
+        attention: str = "none",
     ) -> None:
         if columns < 1:
             raise ValueError(f"a fractal needs at least one column, got columns={columns}")
         _check_rate("global_drop", global_drop)
+        parse_attention(attention)
         super().__init__(
             "bireal",
             (1, 1, 1, 1),
@@ -223,7 +232,9 @@ class FractalResNet(ResNet):
 
         def unit(spec: Spec) -> nn.Module:
             cin, cout, stride = spec
-            return BiRealUnit(cin, cout, stride, input_quantizer, kernel_quantizer)
+            return BiRealUnit(
+                cin, cout, stride, input_quantizer, kernel_quantizer, attention=attention
+            )
 
         # Bi-Real-18 has 4 binary convs per stage; keep the longest path at least that deep
         per_stage = math.ceil(4 / 2 ** (columns - 1))
@@ -253,6 +264,33 @@ class FractalResNet(ResNet):
 # --- DRF: dense fractal on BinaryDenseNet ----------------------------------------------------
 
 
+def _dense_conv(
+    in_channels: int,
+    new: int,
+    input_quantizer: QuantizerLike,
+    kernel_quantizer: QuantizerLike,
+    attention: str,
+) -> nn.Module:
+    """BinaryDenseNet's ``BN -> binary 3x3 conv``, with attention as ``attention`` says.
+
+    "aw" makes the conv an AW-convolution, "se" gates the new features with squeeze-excitation.
+    """
+    use_se, use_aw = parse_attention(attention)
+    layer = BinaryDenseConv(in_channels, new, input_quantizer, kernel_quantizer)
+    if use_aw:
+        layer.conv = AWConv2d(
+            in_channels,
+            new,
+            3,
+            padding=1,
+            bias=False,
+            input_quantizer=input_quantizer,
+            kernel_quantizer=kernel_quantizer,
+            latent_clip=LATENT_CLIP,
+        )
+    return nn.Sequential(layer, SqueezeExcitation(new)) if use_se else layer
+
+
 def _dense_split(spec: Spec) -> tuple[Spec, Spec]:
     cin, growth = spec
     half = growth // 2
@@ -274,6 +312,7 @@ class DenseFractal(nn.Module):
         input_quantizer: QuantizerLike,
         kernel_quantizer: QuantizerLike,
         drop_path: float = 0.0,
+        attention: str = "none",
     ) -> None:
         super().__init__()
         if growth % 2 ** (columns - 1):
@@ -281,7 +320,7 @@ class DenseFractal(nn.Module):
 
         def unit(spec: Spec) -> nn.Module:
             cin, new = spec
-            return BinaryDenseConv(cin, new, input_quantizer, kernel_quantizer)
+            return _dense_conv(cin, new, input_quantizer, kernel_quantizer, attention)
 
         self.fractal = Fractal(
             columns, (in_channels, growth), unit, _dense_split, dense=True, drop_path=drop_path
@@ -313,17 +352,25 @@ class FractalDenseNet(BinaryDenseNet):
         global_drop: float = 0.0,
         layers: Sequence[int] = BDN28_LAYERS,
         reduction: Sequence[float] = BDN28_REDUCTION,
+        attention: str = "none",
     ) -> None:
         if columns < 1:
             raise ValueError(f"a fractal needs at least one column, got columns={columns}")
         _check_rate("drop_path", drop_path)
         _check_rate("global_drop", global_drop)
+        parse_attention(attention)
         longest = 2 ** (columns - 1)
 
         def block(cin: int, rate: int) -> tuple[nn.Module, int]:
             new = rate * longest
             fractal = DenseFractal(
-                columns, cin, new, input_quantizer, kernel_quantizer, drop_path=drop_path
+                columns,
+                cin,
+                new,
+                input_quantizer,
+                kernel_quantizer,
+                drop_path=drop_path,
+                attention=attention,
             )
             return fractal, cin + new
 
@@ -444,6 +491,7 @@ def sofar_rf(
     global_drop: float = 0.0,
     input_quantizer: str | None = "approx_sign",
     kernel_quantizer: str | None = "magnitude_aware_sign",
+    attention: str = "none",
 ) -> FractalResNet:
     """SoFAr RF: Bi-Real ResNet with residual fractal stages (RF-c4d8, Bi-Real-18's OPs)."""
     return FractalResNet(
@@ -456,6 +504,7 @@ def sofar_rf(
         kernel_quantizer=kernel_quantizer,
         drop_path=drop_path,
         global_drop=global_drop,
+        attention=attention,
     )
 
 
@@ -471,6 +520,7 @@ def sofar_drf(
     global_drop: float = 0.0,
     input_quantizer: str | None = "ste_sign",
     kernel_quantizer: str | None = "ste_sign",
+    attention: str = "none",
 ) -> FractalDenseNet:
     """SoFAr DRF: BinaryDenseNet-28 with dense fractal blocks (DRF-c2d2, BDN-28's OPs)."""
     return FractalDenseNet(
@@ -484,4 +534,5 @@ def sofar_drf(
         kernel_quantizer=kernel_quantizer,
         drop_path=drop_path,
         global_drop=global_drop,
+        attention=attention,
     )

@@ -207,6 +207,25 @@ def test_spec_round_trip(name, attention):
     assert len(se) == (units if "se" in attention else 0)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("name", ["sofar_rf", "sofar_drf"])
+def test_sofar_takes_attention(name, attention):
+    torch.manual_seed(0)
+    kwargs = {"width": 0.125} if name == "sofar_rf" else {"width": 0.25, "growth": 8}
+    model = models.create(name, attention=attention, **kwargs).eval()
+    spec = models.spec_of(model)
+    assert spec["args"]["attention"] == attention
+    rebuilt = models.build(spec).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    convs = [m for m in model.modules() if isinstance(m, BinaryConv2d) and m.is_binary]
+    aw = [m for m in convs if isinstance(m, AWConv2d)]
+    assert len(aw) == (len(convs) if "aw" in attention else 0)
+    assert any(isinstance(m, SqueezeExcitation) for m in model.modules()) == ("se" in attention)
+
+
 def test_unknown_attention_is_refused():
     with pytest.raises(ValueError, match="unknown attention 'cbam'"):
         models.create("resnet18", attention="cbam")
@@ -303,6 +322,47 @@ def test_export_parity_in_both_flavours(name, attention, digits_test, tmp_path):
         got = runtime.load(path, threads=1).predict(digits_test)
         assert got.shape == expected.shape
         # test_export's tolerance
+        assert abs(got - expected)[clear].max() <= 1e-4 * scale, flavour
+        assert (got.argmax(1) == expected.argmax(1))[clear].all(), flavour
+
+
+@pytest.mark.slow  # SoFAr RF has 60 AW convs: ~30-50 s to export and load on 2 cores
+@pytest.mark.parametrize(
+    "name,kwargs,attention",
+    [
+        ("sofar_rf", {"width": 0.125}, "aw"),
+        ("sofar_drf", {"width": 0.25, "growth": 8}, "se+aw"),
+    ],
+)
+def test_sofar_with_attention_exports_with_parity(name, kwargs, attention, digits_test, tmp_path):
+    import exporters
+    from exporters import runtime
+
+    torch.manual_seed(0)
+    model = models.create(name, attention=attention, **kwargs)
+    for module in model.modules():
+        if isinstance(module, AWConv2d):
+            _randomize_attention(module, scale=0.05)
+    images = digits_test[:128]
+    x = torch.from_numpy(images)
+    # batch-norm statistics of the data, as training leaves them: without them BinaryDenseNet's
+    # activations grow layer by layer, and an attention computed from them with it
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).numpy()
+    scale = abs(expected).max()
+    clear = ~_sign_ties(model, x).numpy()
+    assert clear.mean() > 0.85  # SoFAr RF binarises 60 activations a pixel: more near-ties
+    for flavour in ("onnx-portable", "onnx"):
+        path = exporters.export(model, tmp_path / flavour, flavour, input_shape=(3, 32, 32))
+        got = runtime.load(path, threads=1).predict(images)
         assert abs(got - expected)[clear].max() <= 1e-4 * scale, flavour
         assert (got.argmax(1) == expected.argmax(1))[clear].all(), flavour
 

@@ -13,6 +13,7 @@ from torch import nn
 import exporters
 import models
 from exporters import runtime
+from models.checkpoint import load as load_checkpoint
 from models.nasb import (
     BASELINE,
     BINARY_PRIMITIVES,
@@ -27,6 +28,7 @@ from models.nasb import (
     op_cost,
     preprocess,
 )
+from toolkit.data import load_dataset
 
 # a genotype that uses every operation, in both cells, at stride 1 and 2, with a node that
 # only feeds another node (state 3 is not in normal_concat)
@@ -363,3 +365,78 @@ def test_export_parity_with_every_op(flavour, tmp_path):
         assert all(len(n.input) == 5 for n in custom)
     else:
         assert not custom
+
+
+# --- bitfleet train --model nasb --genotype G.json -----------------------------------------
+
+
+def _train(tmp_path, *args: str):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    return CliRunner().invoke(app, ["train", "--model", "nasb", *args, "--no-progress"])
+
+
+@pytest.mark.slow
+def test_cli_trains_and_exports_a_genotype_end_to_end(tmp_path):
+    path = Genotype.from_dict(EVERY_OP).save(tmp_path / "g.json")
+    out = tmp_path / "run"
+    args = ["--genotype", str(path), "--width", "0.2", "--dataset", "digits", "--epochs", "1"]
+    args += ["--threads", "1"]
+    result = _train(tmp_path, *args, "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["model"] == "nasb" and summary["epochs"] == 1
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    spec = json.loads((out / "spec.json").read_text())["model"]
+    assert spec["args"]["genotype"] == EVERY_OP and spec["args"]["width"] == 0.2
+    path.unlink()  # the run holds the genotype: evaluation and export need no file
+    digits = load_dataset("digits", "test", channels=1).x[:128]  # the run took 1 channel
+    trained = load_checkpoint(out).model.eval()
+    with torch.no_grad():
+        expected = trained(torch.from_numpy(digits)).numpy()
+    artifact = exporters.export(out, tmp_path / "artifact", "onnx")
+    got = runtime.load(artifact, threads=1).predict(digits)
+    clear = _without_sign_ties(trained, digits)
+    assert clear.sum() >= 64
+    assert np.abs(got - expected)[clear].max() <= 1e-4 * np.abs(expected).max()
+
+
+def _without_sign_ties(model: nn.Module, x: np.ndarray, tie: float = 1e-6) -> np.ndarray:
+    """Rows where no binary conv sees an input within ``tie`` of 0.
+
+    A trained network's batch norm can put a pre-sign value within float rounding of 0 (seen:
+    3e-8); PyTorch and ONNX, adding in different orders, may then give it opposite signs, and
+    that row's logits differ by a real amount. Those rows are float ties, not export errors.
+    """
+    smallest = torch.full((len(x),), float("inf"))
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nearest = inputs[0].abs().flatten(1).min(dim=1).values
+        torch.minimum(smallest, nearest, out=smallest)
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if getattr(m, "is_binary", False)
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(x))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (smallest > tie).numpy()
+
+
+def test_cli_bad_genotype_is_one_error_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_with("reduce", 5, ["bin_conv_3x3", 9])))
+    result = _train(tmp_path, "--genotype", str(bad), "--epochs", "1")
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert (
+        lines[0].startswith("error: ") and "bad.json: genotype reduce edge 5 (node 2)" in lines[0]
+    )
+    missing = _train(tmp_path, "--genotype", str(tmp_path / "nope.json"), "--epochs", "1")
+    assert missing.exit_code == 1 and "nope.json does not exist" in missing.output

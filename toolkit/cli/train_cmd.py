@@ -61,6 +61,13 @@ def train(
             "squeeze-excitation; see docs/models.md)."
         ),
     ] = None,
+    genotype: Annotated[
+        Path | None,
+        typer.Option(
+            help="NASB genotype JSON, the cells to build (--model nasb; `bitfleet search` "
+            "writes one; docs/nasb.md describes it)."
+        ),
+    ] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="Checkpoint of a teacher for knowledge distillation.")
     ] = None,
@@ -84,10 +91,17 @@ def train(
     from toolkit.train import train as run_training
 
     check_out_dir(out)
+    genotype_args: dict[str, object] = {}
+    if genotype is not None:
+        from models.nasb import Genotype
+
+        # the genotype itself goes into the run's config and spec, so the run needs no file
+        genotype_args["genotype"] = Genotype.load(genotype).to_dict()
     config = TrainConfig(
         model=model,
         model_args=resnet_args(stem, width)
-        | ({"attention": attention} if attention is not None else {}),
+        | ({"attention": attention} if attention is not None else {})
+        | genotype_args,
         dataset=dataset,
         data_root=str(data_root) if data_root else None,
         channels=channels,

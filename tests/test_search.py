@@ -204,7 +204,10 @@ def test_the_ops_penalty_moves_the_derived_cost_toward_the_target(where):
     for _ in range(60):
         optimizer.zero_grad()
         penalty = ops_penalty(
-            table.expected(supernet.alphas_normal, supernet.alphas_reduce), target, 1.0
+            table.expected(supernet.alphas_normal, supernet.alphas_reduce),
+            target,
+            1.0,
+            table.log_reach,
         )
         penalty.backward()
         optimizer.step()
@@ -219,6 +222,8 @@ def test_the_penalty_is_symmetric_in_ratio_and_zero_at_the_target():
     double = float(ops_penalty(torch.tensor(2 * target), target, 2.0))
     half = float(ops_penalty(torch.tensor(0.5 * target), target, 2.0))
     assert double == pytest.approx(half) == pytest.approx(2.0 * math.log(2) ** 2)
+    # measured in the space's reach: the far end of a range of x2 pays lam
+    assert float(ops_penalty(torch.tensor(target), 2 * target, 3.0, math.log(2))) == 3.0
 
 
 # ------------------------------------------------------------------------------ runs

@@ -3,8 +3,10 @@
 The search steers toward a target cost in OPs (:mod:`models.ops`: FLOPs + BOPs / 64, counted at
 224x224 as the papers report). The derived network's cost splits into two parts:
 
-- the *fixed* part: stem, the preprocessing of cell inputs, the classifier. The genotype does
-  not change it (both cells concatenate all their nodes, so every cell's width is fixed);
+- the *fixed* part: stem, the preprocessing of cell inputs, the classifier. A derived genotype
+  does not change it: both cells concatenate all their nodes (every cell's width is fixed),
+  and node 0 has only the two cell inputs to choose from, so both are always read and
+  preprocessed;
 - the *edges*: each kept edge costs what its operation costs at that edge's shape, in every
   cell of its type (all normal cells share one genotype, all reduction cells another).
 
@@ -23,8 +25,14 @@ sigmoid, rescaled so the weights of a node sum to 2. When the alphas become deci
 estimate becomes the derived network's exact cost; with equal alphas it is the mean over all
 derivable networks' edges.
 
-:func:`ops_penalty` is ``lam * log(expected / target)^2``: symmetric in ratio (twice the target
-costs as much as half of it) and scale-free.
+:func:`ops_penalty` is ``lam * (log(expected / target) / reach)^2`` with ``reach`` the space's
+log-range, ``log(dearest / cheapest)`` (:attr:`CostTable.log_reach`). The log-ratio is symmetric
+(twice the target costs as much as half of it) and scale-free; dividing by the reach makes
+``lam`` mean the same in every space. Without it the penalty would be negligible here: the real
+stem and preprocessing dominate a NASB network's OPs, so the genotype moves the total by some
+25% at most and ``log(expected / target)^2`` never exceeds ~0.05, far below the cross-entropy
+(a 4-epoch search at ``lam=1`` did not move the expected cost at all). With the reach, a
+network at the far end of the range from the target pays ``lam`` nats.
 """
 
 from __future__ import annotations
@@ -96,6 +104,12 @@ class CostTable:
                 high += float(rows.max(dim=1).values.sort(descending=True).values[:2].sum())
                 offset += 2 + i
         return low, high
+
+    @property
+    def log_reach(self) -> float:
+        """``log(dearest / cheapest)`` of the derivable networks (1.0 when they cost the same)."""
+        low, high = self.bounds()
+        return math.log(high / low) if high > low > 0 else 1.0
 
     def extreme_genotypes(self) -> tuple[Genotype, Genotype]:
         """The cheapest and the most expensive derivable genotypes (those of :meth:`bounds`)."""
@@ -228,9 +242,12 @@ def expected_ops(
     return table.expected(supernet.alphas_normal, supernet.alphas_reduce)
 
 
-def ops_penalty(expected: Tensor, target: float, lam: float) -> Tensor:
-    """``lam * log(expected / target)^2``: zero at the target, the same for x2 and x0.5."""
-    return lam * torch.log(expected / target) ** 2
+def ops_penalty(expected: Tensor, target: float, lam: float, reach: float = 1.0) -> Tensor:
+    """``lam * (log(expected / target) / reach)^2``: zero at the target, the same for x2 and x0.5.
+
+    ``reach`` is the space's log-range (:attr:`CostTable.log_reach`, see the module's doc).
+    """
+    return lam * (torch.log(expected / target) / reach) ** 2
 
 
 def check_target(table: CostTable, target: float, *, unit: str = "OPs") -> None:

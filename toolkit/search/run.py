@@ -181,7 +181,7 @@ class _ArchStepper:
         lam: float,
     ) -> None:
         self.supernet, self.optimizer, self.table = supernet, optimizer, table
-        self.target, self.lam = target, lam
+        self.target, self.lam, self.reach = target, lam, table.log_reach
         self.weights = [p for p in supernet.weight_modules().parameters()]
         self.reset()
 
@@ -198,7 +198,7 @@ class _ArchStepper:
                 expected = self.table.expected(
                     self.supernet.alphas_normal, self.supernet.alphas_reduce
                 )
-                penalty = ops_penalty(expected, self.target, self.lam)
+                penalty = ops_penalty(expected, self.target, self.lam, self.reach)
                 total = loss + penalty.to(loss.dtype)
                 self.penalty += float(penalty.detach()) * len(y)
             self.optimizer.zero_grad(set_to_none=True)

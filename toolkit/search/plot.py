@@ -43,6 +43,7 @@ def plot_alphas(
     require("matplotlib", "train", "plotting the architecture weights")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(figure)
@@ -53,6 +54,7 @@ def plot_alphas(
             axes.plot(epochs, [entry[kind][column] for entry in history], marker=".", label=name)
         axes.axhline(1 / len(primitives), color="grey", linewidth=0.8, linestyle=":")
         axes.set(xlabel="epoch", title=title)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     axes_list[0].set_ylabel("mean softmax weight over edges")
     axes_list[-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))

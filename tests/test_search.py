@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -29,7 +30,7 @@ from toolkit.search import (
     ops_penalty,
     search,
 )
-from toolkit.search.cost import derived_network
+from toolkit.search.cost import check_target, derived_network
 
 # tiny: 4 channels; 3 cells so both a normal and a reduction cell train
 TINY = {"channels": 4, "layers": 3, "in_channels": 1, "stem": "imagenet"}
@@ -214,6 +215,19 @@ def test_the_ops_penalty_moves_the_derived_cost_toward_the_target(where):
     end, end_expected = costs()
     assert abs(math.log(end / target)) < 0.5 * abs(math.log(start / target))
     assert abs(math.log(end_expected / target)) < 0.1 * abs(math.log(start_expected / target))
+
+
+def test_a_target_copied_from_the_out_of_reach_message_is_accepted():
+    table = cost_table(tiny_supernet(), input_size=64)
+    low, high = table.bounds()
+    with pytest.raises(ValueError, match="out of reach") as caught:
+        check_target(table, 0.5 * low)
+    copied = re.search(r"cost (\S+) to (\S+) OPs", str(caught.value))
+    assert copied is not None
+    for bound in copied.groups():
+        check_target(table, float(bound))  # rounded outward: inside what is accepted
+    with pytest.raises(ValueError, match="out of reach"):
+        check_target(table, 1.01 * high)
 
 
 def test_the_penalty_is_symmetric_in_ratio_and_zero_at_the_target():

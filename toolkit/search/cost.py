@@ -250,12 +250,27 @@ def ops_penalty(expected: Tensor, target: float, lam: float, reach: float = 1.0)
     return lam * (torch.log(expected / target) / reach) ** 2
 
 
-def check_target(table: CostTable, target: float, *, unit: str = "OPs") -> None:
-    """Raise ValueError (one line) when no derivable network comes near ``target``."""
+def _rounded(value: float, up: bool) -> str:
+    """``value`` to 4 significant digits, rounded outward, so a copied bound is in range."""
+    if value <= 0:
+        return f"{value:.4g}"
+    scale = 10.0 ** (math.floor(math.log10(value)) - 3)
+    steps = math.ceil(value / scale) if up else math.floor(value / scale)
+    return f"{steps * scale:.4g}"
+
+
+def check_target(table: CostTable, target: float) -> None:
+    """Raise ValueError (one line) when ``target`` is outside what the space can derive.
+
+    The range in the message is rounded outward (low down, high up), and targets within that
+    rounding of a bound are accepted, so a number copied from the message is always taken.
+    """
     low, high = table.bounds()
-    if not (math.isfinite(target) and low <= target <= high):
+    floor, ceiling = float(_rounded(low, up=False)), float(_rounded(high, up=True))
+    if not (math.isfinite(target) and floor <= target <= ceiling):
         raise ValueError(
             f"--target-ops {target:.4g} is out of reach: this space's derived networks cost "
-            f"{low:.4g} to {high:.4g} {unit} at {table.input_size}x{table.input_size}; choose a "
-            "target in that range, or change --cells/--channels"
+            f"{_rounded(low, up=False)} to {_rounded(high, up=True)} OPs at "
+            f"{table.input_size}x{table.input_size}; choose a target in that range, or change "
+            "--cells/--channels"
         )

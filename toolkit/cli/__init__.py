@@ -32,8 +32,9 @@ app = typer.Typer(
     name="bitfleet",
     help=(
         "Train binary neural networks, export them for edge devices, and run a fleet that keeps "
-        "learning together.\n\nStart with `bitfleet models`, then `bitfleet train --model "
-        "bireal18 --dataset digits --epochs 8 --out runs/bireal`."
+        "learning together.\n\nStart with `bitfleet demo` (a whole fleet on this machine), "
+        "then `bitfleet models` and `bitfleet train --model bireal18 --dataset digits --epochs 8 "
+        "--out runs/bireal`; `bitfleet fleet --help` drives real devices."
     ),
     no_args_is_help=True,
     add_completion=False,

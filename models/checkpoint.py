@@ -43,6 +43,8 @@ __all__ = [
     "save",
     "load",
     "is_checkpoint",
+    "optimizer_state_from_bytes",
+    "optimizer_state_to_bytes",
     "read_spec_file",
     "MODEL_FILE",
     "OPTIMIZER_FILE",
@@ -68,7 +70,7 @@ class Checkpoint:
         if not self.has_optimizer:
             raise CheckpointError(f"checkpoint {self.path} holds no optimizer state to resume from")
         optimizer.load_state_dict(
-            _optimizer_state_from_bytes((self.path / OPTIMIZER_FILE).read_bytes())
+            optimizer_state_from_bytes((self.path / OPTIMIZER_FILE).read_bytes())
         )
 
 
@@ -77,7 +79,7 @@ def _state_bytes(model: nn.Module) -> bytes:
     return st_save(state, metadata={"format": CHECKPOINT_FORMAT})
 
 
-def _optimizer_state_to_bytes(optimizer: torch.optim.Optimizer) -> bytes:
+def optimizer_state_to_bytes(optimizer: torch.optim.Optimizer) -> bytes:
     """Flatten an optimizer state_dict: tensors to safetensors, everything else to JSON metadata."""
     state_dict = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -96,7 +98,7 @@ def _optimizer_state_to_bytes(optimizer: torch.optim.Optimizer) -> bytes:
     return st_save(tensors, metadata=metadata)
 
 
-def _optimizer_state_from_bytes(data: bytes) -> dict[str, Any]:
+def optimizer_state_from_bytes(data: bytes) -> dict[str, Any]:
 
     tensors = st_load(data)
     metadata = safetensors_metadata(data)
@@ -123,7 +125,7 @@ def save(
     """
     files = {MODEL_FILE: _state_bytes(model)}
     if optimizer is not None:
-        files[OPTIMIZER_FILE] = _optimizer_state_to_bytes(optimizer)
+        files[OPTIMIZER_FILE] = optimizer_state_to_bytes(optimizer)
     stale = () if optimizer is not None else (OPTIMIZER_FILE,)
     return write(directory, files, spec_of(model), meta, remove=stale)
 

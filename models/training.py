@@ -23,6 +23,7 @@ Averaging models is not training: it lives in :mod:`edge_agent.merge`, which nee
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -93,6 +94,21 @@ def distillation_loss(
         log_target=True,
     )
     return alpha * temperature * temperature * soft + (1.0 - alpha) * hard
+
+
+def cosine_schedule(
+    lr: float, epoch: int, epochs: int, steps_per_epoch: int
+) -> Callable[[int], float]:
+    """``lr_at(step)`` for the steps of ``epoch``: cosine decay from ``lr`` to 0 over ``epochs``.
+
+    The ``lr_at`` of :func:`train_steps`, shared by the trainer and the architecture search.
+    """
+
+    def lr_at(step: int) -> float:
+        progress = (epoch * steps_per_epoch + step) / (epochs * steps_per_epoch)
+        return 0.5 * lr * (1.0 + math.cos(math.pi * progress))
+
+    return lr_at
 
 
 def train_steps(

@@ -177,22 +177,13 @@ def check_input(model: nn.Module, sample_shape: tuple[int, ...]) -> None:
         model.train(was_training)
 
 
-def _learning_rate(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
-    if config.schedule == "constant":
-        return config.lr
-    progress = (epoch * steps_per_epoch + step) / (config.epochs * steps_per_epoch)
-    return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
-
-
 def _epoch_learning_rate(
     config: TrainConfig, epoch: int, steps_per_epoch: int
 ) -> Callable[[int], float]:
     """``lr_at(step)`` for the steps of ``epoch``."""
-
-    def lr_at(step: int) -> float:
-        return _learning_rate(config, epoch, step, steps_per_epoch)
-
-    return lr_at
+    if config.schedule == "constant":
+        return lambda step: config.lr
+    return training.cosine_schedule(config.lr, epoch, config.epochs, steps_per_epoch)
 
 
 def evaluate(

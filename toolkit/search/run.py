@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +40,13 @@ import models
 from bitfleet.fsutil import atomic_write_json
 from models.nasb import PRIMITIVES, Genotype
 from models.nasb.network import DEFAULT_CHANNELS, DEFAULT_LAYERS, STEMS
-from models.training import OPTIMIZERS, BatchSampler, make_optimizer, train_steps
+from models.training import (
+    OPTIMIZERS,
+    BatchSampler,
+    cosine_schedule,
+    make_optimizer,
+    train_steps,
+)
 
 from ..data import ArrayDataset, load_dataset
 from . import state
@@ -231,14 +237,6 @@ class _ArchStepper:
         }
 
 
-def _cosine(lr: float, epoch: int, epochs: int, steps: int) -> Callable[[int], float]:
-    def lr_at(step: int) -> float:
-        progress = (epoch * steps + step) / (epochs * steps)
-        return 0.5 * lr * (1.0 + math.cos(math.pi * progress))
-
-    return lr_at
-
-
 def _snapshot(supernet: Supernet) -> dict[str, list[float]]:
     return {
         "normal": mean_weights(supernet.alphas_normal),
@@ -346,7 +344,7 @@ def search(
                     train_sampler.epoch(config.seed, epoch),
                     val_sampler.epoch(config.seed + 1, epoch),
                 ),
-                lr_at=_cosine(config.lr, epoch, config.epochs, steps),
+                lr_at=cosine_schedule(config.lr, epoch, config.epochs, steps),
                 on_step=bar.step,
             )
             genotype = supernet.derive_genotype()

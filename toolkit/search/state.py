@@ -31,7 +31,7 @@ from torch import nn
 
 from bitfleet import checkpoint as files
 from bitfleet.checkpoint import MODEL_FILE, CheckpointError
-from models.checkpoint import _optimizer_state_from_bytes, _optimizer_state_to_bytes
+from models.checkpoint import optimizer_state_from_bytes, optimizer_state_to_bytes
 
 __all__ = ["SUPERNET_NAME", "SavedSearch", "save_search", "load_search", "latest", "prune"]
 
@@ -72,8 +72,8 @@ def save_search(
     state = {k: v.detach().cpu().contiguous().clone() for k, v in supernet.state_dict().items()}
     blobs = {
         MODEL_FILE: st_save(state, metadata={"format": files.CHECKPOINT_FORMAT}),
-        WEIGHTS_OPTIMIZER_FILE: _optimizer_state_to_bytes(weights_optimizer),
-        ALPHAS_OPTIMIZER_FILE: _optimizer_state_to_bytes(alphas_optimizer),
+        WEIGHTS_OPTIMIZER_FILE: optimizer_state_to_bytes(weights_optimizer),
+        ALPHAS_OPTIMIZER_FILE: optimizer_state_to_bytes(alphas_optimizer),
         RNG_FILE: st_save({"torch": torch.get_rng_state()}),
     }
     meta = {"epoch": epoch, "history": history, "alpha_history": alpha_history}
@@ -127,10 +127,10 @@ def load_search(
         )
     supernet.load_state_dict(state)
     weights_optimizer.load_state_dict(
-        _optimizer_state_from_bytes((where / WEIGHTS_OPTIMIZER_FILE).read_bytes())
+        optimizer_state_from_bytes((where / WEIGHTS_OPTIMIZER_FILE).read_bytes())
     )
     alphas_optimizer.load_state_dict(
-        _optimizer_state_from_bytes((where / ALPHAS_OPTIMIZER_FILE).read_bytes())
+        optimizer_state_from_bytes((where / ALPHAS_OPTIMIZER_FILE).read_bytes())
     )
     torch.set_rng_state(st_load((where / RNG_FILE).read_bytes())["torch"])
     meta = document.get("meta", {})

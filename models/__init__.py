@@ -11,8 +11,13 @@ Importing this package registers every family. Of bitfleet's own code it imports
 torch-free :mod:`bitfleet` package (errors, checkpoint files).
 """
 
-from . import densenet, fractal, lenet, resnet  # noqa: F401  (importing a family registers its models)
-from . import nasb  # noqa: F401  (registers nasb: networks built from a searched genotype)
+from . import (  # noqa: F401  (importing a family registers its models)
+    densenet,
+    fractal,
+    lenet,
+    nasb,
+    resnet,
+)
 from .constraints import clip_latent_weights
 from .layers import BinaryConv2d, BinaryLinear
 from .ops import OpCount, count_ops

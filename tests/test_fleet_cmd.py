@@ -250,7 +250,7 @@ def test_the_keyring_holds_the_device_keys_the_agents_sign_with(tmp_path):
         resolve(key_file=fleet_key, device_keys_dir=devices, env={}, config=config).keyring()
 
 
-@pytest.mark.parametrize("path", commands("fleet"), ids=" ".join)
-def test_every_fleet_command_s_help_reads_as_paragraphs(path):
-    """No --help of a fleet command shows a sentence broken where its source line ended."""
+@pytest.mark.parametrize("path", commands(), ids=lambda path: " ".join(path) or "bitfleet")
+def test_every_command_s_help_reads_as_paragraphs(path):
+    """No --help of any command shows a sentence broken where its source line ended."""
     assert broken_help_lines(*path) == []

@@ -61,7 +61,7 @@ app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("bench")(bench_cmd.bench)
 app.command("simulate")(simulate_cmd.simulate)
-app.command("search")(search_cmd.search)
+app.command("search", help=search_cmd.HELP)(search_cmd.search)
 app.add_typer(_fleet.app, name="fleet")
 app.command("broker")(broker_cmd.broker)
 

@@ -29,6 +29,16 @@ def parse_ops(text: str) -> float:
     return value
 
 
+HELP = (
+    "Search a binary cell (DARTS, first order) whose network costs about --target-ops.\n\n"
+    "Half the training images train the supernet's binary weights, the other half its "
+    "architecture weights together with a penalty on the distance to the target cost. The "
+    'derived genotype builds with `models.create("nasb", genotype=...)` and trains with '
+    "`bitfleet train --model nasb --genotype OUT/genotype.json`.\n\n"
+    "Example: bitfleet search --dataset digits-hard --target-ops 1.7e8 --epochs 10 --out runs/s"
+)
+
+
 @cli_command
 def search(
     target_ops: Annotated[
@@ -88,15 +98,7 @@ def search(
         bool, typer.Option("--json", help="Print the result as one JSON document.")
     ] = False,
 ) -> None:
-    """Search a binary cell (DARTS, first order) whose network costs about --target-ops.
-
-    Half the training images train the supernet's binary weights, the other half its
-    architecture weights together with a penalty on the distance to the target cost. The
-    derived genotype builds with `models.create("nasb", genotype=...)` and trains with
-    `bitfleet train --model nasb --genotype OUT/genotype.json`.
-
-    Example: bitfleet search --dataset digits-hard --target-ops 1.7e8 --epochs 10 --out runs/s
-    """
+    """Search a binary cell toward --target-ops (the help text is :data:`HELP`)."""
     from models.nasb import PRIMITIVES
     from models.nasb.network import DEFAULT_CHANNELS, DEFAULT_LAYERS
     from toolkit.search import SearchConfig

@@ -244,6 +244,15 @@ def test_simulate_on_digits_hard(monkeypatch, cache):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["methods"]["vc"]["rounds"] == 1
     assert list(cache.glob(f"digits-hard-v*-train-seed{dh.DEFAULT_SEED}-n60-*.safetensors"))
+    sized = CliRunner().invoke(
+        app,
+        [
+            "simulate", "--dataset", "digits-hard:40", "--nodes", "2", "--rounds", "1",
+            "--local-steps", "1", "--data", "iid", "--workers", "1", "--json", "--no-progress",
+        ],
+    )  # fmt: skip
+    assert sized.exit_code == 0, sized.output
+    assert list(cache.glob(f"digits-hard-v*-train-seed{dh.DEFAULT_SEED}-n40-*.safetensors"))
 
 
 def test_docs_list_every_knob_with_its_default():

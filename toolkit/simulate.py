@@ -148,7 +148,7 @@ class SimulationConfig:
             raise ValueError(f"model {self.model!r}: {err}; its arguments are: {valid}") from None
 
     def _check_dataset(self) -> None:
-        key = str(self.dataset).strip().lower()
+        key = str(self.dataset).strip().lower().partition(":")[0]  # digits-hard:<n> too
         if key not in DATASETS:
             raise DatasetError(
                 f"unknown dataset {self.dataset!r}; valid names: {', '.join(sorted(DATASETS))}"

@@ -26,7 +26,11 @@ def train(
         str, typer.Option(help="Registered model (see `bitfleet models`).")
     ] = "bireal18",
     dataset: Annotated[
-        str, typer.Option(help="digits (bundled), cifar10, mnist or imagefolder.")
+        str,
+        typer.Option(
+            help="digits or digits-hard[:N] (bundled; N training images), cifar10, mnist or "
+            "imagefolder."
+        ),
     ] = "digits",
     out: Annotated[
         Path | None, typer.Option(help="Run directory to write (a checkpoint itself).")

@@ -7,10 +7,10 @@ Measures, in one process and in this order:
    uint8 -> float, normalisation) as ``bitfleet train`` calls it;
 2. training: each model with the project's default recipe (``bitfleet train``'s defaults:
    8 epochs, batch 64, Adam, peak lr 1e-3, cosine, seed 0), the ImageNet stem on 32x32x3, as
-   the README's main job trains Bi-Real-18 on digits. Test accuracy after every epoch, the
+   the digits benchmarks train Bi-Real-18. Test accuracy after every epoch, the
    seconds of each epoch's training steps, and the wall time of each run (evaluation included).
 
-Prints one JSON document on stdout (progress on stderr). Targets (issue 14): Bi-Real-18 between
+Prints one JSON document on stdout (progress on stderr). The dataset's targets: Bi-Real-18 between
 0.60 and 0.85 after 8 epochs, float ResNet-18 at least 5 points above it.
 
     OMP_NUM_THREADS=2 python benchmarks/digits_hard.py --threads 2 > digits_hard.json

@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .init import init_weights
 from .layers import BinaryConv2d
 from .quantizers import QuantizerLike
 from .registry import register_model
@@ -215,15 +216,7 @@ class BinaryDenseNet(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and not isinstance(m, BinaryConv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def stem_forward(self, x: Tensor) -> Tensor:
         """The stem, run channels-last (its max-pool is ~5x faster so on CPU; see ResNet)."""

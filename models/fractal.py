@@ -64,6 +64,7 @@ from .densenet import (
     BinaryDenseConv,
     BinaryDenseNet,
 )
+from .init import init_weights
 from .ops import count_ops
 from .quantizers import QuantizerLike
 from .registry import create, register_model
@@ -250,7 +251,7 @@ class FractalResNet(ResNet):
                 channels = out
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self._init_weights()
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         keep = draw_column(self.columns, self.global_drop, self.training)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import AWConv2d, SqueezeExcitation, parse_attention
+from .init import init_weights
 from .layers import BinaryConv2d
 from .quantizers import QuantizerLike
 from .registry import register_model
@@ -53,15 +54,6 @@ def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Module:
 def _conv3x3(aw: bool) -> type[BinaryConv2d]:
     """The 3x3 convolution of a unit or block: with attention on its weights, or plain."""
     return AWConv2d if aw else BinaryConv2d
-
-
-def _float_aw(module: nn.Module) -> bool:
-    """An AW-convolution without quantizers: initialised as the float conv it extends."""
-    return (
-        isinstance(module, AWConv2d)
-        and module.input_quantizer is None
-        and module.kernel_quantizer is None
-    )
 
 
 class BiRealUnit(nn.Module):
@@ -221,16 +213,7 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and (not isinstance(m, BinaryConv2d) or _float_aw(m)):
-                # binary layers' latent weights keep their own init
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         # The stem runs channels-last: on CPU its max-pool is ~5x faster in that layout (oneDNN),

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers import BinaryConv2d
+from ..init import init_weights
 from .genotype import Edge, Genotype
 from .space import BINARY_PRIMITIVES, make_op, preprocess
 
@@ -184,15 +184,7 @@ class NASBNetwork(nn.Module):
         self.cells = nn.ModuleList(cells)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and not isinstance(m, BinaryConv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         s0 = s1 = self.stem(x)

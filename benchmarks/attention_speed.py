@@ -9,6 +9,8 @@ one binary 3x3 conv per stage shape (forward + backward), plain against AW, whic
 the cost goes. Prints one JSON document.
 
     OMP_NUM_THREADS=2 python benchmarks/attention_speed.py --width 0.5 --size 32 --repeats 5
+    OMP_NUM_THREADS=1 python benchmarks/attention_speed.py --width 1 --stem imagenet --threads 1 \
+        --attention none se aw aw@grouped --steps 1 --repeats 3
 """
 
 from __future__ import annotations
@@ -49,6 +51,21 @@ def _conv_runner(conv: Any, inp: Any, steps: int) -> Callable[[], float]:
     return run
 
 
+def _network(models: Any, args: argparse.Namespace, name: str) -> Any:
+    """The benchmarked network for an attention name; ``aw@grouped`` forces the grouped path."""
+    from models.attention import AWConv2d
+
+    attention, _, path = name.partition("@")
+    net = models.create(args.model, width=args.width, stem=args.stem, attention=attention)
+    if path == "grouped":
+        for module in net.modules():
+            if isinstance(module, AWConv2d):
+                module.factored_below = 0
+    elif path:
+        raise SystemExit(f"error: unknown AW path {path!r} in {name!r}; use aw@grouped")
+    return net
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bireal18")
@@ -74,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    nets = {
-        a: models.create(args.model, width=args.width, stem=args.stem, attention=a)
-        for a in args.attention
-    }
+    nets = {a: _network(models, args, a) for a in args.attention}
     optimizers = {a: make_optimizer(net, "adam", 1e-3) for a, net in nets.items()}
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))

@@ -54,9 +54,11 @@ def test_zero_attention_equals_the_plain_binary_conv(stride):
 
 @pytest.mark.parametrize("quantizers", [{}, BINARY], ids=["float", "binary"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_batched_equals_a_per_sample_loop(quantizers, stride):
+@pytest.mark.parametrize("factored_below", [0, 10**9], ids=["grouped", "factored"])
+def test_batched_equals_a_per_sample_loop(quantizers, stride, factored_below):
     torch.manual_seed(1)
     layer = AWConv2d(4, 6, 3, stride, 1, **quantizers)
+    layer.factored_below = factored_below  # every call through one of the two exact forms
     _randomize_attention(layer)
     x = torch.randn(5, 4, 7, 7)
     batched = layer(x)
@@ -444,11 +446,11 @@ def test_speed_benchmark_runs(capsys):
     from benchmarks import attention_speed
 
     argv = ["--width", "0.125", "--batch", "2", "--steps", "1", "--warmup", "0", "--repeats", "1"]
-    assert attention_speed.main([*argv, "--layers"]) == 0
+    assert attention_speed.main([*argv, "--layers", "--attention", "none", "aw", "aw@grouped"]) == 0
     doc = json.loads(capsys.readouterr().out)
     steps = doc["training_step"]
-    assert set(steps) == {"none", "aw"} and steps["none"]["ratio_to_none"] == 1.0
-    assert steps["aw"]["step_ms_median"] > 0
+    assert set(steps) == {"none", "aw", "aw@grouped"} and steps["none"]["ratio_to_none"] == 1.0
+    assert steps["aw"]["step_ms_median"] > 0 and steps["aw@grouped"]["step_ms_median"] > 0
     assert list(doc["layers_forward_backward"]) == [
         "8ch_32x32",
         "16ch_16x16",

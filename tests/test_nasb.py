@@ -440,3 +440,43 @@ def test_cli_bad_genotype_is_one_error_line(tmp_path):
     )
     missing = _train(tmp_path, "--genotype", str(tmp_path / "nope.json"), "--epochs", "1")
     assert missing.exit_code == 1 and "nope.json does not exist" in missing.output
+
+
+def test_random_genotypes_are_what_darts_derivation_can_produce():
+    import random
+
+    from models.nasb import random_genotype
+
+    first = random_genotype(7)
+    assert random_genotype(7) == first  # the seed fixes the genotype
+    stream = random.Random(0)
+    drawn = [random_genotype(stream) for _ in range(20)]
+    assert len(set(drawn)) == 20  # distinct draws from one stream
+    for genotype in [first, *drawn]:
+        for cell in (genotype.normal, genotype.reduce):
+            assert len(cell) == 8
+            for node in range(4):
+                (op_a, in_a), (op_b, in_b) = cell[2 * node : 2 * node + 2]
+                assert in_a != in_b and max(in_a, in_b) < node + 2  # two different earlier states
+                assert "none" not in (op_a, op_b)
+    used = {op for g in drawn for op, _ in g.normal + g.reduce}
+    assert used == set(PRIMITIVES) - {"none"}  # every candidate can be drawn
+    restricted = random_genotype(3, nodes=2, ops=["none", "bin_conv_3x3", "skip_connect"])
+    assert restricted.nodes == 2
+    assert {op for op, _ in restricted.normal + restricted.reduce} <= {
+        "bin_conv_3x3",
+        "skip_connect",
+    }
+    net = models.create("nasb", genotype=first.to_dict(), channels=4, layers=3, stem="cifar")
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_random_genotype_refuses_bad_arguments():
+    from models.nasb import random_genotype
+
+    with pytest.raises(ValueError, match="unknown operation 'conv_9x9'"):
+        random_genotype(0, ops=["conv_9x9"])
+    with pytest.raises(ValueError, match="other than 'none'"):
+        random_genotype(0, ops=["none"])
+    with pytest.raises(ValueError, match="nodes must be >= 1"):
+        random_genotype(0, nodes=0)

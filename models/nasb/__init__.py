@@ -5,6 +5,7 @@
 - :mod:`.genotype`: :class:`Genotype`, the chosen cells as human-readable JSON;
 - :mod:`.network`: :class:`NASBNetwork`, the cells of a genotype stacked into a network, and
   :func:`analytic_cost`, its FLOPs and BOPs by formula;
+- :mod:`.sample`: :func:`random_genotype`, the random baseline of a search;
 - :mod:`.zoo`: the registered ``nasb`` model (``models.create("nasb", genotype=...)``).
 
 Example::
@@ -16,6 +17,7 @@ Example::
 
 from .genotype import Edge, Genotype, GenotypeError
 from .network import Cell, NASBNetwork, analytic_cost, op_cost, reduction_layers
+from .sample import random_genotype
 from .space import (
     BINARY_PRIMITIVES,
     PRIMITIVES,
@@ -44,5 +46,6 @@ __all__ = [
     "nasb",
     "op_cost",
     "preprocess",
+    "random_genotype",
     "reduction_layers",
 ]

@@ -60,10 +60,20 @@ def _done(path: Path) -> set[tuple[str, int]]:
 
 
 def run(study: str, args: argparse.Namespace) -> None:
+    run_configs(study, STUDIES[study], args)
+
+
+def run_configs(
+    study: str, configs: dict[str, tuple[str, dict[str, Any]]], args: argparse.Namespace
+) -> None:
+    """Train every configuration for every seed of ``args.seeds`` not yet in ``args.out``.
+
+    ``args`` carries ``out``, ``seeds``, ``dataset``, ``epochs`` and ``threads``.
+    """
     from toolkit.train import TrainConfig, train
 
     done = _done(args.out)
-    for config_name, (model, model_args) in STUDIES[study].items():
+    for config_name, (model, model_args) in configs.items():
         ops = _ops_224(model, model_args)
         for seed in args.seeds:
             if (config_name, seed) in done:

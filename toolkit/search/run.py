@@ -54,7 +54,7 @@ from .cost import CostTable, check_target, cost_table, derived_network, ops_pena
 from .plot import mean_weights, plot_alphas
 from .supernet import Supernet
 
-__all__ = ["SPACES", "SearchConfig", "SearchResult", "search", "COST_INPUT_SIZE"]
+__all__ = ["SPACES", "SearchConfig", "SearchResult", "search", "split_halves", "COST_INPUT_SIZE"]
 
 #: Search spaces ``search`` knows (one today: the NASB cell of :mod:`models.nasb`).
 SPACES = ("nasb",)
@@ -152,10 +152,19 @@ class SearchResult:
 
 
 def _split(count: int, config: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded halves of the (first ``limit`` shuffled) training images: weights, alphas."""
-    order = np.random.default_rng(config.seed).permutation(count)
-    if config.limit is not None:
-        order = order[: config.limit]
+    return split_halves(count, config.seed, config.limit)
+
+
+def split_halves(count: int, seed: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A search's seeded halves of the (first ``limit`` shuffled) training images.
+
+    The first half trains the weights, the second the alphas; a baseline that selects
+    architectures on held-out images (random search) uses the same halves, so it sees exactly
+    the data the search saw.
+    """
+    order = np.random.default_rng(seed).permutation(count)
+    if limit is not None:
+        order = order[:limit]
     if len(order) < 2:
         raise ValueError(f"the search needs at least 2 training images, got {len(order)}")
     half = len(order) // 2

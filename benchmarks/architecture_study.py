@@ -10,6 +10,8 @@ go on. ``--summary`` prints mean +- std per configuration as a Markdown table in
     python benchmarks/architecture_study.py sofar --seeds 0 1 2 --out sofar.jsonl
     python benchmarks/architecture_study.py attention --seeds 0 1 2 --out aw.jsonl
     python benchmarks/architecture_study.py sofar --out sofar.jsonl --summary
+    python benchmarks/architecture_study.py sofar --dataset cifar10 \
+        --data-root path/to/cifar-10-batches-py --epochs 100 --out sofar_cifar.jsonl
 
 Studies:
 
@@ -82,6 +84,7 @@ def run_configs(
                 model=model,
                 model_args=model_args,
                 dataset=args.dataset,
+                data_root=getattr(args, "data_root", None),
                 channels=3,
                 epochs=args.epochs,
                 batch_size=64,
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", choices=sorted(STUDIES))
     ap.add_argument("--dataset", default="digits-hard")
+    ap.add_argument("--data-root", help="folder of the dataset's files (cifar10, mnist, ...)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)

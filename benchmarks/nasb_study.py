@@ -96,7 +96,8 @@ def random_search(args: argparse.Namespace) -> None:
     rows = _rows(args.out)
     spent = sum(row["seconds"] for row in rows)
     torch.set_num_threads(args.threads)
-    data = load_dataset(args.dataset, "train", channels=3)  # as the studies train
+    # three channels, as the studies train
+    data = load_dataset(args.dataset, "train", root=args.data_root, channels=3)
     weights_half, held_out = split_halves(len(data), args.search_seed)
     sampler = BatchSampler(data.x, data.y, 64, weights_half)
     steps_per_epoch = -(-len(weights_half) // 64)
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("step", choices=["random-search", "train", "summary"])
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended to")
     ap.add_argument("--dataset", default="digits-hard")
+    ap.add_argument("--data-root", help="folder of the dataset's files (cifar10, mnist, ...)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)

@@ -301,6 +301,28 @@ def test_resume_continues_to_the_same_alphas_as_a_run_that_never_stopped(tmp_pat
     assert resumed.genotype == Genotype.load(straight / "genotype.json")
 
 
+def test_warmup_epochs_train_the_weights_with_the_alphas_frozen(tmp_path, digits):
+    out = tmp_path / "warm"
+    result = search(
+        _tiny_config(digits, epochs=2, warmup_epochs=1, limit=128),
+        out,
+        progress=False,
+        train_data=digits,
+    )
+    first, second = result.history
+    assert first["warmup"] and not second["warmup"]
+    assert first["val_accuracy"] is None and first["penalty"] is None  # no alpha step taken
+    assert math.isfinite(first["train_loss"]) and 0.0 <= second["val_accuracy"] <= 1.0
+    torch.manual_seed(0)  # the search's own seeding of the supernet's initialisation
+    start = Supernet(channels=4, layers=3, in_channels=1, num_classes=10, stem="imagenet")
+    after_warmup = _alphas_of(out / "checkpoints" / "epoch_0001")
+    assert torch.equal(after_warmup["alphas_normal"], start.alphas_normal.detach())
+    after = _alphas_of(out / "checkpoints" / "epoch_0002")
+    assert not torch.equal(after["alphas_normal"], after_warmup["alphas_normal"])
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 0 and below epochs"):
+        _tiny_config(digits, epochs=2, warmup_epochs=2)
+
+
 def test_resume_refuses_other_settings_and_a_fresh_run_refuses_a_used_folder(tmp_path, digits):
     out = tmp_path / "s"
     config = _tiny_config(digits, limit=64)

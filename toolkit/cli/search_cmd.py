@@ -83,6 +83,13 @@ def search(
     arch_lr: Annotated[
         float, typer.Option(callback=number(gt=0), help="Alphas' Adam learning rate.")
     ] = 3e-4,
+    warmup_epochs: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="First epochs train only the weights, the alphas frozen (below --epochs).",
+        ),
+    ] = 0,
     limit: Annotated[
         int | None, typer.Option(min=2, help="Use only this many training images (split 50/50).")
     ] = None,
@@ -122,6 +129,7 @@ def search(
         optimizer=optimizer,
         lr=lr,
         arch_lr=arch_lr,
+        warmup_epochs=warmup_epochs,
         limit=limit,
         seed=seed,
         threads=threads,

@@ -86,6 +86,7 @@ class SearchConfig:
     weight_decay: float = 0.0
     arch_lr: float = 3e-4
     arch_weight_decay: float = 1e-3
+    warmup_epochs: int = 0
     limit: int | None = None
     seed: int = 0
     threads: int | None = None
@@ -104,6 +105,11 @@ class SearchConfig:
         for name in ("epochs", "cells", "nodes", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs must be >= 0 and below epochs ({self.epochs}), "
+                f"got {self.warmup_epochs}: the alphas need at least one epoch"
+            )
         if self.channels < 2:
             raise ValueError(f"channels must be >= 2, got {self.channels}")
         if self.target_ops is not None and not (
@@ -237,12 +243,14 @@ class _ArchStepper:
             self.step(xv, yv)
             yield batch
 
-    def summary(self) -> dict[str, float]:
-        seen = max(self.seen, 1)
+    def summary(self) -> dict[str, float | None]:
+        """The epoch's alpha-step statistics; None in a warm-up epoch, which took none."""
+        if self.seen == 0:
+            return {"val_loss": None, "val_accuracy": None, "penalty": None}
         return {
-            "val_loss": self.loss / seen,
-            "val_accuracy": self.correct / seen,
-            "penalty": self.penalty / seen,
+            "val_loss": self.loss / self.seen,
+            "val_accuracy": self.correct / self.seen,
+            "penalty": self.penalty / self.seen,
         }
 
 
@@ -346,13 +354,14 @@ def search(
             bar.start_epoch(epoch)
             started = time.perf_counter()
             stepper.reset()
+            warmup = epoch < config.warmup_epochs
+            batches = train_sampler.epoch(config.seed, epoch)
+            if not warmup:
+                batches = stepper.interleave(batches, val_sampler.epoch(config.seed + 1, epoch))
             stats = train_steps(
                 supernet,
                 weights_optimizer,
-                stepper.interleave(
-                    train_sampler.epoch(config.seed, epoch),
-                    val_sampler.epoch(config.seed + 1, epoch),
-                ),
+                batches,
                 lr_at=cosine_schedule(config.lr, epoch, config.epochs, steps),
                 on_step=bar.step,
             )
@@ -361,6 +370,7 @@ def search(
                 expected = float(table.expected(supernet.alphas_normal, supernet.alphas_reduce))
             record = {
                 "epoch": epoch + 1,
+                "warmup": warmup,
                 "train_loss": stats["loss"],
                 "train_accuracy": stats["accuracy"],
                 **stepper.summary(),
@@ -453,7 +463,9 @@ class _Progress:
                 self._task,
                 completed=self.steps,
                 status=(
-                    f"val acc {record['val_accuracy']:.3f}  derived "
+                    "warm-up (alphas frozen)"
+                    if record["warmup"]
+                    else f"val acc {record['val_accuracy']:.3f}  derived "
                     f"{record['derived_ops'] / 1e6:.1f}M OPs"
                 ),
             )

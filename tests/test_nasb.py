@@ -480,3 +480,18 @@ def test_random_genotype_refuses_bad_arguments():
         random_genotype(0, ops=["none"])
     with pytest.raises(ValueError, match="nodes must be >= 1"):
         random_genotype(0, nodes=0)
+
+
+def test_nasb_a_is_the_shipped_searched_cell_at_bireal18s_cost():
+    from models.nasb import NASB_A, NASB_A_CHANNELS
+
+    kw = {"stem": "imagenet", "num_classes": 1000}
+    net = models.create("nasb_a", **kw)
+    reference = models.create("nasb", genotype=NASB_A.to_dict(), channels=NASB_A_CHANNELS, **kw)
+    assert net.genotype == NASB_A
+    assert [p.shape for p in net.parameters()] == [p.shape for p in reference.parameters()]
+    ops = models.count_ops(net, (1, 3, 224, 224)).ops
+    bireal = models.count_ops(models.create("bireal18", **kw), (1, 3, 224, 224)).ops
+    assert abs(ops / bireal - 1) <= 0.05  # equal cost within 5%
+    assert models.spec_of(models.create("nasb_a"))["name"] == "nasb_a"
+    assert any(op.startswith("bin_") for op, _ in NASB_A.normal + NASB_A.reduce)

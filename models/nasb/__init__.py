@@ -6,7 +6,8 @@
 - :mod:`.network`: :class:`NASBNetwork`, the cells of a genotype stacked into a network, and
   :func:`analytic_cost`, its FLOPs and BOPs by formula;
 - :mod:`.sample`: :func:`random_genotype`, the random baseline of a search;
-- :mod:`.zoo`: the registered ``nasb`` model (``models.create("nasb", genotype=...)``).
+- :mod:`.zoo`: the registered ``nasb`` model (``models.create("nasb", genotype=...)``) and
+  ``nasb_a``, the cell bitfleet's own search found (:data:`NASB_A`).
 
 Example::
 
@@ -27,11 +28,13 @@ from .space import (
     make_op,
     preprocess,
 )
-from .zoo import BASELINE, nasb
+from .zoo import BASELINE, NASB_A, NASB_A_CHANNELS, nasb, nasb_a
 
 __all__ = [
     "BASELINE",
     "BINARY_PRIMITIVES",
+    "NASB_A",
+    "NASB_A_CHANNELS",
     "PRIMITIVES",
     "BinaryConvOp",
     "Cell",
@@ -44,6 +47,7 @@ __all__ = [
     "analytic_cost",
     "make_op",
     "nasb",
+    "nasb_a",
     "op_cost",
     "preprocess",
     "random_genotype",

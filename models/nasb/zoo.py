@@ -17,7 +17,7 @@ from ..registry import register_model
 from .genotype import Genotype
 from .network import DEFAULT_CHANNELS, DEFAULT_LAYERS, NASBNetwork
 
-__all__ = ["BASELINE", "channels_for", "nasb"]
+__all__ = ["BASELINE", "NASB_A", "NASB_A_CHANNELS", "channels_for", "nasb", "nasb_a"]
 
 BASELINE = Genotype.from_dict(
     {
@@ -43,6 +43,40 @@ BASELINE = Genotype.from_dict(
         ],
     }
 )
+
+
+NASB_A = Genotype.from_dict(
+    {
+        "normal": [
+            ["skip_connect", 0],
+            ["bin_dil_conv_5x5", 1],
+            ["skip_connect", 0],
+            ["bin_dil_conv_5x5", 2],
+            ["max_pool_3x3", 3],
+            ["max_pool_3x3", 2],
+            ["max_pool_3x3", 4],
+            ["max_pool_3x3", 2],
+        ],
+        "reduce": [
+            ["bin_conv_5x5", 1],
+            ["skip_connect", 0],
+            ["max_pool_3x3", 2],
+            ["bin_dil_conv_5x5", 1],
+            ["max_pool_3x3", 3],
+            ["max_pool_3x3", 2],
+            ["max_pool_3x3", 4],
+            ["max_pool_3x3", 3],
+        ],
+    }
+)
+"""The cell bitfleet's own search found on digits-hard (docs/reproductions/nasb.md has the run).
+
+``bitfleet search --dataset digits-hard --target-ops 1.73e8 --epochs 8 --warmup-epochs 2
+--arch-lr 3e-3 --seed 0``: the default supernet (8 cells, 20 channels, every candidate).
+"""
+
+NASB_A_CHANNELS = 19
+"""``nasb_a``'s first-cell channels: its OPs at 224x224 within 5% of Bi-Real-18's (1.640e8)."""
 
 
 def _with_genotype_dict(args: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +106,26 @@ def nasb(
     """NASB network of any genotype: binary cells stacked DARTS-style (docs/nasb.md)."""
     return NASBNetwork(
         Genotype.load(genotype if genotype is not None else BASELINE),
+        channels=channels_for(channels, width),
+        layers=layers,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        stem=stem,
+    )
+
+
+@register_model(family="nasb")
+def nasb_a(
+    num_classes: int = 10,
+    stem: str = "cifar",
+    width: float = 1.0,
+    channels: int = NASB_A_CHANNELS,
+    layers: int = DEFAULT_LAYERS,
+    in_channels: int = 3,
+) -> NASBNetwork:
+    """The searched cell :data:`NASB_A`, sized to Bi-Real-18's OPs: train it without searching."""
+    return NASBNetwork(
+        NASB_A,
         channels=channels_for(channels, width),
         layers=layers,
         num_classes=num_classes,

@@ -123,7 +123,7 @@ def nasb_a(
     layers: int = DEFAULT_LAYERS,
     in_channels: int = 3,
 ) -> NASBNetwork:
-    """The searched cell :data:`NASB_A`, sized to Bi-Real-18's OPs: train it without searching."""
+    """NASB network of the cell bitfleet's search found (NASB_A), at Bi-Real-18's OPs."""
     return NASBNetwork(
         NASB_A,
         channels=channels_for(channels, width),

@@ -62,7 +62,16 @@ def _done(path: Path) -> set[tuple[str, int]]:
 
 
 def run(study: str, args: argparse.Namespace) -> None:
-    run_configs(study, STUDIES[study], args)
+    configs = STUDIES[study]
+    if args.configs:
+        unknown = sorted(set(args.configs) - set(configs))
+        if unknown:
+            raise SystemExit(
+                f"error: {study} has no configuration {', '.join(unknown)}; "
+                f"it has {', '.join(configs)}"
+            )
+        configs = {name: configs[name] for name in args.configs}
+    run_configs(study, configs, args)
 
 
 def run_configs(
@@ -141,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--configs", nargs="+", help="only these configurations (split a study across jobs)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended to")
     ap.add_argument("--summary", action="store_true", help="print the table of --out and stop")
     args = ap.parse_args(argv)

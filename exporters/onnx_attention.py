@@ -1,13 +1,15 @@
 """AW-convolution (:class:`models.attention.AWConv2d`) in ONNX, with standard ops only.
 
-An AW layer computes ``conv(x, A(x) * W + W)`` with per-sample weights. PyTorch runs it as one
-grouped convolution over the batch (``groups = B``), but ONNX's ``Conv`` takes ``group`` as a
-fixed attribute, while an artifact's batch dimension is dynamic. The exported graph therefore
-writes the same convolution as a batched matrix product over patches::
+An AW layer computes ``conv(x, A(x) * W + W)`` with per-sample weights. PyTorch runs it on
+larger maps as one grouped convolution over the batch (``groups = B``), but ONNX's ``Conv``
+takes ``group`` as a fixed attribute, while an artifact's batch dimension is dynamic. The
+exported graph therefore writes the same convolution as a batched matrix product over
+patches::
 
     p       = Flatten(GlobalAveragePool(x))                       (N, Cin)
     h       = Relu(Gemm(p, squeeze))                              (N, r)
-    U, V    = Reshape(Gemm(h, rows)), Reshape(Gemm(h, cols))      (N, Cout, k), (N, k, K)
+    U, V    = Reshape(Tanh(Gemm(h, rows))), Reshape(Tanh(Gemm(h, cols))) / k
+                                                                  (N, Cout, k), (N, k, K)
     weights = (MatMul(U, V) + 1) * W                              (N, Cout, K)   K = Cin*kh*kw
     patches = Conv(pad(x), one-hot kernel, group=Cin)             (N, K, Ho, Wo)
     y       = Reshape(MatMul(weights, Reshape(patches, (N, K, L))), (N, Cout, Ho, Wo))
@@ -78,8 +80,8 @@ class _AWConvFn(torch.autograd.Function):
     ) -> torch.Tensor:
         cout, rank, taps = attrs["cout"], attrs["rank"], attrs["taps"]
         h = torch.relu(F.linear(x.mean(dim=(2, 3)), sq_w, sq_b))
-        u = F.linear(h, rows_w, rows_b).view(-1, cout, rank)
-        v = F.linear(h, cols_w, cols_b).view(-1, rank, taps)
+        u = torch.tanh(F.linear(h, rows_w, rows_b)).view(-1, cout, rank)
+        v = torch.tanh(F.linear(h, cols_w, cols_b)).view(-1, rank, taps) / rank
         base = weight.view(cout, taps) * multiplier.view(cout, 1)
         weights = (torch.bmm(u, v) + 1.0) * base
         if attrs["binary_input"]:
@@ -112,10 +114,18 @@ class _AWConvFn(torch.autograd.Function):
         pooled = g.op("Flatten", g.op("GlobalAveragePool", x), axis_i=1)
         h = g.op("Relu", g.op("Gemm", pooled, sq_w, sq_b, transB_i=1))
         u = g.op(
-            "Reshape", g.op("Gemm", h, rows_w, rows_b, transB_i=1), _const(g, [-1, cout, rank])
+            "Reshape",
+            g.op("Tanh", g.op("Gemm", h, rows_w, rows_b, transB_i=1)),
+            _const(g, [-1, cout, rank]),
         )
         v = g.op(
-            "Reshape", g.op("Gemm", h, cols_w, cols_b, transB_i=1), _const(g, [-1, rank, taps])
+            "Div",
+            g.op(
+                "Reshape",
+                g.op("Tanh", g.op("Gemm", h, cols_w, cols_b, transB_i=1)),
+                _const(g, [-1, rank, taps]),
+            ),
+            _const(g, float(rank)),
         )
         if attrs["packed"]:
             # bits in (kh, kw, Cin) order (exporters.packing) -> columns in (Cin, kh, kw) order

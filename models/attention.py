@@ -82,9 +82,14 @@ class AWConv2d(BinaryConv2d):
 
         p = mean over H, W of x                       (Cin,)
         h = relu(squeeze(p))                          (r,)    r = hidden
-        U = rows(h).view(Cout, k)                     (Cout, k)
-        V = cols(h).view(k, Cin * kh * kw)            (k, Cin*kh*kw)
-        A = (U @ V).view(Cout, Cin, kh, kw)
+        U = tanh(rows(h)).view(Cout, k)               (Cout, k)
+        V = tanh(cols(h)).view(k, Cin * kh * kw) / k  (k, Cin*kh*kw)
+        A = (U @ V).view(Cout, Cin, kh, kw)           |A| <= 1
+
+    The two tanh and the ``1 / k`` bound every entry of ``A`` by 1, so ``(1 + A) * W`` rescales
+    each weight by a factor in [0, 2] and never flips its sign. Unbounded factors let ``A``
+    grow with the input's mean: on digits-hard a ResNet-18 reached ``|A| = 224`` within its
+    first epoch and stayed at chance on one seed of three.
 
     ``A`` has rank ``k`` (``rank``, default 2) as a Cout x (Cin*kh*kw) matrix, but it is not a
     product of a channel map and a spatial map: every (input channel, tap) column is its own
@@ -182,8 +187,8 @@ class AWConv2d(BinaryConv2d):
     def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention's factors for a batch: ``U`` (B, Cout, k) and ``V`` (B, k, Cin*kh*kw)."""
         h = self.relu(self.squeeze(x.mean(dim=(2, 3))))
-        u = self.rows(h).view(-1, self.out_channels, self.rank)
-        v = self.cols(h).view(-1, self.rank, self.taps)
+        u = torch.tanh(self.rows(h)).view(-1, self.out_channels, self.rank)
+        v = torch.tanh(self.cols(h)).view(-1, self.rank, self.taps) / self.rank
         return u, v
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:

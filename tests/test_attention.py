@@ -15,7 +15,7 @@ BINARY = {"input_quantizer": "approx_sign", "kernel_quantizer": "magnitude_aware
 RESNETS = ["bireal18", "bireal34", "resnet18", "resnet34"]
 
 
-def _randomize_attention(layer: AWConv2d, seed: int = 0, scale: float = 0.3) -> None:
+def _randomize_attention(layer: AWConv2d, seed: int = 0, scale: float = 1.0) -> None:
     """Give ``rows`` (zero at init) random values, so A(x) is not zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -457,3 +457,16 @@ def test_speed_benchmark_runs(capsys):
         "32ch_8x8",
         "64ch_4x4",
     ]
+
+
+def test_attention_is_bounded_so_no_weight_flips_sign():
+    torch.manual_seed(0)
+    layer = AWConv2d(8, 6, 3, padding=1, **BINARY)
+    _randomize_attention(layer, scale=50.0)  # factors deep in saturation
+    x = 1000.0 * torch.randn(4, 8, 5, 5).abs()  # a large input mean, which once blew A up
+    attention = layer.attention(x)
+    assert attention.abs().amax() <= 1.0 + 1e-6
+    assert attention.abs().amax() > 0.5  # the bound is reached, not the attention switched off
+    weights = layer.sample_weights(x)
+    base = layer.quantized_weight().unsqueeze(0)
+    assert bool(((weights * base) >= 0).all())  # (1 + A) * W keeps W's sign

@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--budget-s", type=float, help="random search's wall seconds (default: the search's)"
     )
-    ap.add_argument("--proxy-epochs", type=int, default=1)
+    ap.add_argument(
+        "--proxy-epochs", type=int, default=3, help="epochs per random cell (1 scores near chance)"
+    )
     ap.add_argument("--random-search", type=Path, help="random-search rows: train its best")
     ap.add_argument("--random", type=int, default=3, help="K random genotypes to train")
     ap.add_argument("--baselines", type=Path, nargs="*", default=[], help="other studies' rows")

@@ -14,6 +14,7 @@ TARGET = 1.64e8
 def test_random_search_scores_matched_random_cells_until_the_budget_is_spent(tmp_path, capsys):
     out = tmp_path / "rs.jsonl"
     argv = ["random-search", "--dataset", "digits", "--out", str(out), "--threads", "1"]
+    argv += ["--proxy-epochs", "1"]
     assert nasb_study.main([*argv, "--budget-s", "0.001", "--target-ops", str(TARGET)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 1  # the first draw spends the whole budget

@@ -11,7 +11,7 @@ go on. ``--summary`` prints mean +- std per configuration as a Markdown table in
     python benchmarks/architecture_study.py attention --seeds 0 1 2 --out aw.jsonl
     python benchmarks/architecture_study.py sofar --out sofar.jsonl --summary
     python benchmarks/architecture_study.py sofar --dataset cifar10 \
-        --data-root path/to/cifar-10-batches-py --epochs 100 --out sofar_cifar.jsonl
+        --data-root path/to/cifar-10-batches-bin --epochs 100 --out sofar_cifar.jsonl
 
 Studies:
 

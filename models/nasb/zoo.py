@@ -124,11 +124,4 @@ def nasb_a(
     in_channels: int = 3,
 ) -> NASBNetwork:
     """NASB network of the cell bitfleet's search found (NASB_A), at Bi-Real-18's OPs."""
-    return NASBNetwork(
-        NASB_A,
-        channels=channels_for(channels, width),
-        layers=layers,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        stem=stem,
-    )
+    return nasb(NASB_A.to_dict(), num_classes, stem, width, channels, layers, in_channels)

@@ -47,18 +47,29 @@ STUDIES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
 }
 
 
-def _ops_224(model: str, model_args: dict[str, Any]) -> float:
+def ops_224(model: str, model_args: dict[str, Any]) -> float:
+    """OPs of a configuration at 224x224 with 1000 classes (the papers' measure)."""
     import models
 
     net = models.create(model, **{**model_args, "num_classes": 1000})
     return float(models.count_ops(net, (1, 3, 224, 224)).ops)
 
 
-def _done(path: Path) -> set[tuple[str, int]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a study file (none when it does not exist yet)."""
     if not path.exists():
-        return set()
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(row["config"], row["seed"]) for row in rows}
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one finished run, so a stopped study loses nothing it finished."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _done(path: Path) -> set[tuple[str, int]]:
+    return {(row["config"], row["seed"]) for row in read_rows(path)}
 
 
 def run(study: str, args: argparse.Namespace) -> None:
@@ -85,7 +96,7 @@ def run_configs(
 
     done = _done(args.out)
     for config_name, (model, model_args) in configs.items():
-        ops = _ops_224(model, model_args)
+        ops = ops_224(model, model_args)
         for seed in args.seeds:
             if (config_name, seed) in done:
                 continue
@@ -117,13 +128,12 @@ def run_configs(
                 "seconds": round(time.perf_counter() - started, 1),
                 "threads": args.threads,
             }
-            with args.out.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_row(args.out, row)
             print(f"{config_name} seed {seed}: {row['accuracy']:.4f}", file=sys.stderr)
 
 
 def summary(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     by_config: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_config.setdefault(row["config"], []).append(row)

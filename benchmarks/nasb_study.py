@@ -37,21 +37,17 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.architecture_study import STEM, run_configs, summary
+from benchmarks.architecture_study import (
+    STEM,
+    append_row,
+    ops_224,
+    read_rows,
+    run_configs,
+    summary,
+)
 
 TARGET_OPS = 163_985_408.0
 """Bi-Real-18's OPs at 224x224 (ImageNet stem, 1000 classes): the cost every network is held to."""
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def matched_args(genotype: dict[str, Any], target_ops: float) -> dict[str, Any]:
@@ -70,13 +66,6 @@ def matched_args(genotype: dict[str, Any], target_ops: float) -> dict[str, Any]:
     return {"genotype": genotype, "channels": int(channels), **STEM}
 
 
-def _ops_224(model_args: dict[str, Any]) -> float:
-    import models
-
-    net = models.create("nasb", **{**model_args, "num_classes": 1000})
-    return float(models.count_ops(net, (1, 3, 224, 224)).ops)
-
-
 def search_seconds(search_dir: Path) -> float:
     """Wall seconds of a finished search: the sum of its epochs' times in ``search.json``."""
     history = json.loads((search_dir / "search.json").read_text())["history"]
@@ -93,7 +82,7 @@ def random_search(args: argparse.Namespace) -> None:
     from toolkit.search.run import split_halves
 
     budget = args.budget_s if args.budget_s is not None else search_seconds(args.search_dir)
-    rows = _rows(args.out)
+    rows = read_rows(args.out)
     spent = sum(row["seconds"] for row in rows)
     torch.set_num_threads(args.threads)
     # three channels, as the studies train
@@ -119,7 +108,7 @@ def random_search(args: argparse.Namespace) -> None:
             "index": index,
             "genotype": genotype,
             "channels": model_args["channels"],
-            "ops_224": _ops_224(model_args),
+            "ops_224": ops_224("nasb", model_args),
             "held_out_accuracy": score,
             "proxy_epochs": args.proxy_epochs,
             "seconds": round(seconds, 1),
@@ -127,7 +116,7 @@ def random_search(args: argparse.Namespace) -> None:
             "budget_s": round(budget, 1),
             "threads": args.threads,
         }
-        _append(args.out, row)
+        append_row(args.out, row)
         print(f"random {index}: held-out {score:.4f} ({spent:.0f}/{budget:.0f} s)", file=sys.stderr)
         index += 1
 
@@ -137,7 +126,7 @@ def train_study(args: argparse.Namespace) -> None:
 
     configs: dict[str, tuple[str, dict[str, Any]]] = {"nasb_a": ("nasb_a", STEM)}
     if args.random_search is not None:
-        scored = _rows(args.random_search)
+        scored = read_rows(args.random_search)
         if not scored:
             raise SystemExit(f"error: {args.random_search} holds no random-search rows")
         best = max(scored, key=lambda row: row["held_out_accuracy"])
@@ -149,7 +138,7 @@ def train_study(args: argparse.Namespace) -> None:
     run_configs("nasb", {k: v for k, v in configs.items() if k not in draws}, args)
     # the K draws once (seed 0), then the best of them on every seed
     run_configs("nasb", draws, argparse.Namespace(**{**vars(args), "seeds": args.seeds[:1]}))
-    best_draw = best_of_random(_rows(args.out), args.seeds[0])
+    best_draw = best_of_random(read_rows(args.out), args.seeds[0])
     if best_draw is not None:
         run_configs("nasb", {best_draw: draws[best_draw]}, args)
 
@@ -194,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "train":
         train_study(args)
     else:
-        rows = [r for path in args.baselines for r in _rows(path)] + _rows(args.out)
+        rows = [r for path in args.baselines for r in read_rows(path)] + read_rows(args.out)
         merged = args.out.with_suffix(".summary.jsonl")
         merged.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(summary(merged))

@@ -23,7 +23,10 @@ padding order and sign convention come from :mod:`exporters.conventions`.
 Layers that are not binary (the first conv, 1x1 downsampling convs, batch norm, pooling,
 the classifier) are exported by ``torch.onnx.export`` as usual. AW-convolutions
 (:class:`models.attention.AWConv2d`) have per-sample real weights: :mod:`exporters.onnx_attention`
-writes them as standard float ops in both flavours. The writer refuses modules it
+writes them as standard float ops in both flavours. Fake-quantised int8/int4 layers
+(:class:`models.quantized.QuantConv2d`, ``QuantLinear``) become standard QuantizeLinear /
+DequantizeLinear nodes around a float Conv / Gemm with int8 weight initializers
+(:mod:`exporters.onnx_quantized`), in both flavours too. The writer refuses modules it
 does not know rather than exporting something it cannot vouch for.
 """
 
@@ -44,6 +47,7 @@ from bitfleet.errors import BitfleetError
 from models import quantizers
 from models.layers import AWConv2d, BinaryConv2d, BinaryLinear
 from models.nasb import Zero
+from models.quantized import QuantConv2d, QuantLinear
 from models.quantizers import Quantizer, sign
 
 from .conventions import (
@@ -352,6 +356,7 @@ class _ExportedBinaryLayer(nn.Module):
 def _export_twin(model: nn.Module, flavour: str) -> nn.Module:
     """A copy of ``model`` with binary-weight layers replaced by their exported form."""
     from .onnx_attention import ExportedAWConv  # it builds on this module's helpers
+    from .onnx_quantized import ExportedQuantLayer
 
     twin = copy.deepcopy(model).eval()
     for name, module in list(twin.named_modules()):
@@ -359,6 +364,8 @@ def _export_twin(model: nn.Module, flavour: str) -> nn.Module:
             path = f"{name}.{child_name}" if name else child_name
             if isinstance(child, AWConv2d):
                 setattr(module, child_name, ExportedAWConv(path, child))
+            elif isinstance(child, QuantConv2d | QuantLinear):
+                setattr(module, child_name, ExportedQuantLayer(path, child))
             elif isinstance(child, BinaryConv2d | BinaryLinear):
                 if child.kernel_quantizer is None:
                     # a float layer in binary-layer clothing: export as its float base
@@ -393,18 +400,24 @@ def _export_twin(model: nn.Module, flavour: str) -> nn.Module:
 
 def _check_known_leaves(model: nn.Module) -> None:
     from .onnx_attention import ExportedAWConv
+    from .onnx_quantized import ExportedQuantLayer
 
     for name, module in model.named_modules():
-        exported = isinstance(module, _ExportedBinaryLayer | ExportedAWConv)
+        exported = isinstance(module, _ExportedBinaryLayer | ExportedAWConv | ExportedQuantLayer)
         if exported or next(module.children(), None) is not None:
             continue
         if isinstance(module, Quantizer):
             continue  # quantizers of float layers: parameter-free, nothing to export
+        if isinstance(module, QuantConv2d | QuantLinear):  # only a root layer escapes the swap
+            raise ExportError(
+                f"cannot export the {type(module).__name__} '{name}' on its own: the writer "
+                "replaces quantised layers inside a network; wrap it in nn.Sequential"
+            )
         if not isinstance(module, _KNOWN_LEAVES):
             raise ExportError(
                 f"cannot export layer '{name}' of type {type(module).__name__}: the ONNX writer "
                 "does not know it. Known layers: AWConv2d, BinaryConv2d, BinaryLinear, "
-                + ", ".join(sorted(t.__name__ for t in _KNOWN_LEAVES))
+                "QuantConv2d, QuantLinear, " + ", ".join(sorted(t.__name__ for t in _KNOWN_LEAVES))
             )
 
 

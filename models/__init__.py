@@ -16,11 +16,13 @@ from . import (  # noqa: F401  (importing a family registers its models)
     fractal,
     lenet,
     nasb,
+    quantized,
     resnet,
 )
 from .constraints import clip_latent_weights
 from .layers import BinaryConv2d, BinaryLinear
 from .ops import OpCount, count_ops
+from .quantized import FakeQuantizedLayer, QuantConv2d, QuantLinear, fake_quantize, quantize_modules
 from .registry import (
     SpecError,
     UnknownModelError,
@@ -38,7 +40,10 @@ from .registry import (
 __all__ = [
     "BinaryConv2d",
     "BinaryLinear",
+    "FakeQuantizedLayer",
     "OpCount",
+    "QuantConv2d",
+    "QuantLinear",
     "SpecError",
     "UnknownModelError",
     "build",
@@ -46,10 +51,12 @@ __all__ = [
     "count_ops",
     "create",
     "dump_spec",
+    "fake_quantize",
     "is_model",
     "list_models",
     "load_spec",
     "model_entry",
+    "quantize_modules",
     "register_model",
     "spec_of",
 ]

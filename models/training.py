@@ -121,11 +121,15 @@ def train_steps(
     kd_temperature: float = 4.0,
     lr_at: Callable[[int], float] | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Run one optimizer step per batch of ``data_iter``; return mean loss and train accuracy.
 
     Latent weights of binary layers are clipped after every step. ``lr_at(step)`` sets the
     learning rate before each step; ``on_step(step, loss, batch_size)`` reports progress.
+    ``extra_loss()``, called after each forward pass, returns a term added to the loss: a
+    regulariser that forward hooks collected during that pass (data-free distillation adds the
+    student's batch-norm statistics loss this way).
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -141,6 +145,8 @@ def train_steps(
             loss = distillation_loss(logits, teacher_logits, y, kd_alpha, kd_temperature)
         else:
             loss = F.cross_entropy(logits, y)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -10,6 +10,7 @@ from . import (
     _fleet,
     bench_cmd,
     broker_cmd,
+    compress_cmd,
     demo_cmd,
     eval_cmd,
     export_cmd,
@@ -62,6 +63,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("bench")(bench_cmd.bench)
 app.command("simulate")(simulate_cmd.simulate)
 app.command("search", help=search_cmd.HELP)(search_cmd.search)
+app.command("compress", help=compress_cmd.HELP)(compress_cmd.compress)
 app.add_typer(_fleet.app, name="fleet")
 app.command("broker")(broker_cmd.broker)
 

@@ -33,10 +33,13 @@ def plot_alphas(
     history: Sequence[Mapping[str, Sequence[float]]],
     primitives: Sequence[str],
     path: str | os.PathLike[str],
+    panels: Mapping[str, str] = CELL_TITLES,
 ) -> Path:
     """Draw the architecture weights over the epochs as a PNG at ``path`` (atomically).
 
-    ``history`` holds, per epoch, ``{"normal": [...], "reduce": [...]}`` of :func:`mean_weights`.
+    ``history`` holds, per epoch, one list of :func:`mean_weights` per key of ``panels``
+    (``{"normal": [...], "reduce": [...]}`` for the cell search); each key gets a panel titled
+    with its value.
     """
     if not history:
         raise ValueError("no architecture weights to plot: the search has not run an epoch")
@@ -48,8 +51,8 @@ def plot_alphas(
     figure = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(figure)
     epochs = list(range(len(history)))
-    axes_list = figure.subplots(1, len(CELL_TITLES), sharey=True)
-    for axes, (kind, title) in zip(axes_list, CELL_TITLES.items(), strict=True):
+    axes_list = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for axes, (kind, title) in zip(axes_list, panels.items(), strict=True):
         for column, name in enumerate(primitives):
             axes.plot(epochs, [entry[kind][column] for entry in history], marker=".", label=name)
         axes.axhline(1 / len(primitives), color="grey", linewidth=0.8, linestyle=":")

@@ -23,7 +23,7 @@ that operation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,8 @@ from models.nasb.network import (
 __all__ = [
     "CellLayout",
     "MixedOp",
+    "OpFactory",
+    "check_primitives",
     "SearchCell",
     "Supernet",
     "derive_genotype",
@@ -64,13 +66,14 @@ def edge_inputs(nodes: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(nodes) for j in range(2 + i)]
 
 
-def _check_primitives(primitives: Sequence[str]) -> tuple[str, ...]:
+def check_primitives(
+    primitives: Sequence[str], known: Sequence[str] = PRIMITIVES
+) -> tuple[str, ...]:
+    """``primitives`` as a tuple, or a one-line ValueError: unknown, repeated or only 'none'."""
     names = tuple(primitives)
-    unknown = [p for p in names if p not in PRIMITIVES]
+    unknown = [p for p in names if p not in known]
     if unknown:
-        raise ValueError(
-            f"unknown operation {unknown[0]!r}; known operations: {', '.join(PRIMITIVES)}"
-        )
+        raise ValueError(f"unknown operation {unknown[0]!r}; known operations: {', '.join(known)}")
     if len(set(names)) != len(names):
         raise ValueError(f"candidate operations repeat: {', '.join(names)}")
     if not [p for p in names if p != NONE]:
@@ -78,18 +81,32 @@ def _check_primitives(primitives: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+#: Builds one candidate operation: ``make(name, channels, stride) -> module``.
+OpFactory = Callable[[str, int, int], nn.Module]
+
+
 class MixedOp(nn.Module):
     """``sum_k w_k * op_k(x)`` over the candidates, ``w`` one row of ``softmax(alpha)``.
 
-    Every candidate is built by :func:`models.nasb.make_op` for ``channels`` and ``stride``, in
-    the order of ``primitives`` (by default all of :data:`models.nasb.PRIMITIVES`), which is the
-    column order of the alphas.
+    Every candidate is built by ``make(name, channels, stride)`` (by default
+    :func:`models.nasb.make_op`, the binary cells' operations) in the order of ``primitives``
+    (by default all of :data:`models.nasb.PRIMITIVES`), which is the column order of the alphas.
+    Another search space passes its own ``make`` and its ``known`` names: the data-free
+    generator search (:mod:`toolkit.datafree.autorecon`) mixes float generator operations.
     """
 
-    def __init__(self, channels: int, stride: int, primitives: Sequence[str] = PRIMITIVES) -> None:
+    def __init__(
+        self,
+        channels: int,
+        stride: int,
+        primitives: Sequence[str] = PRIMITIVES,
+        *,
+        make: OpFactory = make_op,
+        known: Sequence[str] = PRIMITIVES,
+    ) -> None:
         super().__init__()
-        self.primitives = _check_primitives(primitives)
-        self.ops = nn.ModuleList(make_op(name, channels, stride) for name in self.primitives)
+        self.primitives = check_primitives(primitives, known)
+        self.ops = nn.ModuleList(make(name, channels, stride) for name in self.primitives)
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         if weights.shape != (len(self.ops),):
@@ -172,7 +189,7 @@ class Supernet(nn.Module):
             raise ValueError(
                 "a supernet needs channels >= 2 and layers, nodes, num_classes, in_channels >= 1"
             )
-        self.primitives = _check_primitives(primitives)
+        self.primitives = check_primitives(primitives)
         self.channels, self.layers, self.nodes = channels, layers, nodes
         self.num_classes, self.in_channels, self.stem_kind = num_classes, in_channels, stem
         shape = (edge_count(nodes), len(self.primitives))
@@ -278,7 +295,7 @@ def derive_genotype(
     edges are listed strongest first, ties going to the lower input. ``none`` is never chosen.
     Both cells concatenate all their intermediate nodes.
     """
-    names = _check_primitives(primitives)
+    names = check_primitives(primitives)
     expected = (edge_count(nodes), len(names))
     for label, alphas in (("alphas_normal", alphas_normal), ("alphas_reduce", alphas_reduce)):
         if tuple(alphas.shape) != expected:

@@ -144,23 +144,24 @@ def test_the_generator_loss_falls_over_a_few_steps(teacher):
     stats = fit_generator(generator, teacher, 30, batch_size=32, lr=3e-3, seed=0)
     after = _held_out_loss(generator, teacher)
     assert len(stats.losses) == 30
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.9 * before, (before, after)
 
 
 def test_the_searched_generator_moves_its_alphas_and_derives_a_genotype(teacher):
     torch.manual_seed(0)
     supernet = SearchedGenerator(10, 32, 1)
     before = supernet.alphas_ops.detach().clone()
-    stats = fit_generator(
+    loss_before = _held_out_loss(supernet, teacher)
+    fit_generator(
         supernet,
         teacher,
-        12,
+        20,
         batch_size=16,
-        lr=1e-2,
+        lr=3e-3,
         arch_parameters=supernet.arch_parameters(),
         arch_lr=1e-2,
     )
-    assert stats.last < stats.first
+    assert _held_out_loss(supernet, teacher) < 0.9 * loss_before
     assert not torch.allclose(supernet.alphas_ops, before)
     genotype = supernet.derive()
     assert all(op != "none" for cell in genotype.cells for op in cell.edges)
@@ -313,7 +314,7 @@ def test_compress_never_opens_a_dataset(teacher_dir, tmp_path, no_datasets, to, 
         assert (out / "alphas.png").is_file()
 
 
-@pytest.mark.parametrize("to", ["bireal18", "int8"])
+@pytest.mark.parametrize("to", ["bireal18", "int8", "int4"])
 def test_the_student_evaluates_and_exports_with_parity(teacher_dir, tmp_path, to):
     out = tmp_path / "student"
     assert _compress(teacher_dir, out, "--to", to).exit_code == 0

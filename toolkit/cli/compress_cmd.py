@@ -44,9 +44,12 @@ def compress(
     ] = 2,
     generator_steps: Annotated[
         int, typer.Option(min=1, help="Steps to train the generator (zeroq: to fit its inputs).")
-    ] = 200,
-    steps: Annotated[int, typer.Option(min=1, help="Distillation steps of the student.")] = 400,
+    ] = 300,
+    steps: Annotated[int, typer.Option(min=1, help="Distillation steps of the student.")] = 600,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per step.")] = 64,
+    search_batch_size: Annotated[
+        int, typer.Option(min=2, help="autorecon: images per search step (all candidates run).")
+    ] = 16,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -76,6 +79,7 @@ def compress(
         generator_steps=generator_steps,
         steps=steps,
         batch_size=batch_size,
+        search_batch_size=search_batch_size,
         lr=lr,
         seed=seed,
         threads=threads,

@@ -20,7 +20,7 @@ The command line is ``bitfleet compress`` (docs/datafree.md).
 
 from .autorecon import GENERATOR_OPS, GeneratorGenotype, SearchedGenerator
 from .bn_stats import BNStatistics, NoBatchNormError, batch_norm_layers
-from .compress import GENERATORS, CompressConfig, CompressResult, TeacherError, compress
+from .compress import GENERATORS, CompressConfig, CompressResult, TeacherError, compress, distill
 from .fit import fit_generator, fit_inputs
 from .generators import LATENT_DIM, GDFQGenerator, reconstruction_loss
 from .students import STUDENTS, make_student
@@ -40,6 +40,7 @@ __all__ = [
     "TeacherError",
     "batch_norm_layers",
     "compress",
+    "distill",
     "fit_generator",
     "fit_inputs",
     "make_student",

@@ -4,9 +4,11 @@ The run, in order (each phase with its own step count, progress bar and seed):
 
 1. **data source**: ``gdfq`` trains GDFQ's generator with the reconstruction loss;
    ``autorecon`` searches a generator supernet for ``search_epochs`` x
-   :data:`SEARCH_STEPS_PER_EPOCH` steps, derives its genotype and retrains that generator from
-   scratch for ``generator_steps``; ``zeroq`` optimises a pool of :data:`ZEROQ_BATCHES` batches
-   of inputs for the batch-norm statistics loss, ``generator_steps`` in all.
+   :data:`SEARCH_STEPS_PER_EPOCH` steps (on batches of ``search_batch_size``: every candidate
+   runs at once, which makes a supernet step cost several generator steps), derives its
+   genotype and retrains that generator from scratch for ``generator_steps``; ``zeroq``
+   optimises a pool of :data:`ZEROQ_BATCHES` batches of inputs for the batch-norm statistics
+   loss, ``generator_steps`` in all.
 2. **student** (:mod:`.students`), distilled for ``steps`` steps from the teacher on batches
    drawn from the source (fresh generator samples every step, or the ZeroQ pool reshuffled) by
    :func:`models.training.train_steps`, the one training step of the toolkit: temperature-scaled
@@ -22,9 +24,11 @@ Nothing here opens a dataset: the teacher's checkpoint holds all the run needs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ __all__ = [
     "CompressResult",
     "TeacherError",
     "compress",
+    "distill",
 ]
 
 #: ``--generator`` choices.
@@ -81,9 +86,10 @@ class CompressConfig:
     to: str = "int8"
     generator: str = "gdfq"
     search_epochs: int = 2
-    generator_steps: int = 200
-    steps: int = 400
+    generator_steps: int = 300
+    steps: int = 600
     batch_size: int = 64
+    search_batch_size: int = 16
     lr: float | None = None
     generator_lr: float = 1e-3
     bn_weight: float = 0.1
@@ -100,10 +106,11 @@ class CompressConfig:
         for name in ("search_epochs", "generator_steps", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError(
-                f"batch_size must be >= 2 (batch norm needs it), got {self.batch_size}"
-            )
+        for name in ("batch_size", "search_batch_size"):
+            if getattr(self, name) < 2:
+                raise ValueError(
+                    f"{name} must be >= 2 (batch norm needs it), got {getattr(self, name)}"
+                )
         for name in ("generator_lr", "bn_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -327,7 +334,7 @@ def _fit_source(
                 arch_parameters=supernet.arch_parameters(),
                 seed=config.seed * 1000 + epoch,
                 on_step=on_step,
-                **fit_args,
+                **(fit_args | {"batch_size": config.search_batch_size}),
             )
             history.append(supernet.mean_weights())
         found = supernet.derive()
@@ -387,7 +394,15 @@ def compress(
             config, teacher, shape, num_classes, use_bn, phases, out_path
         )
         started = time.perf_counter()
-        distill = _distill(config, teacher, student, source, use_bn, phases)
+        batches = source.batches(config.batch_size, config.steps, config.seed * 1000 + 7)
+        distilled = distill(
+            config,
+            teacher,
+            student,
+            batches,
+            use_bn=use_bn,
+            on_step=phases.phase("student", config.steps),
+        )
         seconds["distill"] = time.perf_counter() - started
 
     teacher_accuracy = ckpt.meta.get("metrics", {}).get("test_accuracy")
@@ -422,7 +437,7 @@ def compress(
             "last_loss": fit_stats.last,
             "teacher_agreement": fit_stats.accuracy,
         },
-        distill=distill,
+        distill=distilled,
         seconds=seconds,
         files=files,
     )
@@ -430,15 +445,23 @@ def compress(
     return result
 
 
-def _distill(
+def distill(
     config: CompressConfig,
     teacher: nn.Module,
     student: nn.Module,
-    source: _Source,
-    use_bn: bool,
-    phases: _Phases,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    *,
+    use_bn: bool = True,
+    on_step: Callable[[int, float, int], None] | None = None,
 ) -> dict[str, float]:
-    """Phase 2: distil ``student`` from ``teacher`` on the source's batches."""
+    """Distil ``student`` from ``teacher`` on ``batches`` (``config.steps`` of them).
+
+    The loss is KL at temperature :data:`TEMPERATURE` (times T squared) plus, for an int
+    student of a teacher with batch norm, ``config.bn_weight`` times the student's batch-norm
+    statistics loss toward the running statistics it started with (the teacher's). A
+    compression feeds it generated batches; the data-free study feeds it real ones, the same
+    way, for the upper bound.
+    """
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(student, "adam", config.student_lr)
     student_bns = (
@@ -453,16 +476,16 @@ def _distill(
         stats = train_steps(
             student,
             optimizer,
-            source.batches(config.batch_size, config.steps, config.seed * 1000 + 7),
+            itertools.islice(batches, config.steps),
             teacher=teacher,
             kd_alpha=1.0,
             kd_temperature=TEMPERATURE,
             lr_at=cosine_schedule(config.student_lr, 0, 1, config.steps),
-            on_step=phases.phase("student", config.steps),
+            on_step=on_step,
             extra_loss=extra,
         )
     finally:
         if student_bns is not None:
             student_bns.detach()
     student.eval()
-    return {"loss": stats["loss"], "teacher_agreement": stats["accuracy"]}
+    return {"loss": stats["loss"], "label_agreement": stats["accuracy"]}

@@ -67,6 +67,8 @@ def smaller(broker_port: int, http_port: int) -> list[tuple[str, str]]:
         (r"\bepochs=\d+", "epochs=1"),
         # the CIFAR-stem ResNets train at ~20 s an epoch at full width, ~1 s at 1/8
         (r"(bitfleet train --model (?:bireal18|resnet18) --dataset digits)", r"\1 --width 0.125"),
+        # a data-free compression: a one-epoch search, a few generator and student steps
+        (r"(bitfleet compress \S+)", r"\1 --search-epochs 1 --generator-steps 5 --steps 5"),
         (r"--input-size 224\b", "--input-size 64"),
         (r"--threads 1,2\b", "--threads 1"),
         (r"--nodes \d+", "--nodes 10"),  # rrg:8 needs more than 8 nodes

@@ -45,6 +45,7 @@ from models import checkpoint, training
 from models.training import OPTIMIZERS, BatchSampler, make_optimizer, train_steps
 
 from .data import ArrayDataset, load_dataset
+from .progress import step_progress
 
 __all__ = [
     "TrainConfig",
@@ -385,22 +386,7 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
+            self._progress = step_progress("train")
             self._progress.__enter__()
             self._task = self._progress.add_task(
                 "train", total=self.total, completed=self.completed, status=""

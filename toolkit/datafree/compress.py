@@ -42,6 +42,7 @@ from bitfleet.fsutil import atomic_write_json, atomic_write_text
 from models import checkpoint
 from models.training import BatchSampler, cosine_schedule, make_optimizer, train_steps
 
+from ..progress import step_progress
 from ..search.plot import plot_alphas
 from .autorecon import GENERATOR_OPS, SearchedGenerator
 from .bn_stats import BNStatistics, NoBatchNormError, batch_norm_layers
@@ -201,23 +202,7 @@ class _Phases:
 
     def __enter__(self) -> _Phases:
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description:<10}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
+            self._progress = step_progress("{task.description:<10}", stderr=True)
             self._progress.__enter__()
         return self
 

@@ -49,6 +49,7 @@ from models.training import (
 )
 
 from ..data import ArrayDataset, load_dataset
+from ..progress import step_progress
 from . import state
 from .cost import CostTable, check_target, cost_table, derived_network, ops_penalty
 from .plot import mean_weights, plot_alphas
@@ -425,25 +426,7 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]search {task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
+            self._progress = step_progress("search {task.description}", stderr=True, elapsed=True)
             self._progress.__enter__()
         return self
 

@@ -7,7 +7,10 @@ BN-statistics term) and reports its accuracy on the teacher's real test split:
 - ``real``: the student distilled on the teacher's real training images (the upper bound), by
   :func:`toolkit.datafree.distill`, the function a compression uses;
 - ``gdfq``, ``zeroq``, ``autorecon``: a full :func:`toolkit.datafree.compress` run with that
-  source, which never reads the training images.
+  source, which never reads the training images;
+- ``random``: the search's control, an AutoReCon run whose generator is drawn at random from
+  the same space (:func:`toolkit.datafree.autorecon.random_genotype`, seeded by the run's
+  seed) instead of searched, then retrained and distilled exactly as a searched one.
 
 Runs are appended as JSON lines (a rerun skips what is done), so a study can be split across
 jobs (``--students``, ``--sources``, ``--seeds``) and stopped at any time.
@@ -31,7 +34,7 @@ if __package__ in (None, ""):
 
 from benchmarks.architecture_study import append_row, read_rows  # noqa: E402
 
-SOURCES = ("real", "gdfq", "zeroq", "autorecon")
+SOURCES = ("real", "gdfq", "zeroq", "autorecon", "random")
 STUDENTS = ("int4", "bireal18", "int8")
 
 
@@ -97,6 +100,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from toolkit.datafree import CompressConfig
+    from toolkit.datafree.autorecon import random_genotype
     from toolkit.train import evaluate
 
     torch.set_num_threads(args.threads)
@@ -109,7 +113,8 @@ def run(args: argparse.Namespace) -> None:
         config = CompressConfig(
             teacher=args.teacher,
             to=student_name,
-            generator="gdfq" if source == "real" else source,
+            generator={"real": "gdfq", "random": "autorecon"}.get(source, source),
+            genotype=random_genotype(seed).to_dict() if source == "random" else None,
             search_epochs=args.search_epochs,
             generator_steps=args.generator_steps,
             steps=args.steps,
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended to")
     ap.add_argument("--teacher", help="checkpoint of the float teacher (run)")
     ap.add_argument("--students", nargs="+", choices=STUDENTS, default=["int4", "bireal18"])
-    ap.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
+    ap.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES[:4]))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--generator-steps", type=int, default=300)

@@ -23,6 +23,7 @@ from toolkit.datafree import (
     fit_inputs,
     make_student,
 )
+from toolkit.datafree.autorecon import random_genotype
 from toolkit.datafree.fit import freeze
 from toolkit.datafree.generators import reconstruction_loss
 from toolkit.datafree.samples import sample_grid
@@ -367,3 +368,31 @@ def test_a_teacher_without_batch_norm(tmp_path):
     result = _compress(teacher_dir, tmp_path / "g", "--generator", "gdfq", "--to", "int8")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["teacher_accuracy"] is None
+
+
+def test_a_given_genotype_skips_the_search(teacher_dir, tmp_path):
+    genotype = random_genotype(3)
+    assert genotype == random_genotype(3) and genotype != random_genotype(4)
+    assert all(op != "none" for cell in genotype.cells for op in cell.edges)
+    path = tmp_path / "generator.json"
+    path.write_text(genotype.to_json())
+    out = tmp_path / "given"
+    result = _compress(teacher_dir, out, "--generator", "autorecon", "--genotype", str(path))
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["genotype"] == genotype.to_dict()
+    assert "search" not in document["seconds"] and not (out / "alphas.png").exists()
+    assert GeneratorGenotype.from_dict(json.loads((out / "generator.json").read_text())) == genotype
+
+    result = _compress(teacher_dir, tmp_path / "x", "--genotype", str(path))  # gdfq
+    assert result.exit_code == 1 and "for --generator autorecon only" in result.output
+    path.write_text('{"cells": []}')
+    result = _compress(
+        teacher_dir, tmp_path / "y", "--generator", "autorecon", "--genotype", str(path)
+    )
+    assert result.exit_code == 1 and "needs 'cells'" in result.output
+    path.write_text("not json")
+    result = _compress(
+        teacher_dir, tmp_path / "z", "--generator", "autorecon", "--genotype", str(path)
+    )
+    assert result.exit_code == 1 and "is not a JSON genotype" in result.output

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -46,6 +47,12 @@ def compress(
         int, typer.Option(min=1, help="Steps to train the generator (zeroq: to fit its inputs).")
     ] = 300,
     steps: Annotated[int, typer.Option(min=1, help="Distillation steps of the student.")] = 600,
+    genotype: Annotated[
+        Path | None,
+        typer.Option(
+            help="autorecon: a found generator (another run's generator.json): no search."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per step.")] = 64,
     search_batch_size: Annotated[
         int, typer.Option(min=2, help="autorecon: images per search step (all candidates run).")
@@ -71,6 +78,7 @@ def compress(
     from toolkit.datafree import compress as run_compress
 
     check_out_dir(out)
+    found = _read_genotype(genotype) if genotype is not None else None
     config = CompressConfig(
         teacher=str(teacher),
         to=to,
@@ -80,6 +88,7 @@ def compress(
         steps=steps,
         batch_size=batch_size,
         search_batch_size=search_batch_size,
+        genotype=found,
         lr=lr,
         seed=seed,
         threads=threads,
@@ -98,3 +107,16 @@ def compress(
         f"{known}; generated images in {literal(out / 'samples.png')}"
     )
     say(f"measure it: bitfleet eval {literal(out)}   ship it: bitfleet export {literal(out)}")
+
+
+def _read_genotype(path: Path) -> dict[str, Any]:
+    """A generator genotype file as a dict; one-line errors for a missing or non-JSON file."""
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--genotype {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--genotype {path} is not a JSON genotype: {err}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"--genotype {path} must hold a JSON object with 'cells'")
+    return document

@@ -24,6 +24,7 @@ A :class:`GeneratorGenotype` is plain JSON (``generator.json`` of a compression 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
     "GenotypeError",
     "SearchedGenerator",
     "make_generator_op",
+    "random_genotype",
 ]
 
 #: Candidate operations of every edge, in alpha-column order.
@@ -150,6 +152,21 @@ class GeneratorGenotype:
                 )
             parsed.append(CellChoice(str(upsample), tuple(str(e) for e in edges)))
         return cls(tuple(parsed))
+
+
+def random_genotype(seed: int, primitives: Sequence[str] = GENERATOR_OPS) -> GeneratorGenotype:
+    """A generator drawn uniformly from the space (every edge any op but ``none``).
+
+    The baseline a search must beat to show that it searched: the same space, retrained the
+    same way, without the search.
+    """
+    rng = random.Random(seed)
+    ops = [name for name in primitives if name != "none"]
+    cells = tuple(
+        CellChoice(rng.choice(UPSAMPLES), tuple(rng.choice(ops) for _ in range(EDGES)))
+        for _ in range(CELLS)
+    )
+    return GeneratorGenotype(cells)
 
 
 def _upsample(x: Tensor, mode: str) -> Tensor:

@@ -6,7 +6,8 @@ The run, in order (each phase with its own step count, progress bar and seed):
    ``autorecon`` searches a generator supernet for ``search_epochs`` x
    :data:`SEARCH_STEPS_PER_EPOCH` steps (on batches of ``search_batch_size``: every candidate
    runs at once, which makes a supernet step cost several generator steps), derives its
-   genotype and retrains that generator from scratch for ``generator_steps``; ``zeroq``
+   genotype and retrains that generator from scratch for ``generator_steps`` (given a
+   ``genotype``, e.g. another run's ``generator.json``, it skips the search); ``zeroq``
    optimises a pool of :data:`ZEROQ_BATCHES` batches of inputs for the batch-norm statistics
    loss, ``generator_steps`` in all.
 2. **student** (:mod:`.students`), distilled for ``steps`` steps from the teacher on batches
@@ -44,7 +45,7 @@ from models.training import BatchSampler, cosine_schedule, make_optimizer, train
 
 from ..progress import step_progress
 from ..search.plot import plot_alphas
-from .autorecon import GENERATOR_OPS, SearchedGenerator
+from .autorecon import GENERATOR_OPS, GeneratorGenotype, SearchedGenerator
 from .bn_stats import BNStatistics, NoBatchNormError, batch_norm_layers
 from .fit import FitStats, fit_generator, fit_inputs, freeze
 from .generators import ConditionalGenerator, GDFQGenerator
@@ -91,6 +92,7 @@ class CompressConfig:
     steps: int = 600
     batch_size: int = 64
     search_batch_size: int = 16
+    genotype: dict[str, Any] | None = None
     lr: float | None = None
     generator_lr: float = 1e-3
     bn_weight: float = 0.1
@@ -120,6 +122,10 @@ class CompressConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.genotype is not None:
+            if self.generator != "autorecon":
+                raise ValueError("a generator genotype is for --generator autorecon only")
+            GeneratorGenotype.from_dict(self.genotype)  # a bad one fails here, in one line
 
     @property
     def student_lr(self) -> float:
@@ -262,6 +268,34 @@ class _Source:
             return self.generator(z, labels), labels
 
 
+def _search_generator(
+    config: CompressConfig,
+    teacher: nn.Module,
+    common: dict[str, Any],
+    fit_args: dict[str, Any],
+    phases: _Phases,
+    out: Path,
+) -> GeneratorGenotype:
+    """AutoReCon's search: the supernet's weights and alphas, then its derived genotype."""
+    torch.manual_seed(config.seed)
+    supernet = SearchedGenerator(**common)
+    on_step = phases.phase("search", config.search_epochs * SEARCH_STEPS_PER_EPOCH)
+    history = [supernet.mean_weights()]
+    for epoch in range(config.search_epochs):
+        fit_generator(
+            supernet,
+            teacher,
+            SEARCH_STEPS_PER_EPOCH,
+            arch_parameters=supernet.arch_parameters(),
+            seed=config.seed * 1000 + epoch,
+            on_step=on_step,
+            **(fit_args | {"batch_size": config.search_batch_size}),
+        )
+        history.append(supernet.mean_weights())
+    plot_alphas(history, GENERATOR_OPS, out / "alphas.png", panels=_CELL_PANELS)
+    return supernet.derive()
+
+
 def _fit_source(
     config: CompressConfig,
     teacher: nn.Module,
@@ -305,28 +339,14 @@ def _fit_source(
 
     generator: ConditionalGenerator
     if config.generator == "autorecon":
-        started = time.perf_counter()
-        torch.manual_seed(config.seed)
-        supernet = SearchedGenerator(**common)
-        search_steps = config.search_epochs * SEARCH_STEPS_PER_EPOCH
-        on_step = phases.phase("search", search_steps)
-        history = [supernet.mean_weights()]
-        for epoch in range(config.search_epochs):
-            fit_generator(
-                supernet,
-                teacher,
-                SEARCH_STEPS_PER_EPOCH,
-                arch_parameters=supernet.arch_parameters(),
-                seed=config.seed * 1000 + epoch,
-                on_step=on_step,
-                **(fit_args | {"batch_size": config.search_batch_size}),
-            )
-            history.append(supernet.mean_weights())
-        found = supernet.derive()
+        if config.genotype is not None:
+            found = GeneratorGenotype.from_dict(config.genotype)  # given: no search
+        else:
+            started = time.perf_counter()
+            found = _search_generator(config, teacher, common, fit_args, phases, out)
+            seconds["search"] = time.perf_counter() - started
         genotype = found.to_dict()
         atomic_write_text(out / "generator.json", found.to_json())
-        plot_alphas(history, GENERATOR_OPS, out / "alphas.png", panels=_CELL_PANELS)
-        seconds["search"] = time.perf_counter() - started
         torch.manual_seed(config.seed + 1)
         generator = SearchedGenerator(**common, genotype=found)
     else:
@@ -409,6 +429,7 @@ def compress(
     files = {"checkpoint": str(out_path), "samples": str(out_path / "samples.png")}
     if genotype is not None:
         files["genotype"] = str(out_path / "generator.json")
+    if (out_path / "alphas.png").is_file():
         files["alphas"] = str(out_path / "alphas.png")
     result = CompressResult(
         out=out_path,

@@ -231,6 +231,13 @@ class FakeQuantizedLayer:
             scale, zero_point, qmax = activation_qparams(x.min(), x.max(), self.activation_bits)
         return fake_quantize(x, scale, zero_point, 0, qmax)
 
+    def _adopt(self, layer: nn.Module) -> None:
+        """Take over a float layer's parameters (shared, not copied) and its train/eval mode."""
+        module: Any = self
+        module.weight = layer.weight
+        module.bias = layer.bias
+        module.train(layer.training)
+
     def _quant_repr(self) -> str:
         return f", weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
 
@@ -271,9 +278,7 @@ class QuantConv2d(FakeQuantizedLayer, nn.Conv2d):
             weight_bits=weight_bits,
             activation_bits=activation_bits,
         )
-        quant.weight = layer.weight
-        quant.bias = layer.bias
-        quant.train(layer.training)
+        quant._adopt(layer)
         return quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,9 +321,7 @@ class QuantLinear(FakeQuantizedLayer, nn.Linear):
             weight_bits=weight_bits,
             activation_bits=activation_bits,
         )
-        quant.weight = layer.weight
-        quant.bias = layer.bias
-        quant.train(layer.training)
+        quant._adopt(layer)
         return quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

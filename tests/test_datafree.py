@@ -83,9 +83,9 @@ def test_bn_loss_grows_with_the_distance_from_the_running_statistics():
     with BNStatistics(net) as bns:  # running stats: mean 0, var 1
         for shift in (0.0, 0.5, 1.0, 2.0):
             net(base + shift)
-            losses.append(float(bns.loss()))
+            losses.append(float(bns.loss().detach()))
         net(base * 3.0)
-        scaled = float(bns.loss())
+        scaled = float(bns.loss().detach())
     assert losses[0] == pytest.approx(0.0, abs=1e-8)
     assert losses == sorted(losses) and losses[-1] > 3.9  # mean term: shift**2
     assert scaled == pytest.approx((9.0 - 1.0) ** 2, rel=1e-3)  # variance term
@@ -96,7 +96,7 @@ def test_bn_loss_averages_over_layers_and_hooks_come_off():
     with BNStatistics(net) as bns:
         assert len(bns.layers) == 2
         net(torch.randn(8, 3, 4, 4) + 1.0)
-        two = float(bns.loss())
+        two = float(bns.loss().detach())
     assert two > 0
     assert not net[1]._forward_pre_hooks  # detached on exit
     with pytest.raises(NoBatchNormError, match="no batch-norm layers"):
@@ -109,7 +109,7 @@ def test_frozen_targets_stay_put_while_the_running_statistics_move():
     x = torch.randn(16, 3, 4, 4) + 5.0
     for _ in range(20):
         net(x)
-        loss = float(bns.loss())
+        loss = float(bns.loss().detach())
     bns.detach()
     assert float(net[1].running_mean.mean()) > 4.0  # the buffers followed the data
     assert loss > 20.0  # the targets did not: mean 0, var 1

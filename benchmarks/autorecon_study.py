@@ -46,14 +46,13 @@ def _done(path: Path, teacher: str) -> set[tuple[str, str, int]]:
     }
 
 
-def _teacher_test_data(teacher_dir: str) -> Any:
-    from models import checkpoint
+def _teacher_split(meta: dict[str, Any], split: str) -> Any:
+    """A split of the data the teacher's metadata names, shaped as the teacher was trained."""
     from toolkit.data import load_dataset
 
-    meta = checkpoint.load(teacher_dir).meta
     return load_dataset(
         meta["dataset"],
-        "test",
+        split,
         root=meta.get("data_root"),
         channels=meta.get("channels"),
         image_size=meta.get("image_size"),
@@ -65,20 +64,11 @@ def _real_run(config: Any) -> tuple[Any, dict[str, Any]]:
     import numpy as np
 
     from models import checkpoint
-    from models.training import BatchSampler
-    from toolkit.data import load_dataset
+    from models.training import BatchSampler, freeze
     from toolkit.datafree import distill, make_student
-    from toolkit.datafree.fit import freeze
 
     loaded = checkpoint.load(config.teacher)
-    teacher, meta = freeze(loaded.model), loaded.meta
-    train = load_dataset(
-        meta["dataset"],
-        "train",
-        root=meta.get("data_root"),
-        channels=meta.get("channels"),
-        image_size=meta.get("image_size"),
-    )
+    teacher, train = freeze(loaded.model), _teacher_split(loaded.meta, "train")
     student = make_student(config.to, teacher)
     sampler = BatchSampler(train.x, train.y, config.batch_size)
     batches = sampler.endless(np.random.default_rng(config.seed))
@@ -104,7 +94,9 @@ def run(args: argparse.Namespace) -> None:
     from toolkit.train import evaluate
 
     torch.set_num_threads(args.threads)
-    test = _teacher_test_data(args.teacher)
+    from models import checkpoint
+
+    test = _teacher_split(checkpoint.load(args.teacher).meta, "test")
     done = _done(args.out, args.teacher)
     runs = [(st, so, se) for se in args.seeds for st in args.students for so in args.sources]
     for student_name, source, seed in runs:

@@ -45,6 +45,7 @@ __all__ = [
     "read_spec_file",
     "verify",
     "load_tensors",
+    "recorded_input_shape",
     "safetensors_metadata",
     "seal",
 ]
@@ -185,3 +186,20 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
     return header.get("__metadata__", {}) or {}
+
+
+def recorded_input_shape(
+    spec: Mapping[str, Any], meta: Mapping[str, Any]
+) -> tuple[int, int, int] | None:
+    """The (C, H, W) input a checkpoint records, or None where it records no channels or size.
+
+    The model spec's ``in_channels`` / ``image_size`` arguments win (they fix the network);
+    otherwise the training metadata's ``channels`` / ``image_size`` (the data it was trained
+    on, which a ``quantized`` wrapper or a compressed student inherits).
+    """
+    args = spec.get("args", {})
+    channels = args.get("in_channels", meta.get("channels"))
+    size = args.get("image_size", meta.get("image_size"))
+    if channels is None or size is None:
+        return None
+    return (int(channels), int(size), int(size))

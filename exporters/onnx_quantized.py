@@ -136,13 +136,10 @@ class ExportedQuantLayer(nn.Module):
                 f"layer '{name}' has no activation range yet: run a few train-mode batches "
                 "through the model (calibration or distillation) before exporting it"
             )
-        weight = layer.weight.detach().float()
-        weight_scale, qmax = layer.weight_qparams()
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        weight_q = torch.clamp(torch.round(weight / weight_scale.view(shape)), -qmax, qmax)
-        self.register_buffer("weight_q", weight_q.to(torch.int8).contiguous())
+        weight_q, weight_scale = layer.integer_weight()
+        self.register_buffer("weight_q", weight_q.contiguous())
         self.register_buffer("weight_scale", weight_scale.float().contiguous())
-        cout = weight.shape[0]
+        cout = weight_q.shape[0]
         bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(cout)
         self.register_buffer("bias", bias.contiguous())
         scale, zero_point, act_qmax = layer.activation_qparams()

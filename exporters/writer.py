@@ -27,6 +27,7 @@ from torch import nn
 
 import bitfleet
 import models
+from bitfleet.checkpoint import recorded_input_shape
 from models import training
 from models.checkpoint import load as load_checkpoint
 
@@ -72,7 +73,7 @@ def export(
         source = str(model_or_checkpoint)
         _check_out_dir(Path(out_dir), Path(model_or_checkpoint), overwrite)
     spec = models.spec_of(model)
-    recorded = _shape_from(meta, spec)
+    recorded = recorded_input_shape(spec, meta)
     if input_shape is None:
         shape = recorded
     else:
@@ -176,12 +177,3 @@ def _check_out_dir(out: Path, checkpoint: Path, overwrite: bool) -> None:
         raise ExportError(
             f"{out} exists and is not an artifact, so it is not replaced; choose another --out"
         )
-
-
-def _shape_from(meta: dict[str, Any], spec: dict[str, Any]) -> tuple[int, int, int] | None:
-    args = spec.get("args", {})
-    channels = args.get("in_channels", meta.get("channels"))
-    size = args.get("image_size", meta.get("image_size"))
-    if channels is None or size is None:
-        return None
-    return (int(channels), int(size), int(size))

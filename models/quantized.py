@@ -45,15 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import (
-    SPEC_FORMAT,
-    SpecError,
-    UnknownModelError,
-    _bind,
-    build,
-    model_entry,
-    register_model,
-)
+from .registry import SpecError, UnknownModelError, build, canonical_spec, register_model
 
 __all__ = [
     "QuantConv2d",
@@ -61,6 +53,7 @@ __all__ = [
     "FakeQuantizedLayer",
     "activation_qparams",
     "fake_quantize",
+    "quantize",
     "quantize_modules",
     "quantized",
     "weight_qparams",
@@ -87,7 +80,7 @@ class _FakeQuantize(torch.autograd.Function):
         qmin: int,
         qmax: int,
     ) -> torch.Tensor:
-        q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+        q = quantize(x, scale, zero_point, qmin, qmax)
         low = (qmin - zero_point) * scale
         high = (qmax - zero_point) * scale
         ctx.save_for_backward((x >= low) & (x <= high))
@@ -97,6 +90,21 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         (inside,) = ctx.saved_tensors
         return grad * inside, None, None, None, None
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | float,
+    qmin: int,
+    qmax: int,
+) -> torch.Tensor:
+    """The integers ``clamp(round(x / scale) + zero_point, qmin, qmax)`` (as floats).
+
+    ONNX ``QuantizeLinear``'s arithmetic: division by the scale, rounding half to even. The
+    fake quantiser dequantises them; the exporter stores them.
+    """
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
 
 def fake_quantize(
@@ -197,6 +205,13 @@ class FakeQuantizedLayer:
         scale, qmax = self.weight_qparams()
         shape = (-1,) + (1,) * (self.weight.dim() - 1)
         return fake_quantize(self.weight, scale.view(shape), 0.0, -qmax, qmax)
+
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as int8 integers and their per-channel scales (what an export stores)."""
+        scale, qmax = self.weight_qparams()
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        weight = self.weight.detach().float()
+        return quantize(weight, scale.view(shape), 0.0, -qmax, qmax).to(torch.int8), scale
 
     def activation_qparams(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(scale, zero_point, qmax)`` of the input, from the recorded range."""
@@ -384,21 +399,16 @@ def _canonical(args: dict[str, Any]) -> dict[str, Any]:
             "model 'quantized': base must be a model spec, a mapping with a string 'name' and "
             f"a dict 'args' (e.g. models.spec_of(teacher)), not {base!r}"
         )
-    if base.get("format", SPEC_FORMAT) != SPEC_FORMAT:
-        raise SpecError(f"model 'quantized': unknown base spec format {base['format']!r}")
-    if base["name"] == "quantized":
+    if base.get("name") == "quantized":
         raise SpecError(
             "model 'quantized': base is already a quantized model; give the float network's "
             "spec (its 'base')"
         )
     try:
-        entry = model_entry(base["name"])
-    except UnknownModelError as err:
+        full = canonical_spec(base)
+    except (SpecError, UnknownModelError) as err:
         raise SpecError(f"model 'quantized': base: {err}") from None
-    bound = _bind(entry, dict(base.get("args", {})))
-    if entry.canonical is not None:
-        bound = entry.canonical(bound)
-    return {**args, "base": {"format": SPEC_FORMAT, "name": entry.name, "args": bound}}
+    return {**args, "base": full}
 
 
 @register_model(family="quantized", canonical=_canonical)

@@ -35,6 +35,7 @@ __all__ = [
     "register_model",
     "create",
     "build",
+    "canonical_spec",
     "spec_of",
     "list_models",
     "is_model",
@@ -133,15 +134,20 @@ def _bind(entry: ModelEntry, kwargs: dict[str, Any]) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
+def _canonical_args(name: str, kwargs: dict[str, Any]) -> tuple[ModelEntry, dict[str, Any]]:
+    entry = model_entry(name)
+    args = _bind(entry, kwargs)
+    if entry.canonical is not None:
+        args = entry.canonical(args)
+    return entry, args
+
+
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with ``kwargs`` and record its spec on it.
 
     >>> m = create("bireal18", stem="imagenet", num_classes=1000)
     """
-    entry = model_entry(name)
-    args = _bind(entry, kwargs)
-    if entry.canonical is not None:
-        args = entry.canonical(args)
+    entry, args = _canonical_args(name, kwargs)
     model = entry.factory(**args)
     setattr(model, _SPEC_ATTR, {"format": SPEC_FORMAT, "name": name, "args": _jsonable(args)})
     return model
@@ -171,9 +177,7 @@ def spec_of(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(spec))
 
 
-def build(spec: dict[str, Any] | str | os.PathLike[str]) -> nn.Module:
-    """Rebuild a model from a spec dict, a JSON/YAML string, or a path to a .json/.yaml file."""
-    spec = load_spec(spec) if not isinstance(spec, dict) else spec
+def _checked(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     fmt = spec.get("format", SPEC_FORMAT)
     if fmt != SPEC_FORMAT:
         raise SpecError(f"unknown spec format {fmt!r}; this bitfleet reads {SPEC_FORMAT!r}")
@@ -181,6 +185,23 @@ def build(spec: dict[str, Any] | str | os.PathLike[str]) -> nn.Module:
     args = spec.get("args", {})
     if not isinstance(name, str) or not isinstance(args, dict):
         raise SpecError("a model spec needs a string 'name' and a dict 'args'")
+    return name, args
+
+
+def canonical_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with every argument filled in, as :func:`spec_of` would record it, unbuilt.
+
+    Raises the errors :func:`build` raises for the same spec, without building the network.
+    """
+    name, args = _checked(spec)
+    _, bound = _canonical_args(name, dict(args))
+    return {"format": SPEC_FORMAT, "name": name, "args": _jsonable(bound)}
+
+
+def build(spec: dict[str, Any] | str | os.PathLike[str]) -> nn.Module:
+    """Rebuild a model from a spec dict, a JSON/YAML string, or a path to a .json/.yaml file."""
+    spec = load_spec(spec) if not isinstance(spec, dict) else spec
+    name, args = _checked(spec)
     return create(name, **args)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "OPTIMIZERS",
     "make_optimizer",
     "distillation_loss",
+    "freeze",
     "train_steps",
     "BatchSampler",
     "evaluate",
@@ -76,6 +77,18 @@ def make_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, fused=True)
     raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    """``teacher`` in eval mode with no parameter asking for gradients; returns it.
+
+    A distillation teacher: its batch norms use their running statistics, and a backward pass
+    through it (a data-free generator's) still reaches its inputs.
+    """
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def distillation_loss(

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import models
 from models import checkpoint
+from models.training import freeze
 from toolkit.cli import app
 from toolkit.data import load_dataset
 from toolkit.datafree import (
@@ -24,7 +25,6 @@ from toolkit.datafree import (
     make_student,
 )
 from toolkit.datafree.autorecon import random_genotype
-from toolkit.datafree.fit import freeze
 from toolkit.datafree.generators import reconstruction_loss
 from toolkit.datafree.samples import sample_grid
 from toolkit.datafree.students import _unit_name

@@ -319,10 +319,7 @@ def train(
 def _load_teacher(path: str, data: ArrayDataset) -> nn.Module:
     teacher = checkpoint.load(path).model
     check_input(teacher, tuple(data.x.shape[1:]))
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return training.freeze(teacher)
 
 
 def _save_epoch(

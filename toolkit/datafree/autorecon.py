@@ -258,11 +258,6 @@ class SearchedGenerator(ConditionalGenerator):
         """The alphas (empty for a derived generator)."""
         return [self.alphas_ops, self.alphas_upsample] if self.searching else []
 
-    def weight_parameters(self) -> list[nn.Parameter]:
-        """Every parameter but the alphas."""
-        arch = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch]
-
     def forward(self, z: Tensor, labels: Tensor) -> Tensor:
         h = self.project(self.label_embedding(labels) * z)
         h = h.view(len(z), WIDTH, self.init_size, self.init_size)

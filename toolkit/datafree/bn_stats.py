@@ -129,7 +129,3 @@ class BNStatistics:
         total = torch.stack(self._terms).sum() / len(self.layers)
         self._terms = []
         return total
-
-    def reset(self) -> None:
-        """Forget the terms recorded so far (a pass whose loss is not wanted)."""
-        self._terms = []

@@ -38,16 +38,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bitfleet.checkpoint import recorded_input_shape
 from bitfleet.errors import BitfleetError
 from bitfleet.fsutil import atomic_write_json, atomic_write_text
 from models import checkpoint
-from models.training import BatchSampler, cosine_schedule, make_optimizer, train_steps
+from models.training import BatchSampler, cosine_schedule, freeze, make_optimizer, train_steps
 
 from ..progress import step_progress
 from ..search.plot import plot_alphas
 from .autorecon import GENERATOR_OPS, GeneratorGenotype, SearchedGenerator
 from .bn_stats import BNStatistics, NoBatchNormError, batch_norm_layers
-from .fit import FitStats, fit_generator, fit_inputs, freeze
+from .fit import FitStats, fit_generator, fit_inputs
 from .generators import ConditionalGenerator, GDFQGenerator
 from .samples import sample_grid, write_sample_grid
 from .students import STUDENTS, make_student, uses_student_bn_loss
@@ -166,15 +167,13 @@ def _load_teacher(path: str) -> checkpoint.Checkpoint:
 
 
 def _image_shape(ckpt: checkpoint.Checkpoint) -> tuple[int, int, int]:
-    meta, args = ckpt.meta, ckpt.spec.get("args", {})
-    channels = args.get("in_channels", meta.get("channels"))
-    size = args.get("image_size", meta.get("image_size"))
-    if channels is None or size is None:
+    shape = recorded_input_shape(ckpt.spec, ckpt.meta)
+    if shape is None:
         raise TeacherError(
             f"the teacher {ckpt.path} records no input shape (channels, image_size in its "
             "metadata); compress a checkpoint written by `bitfleet train`"
         )
-    return int(channels), int(size), int(size)
+    return shape
 
 
 def _num_classes(ckpt: checkpoint.Checkpoint) -> int:
@@ -187,7 +186,7 @@ def _num_classes(ckpt: checkpoint.Checkpoint) -> int:
 
 
 def _check_batch_norm(teacher: nn.Module, generator: str) -> bool:
-    """Whether the teacher has BN statistics; refuse ZeroQ without them, warn the others."""
+    """Whether the teacher has BN statistics; ZeroQ, which matches nothing else, needs them."""
     if batch_norm_layers(teacher):
         return True
     if generator == "zeroq":
@@ -238,17 +237,16 @@ class _Source:
     ) -> None:
         self.generator, self.pool = generator, pool
 
-    def batches(self, batch_size: int, count: int, seed: int) -> Any:
+    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches without end (the distillation takes as many as it has steps)."""
         if self.pool is not None:
             sampler = BatchSampler(self.pool[0], self.pool[1], batch_size)
-            endless = sampler.endless(np.random.default_rng(seed))
-            for _ in range(count):
-                yield next(endless)
+            yield from sampler.endless(np.random.default_rng(seed))
             return
         assert self.generator is not None
         rng = torch.Generator().manual_seed(seed)
         self.generator.train()  # its batch norms normalise each batch, as when it was fitted
-        for _ in range(count):
+        while True:
             with torch.no_grad():  # left before the yield: grad mode is global, not per frame
                 batch = self.generator.sample(batch_size, rng)
             yield batch
@@ -399,7 +397,7 @@ def compress(
             config, teacher, shape, num_classes, use_bn, phases, out_path
         )
         started = time.perf_counter()
-        batches = source.batches(config.batch_size, config.steps, config.seed * 1000 + 7)
+        batches = source.batches(config.batch_size, config.seed * 1000 + 7)
         distilled = distill(
             config,
             teacher,

@@ -13,9 +13,10 @@ AutoReCon's supernet and the derived generator's retraining all run through it.
 and optimised directly for the batch-norm statistics loss, no generator and no labels (the
 teacher labels the result).
 
-The teacher stays in eval mode throughout: its batch norms normalise with their running
-statistics, and the hooks of :class:`~toolkit.datafree.bn_stats.BNStatistics` compare each
-layer's batch statistics with them.
+The teacher stays in eval mode throughout (:func:`models.training.freeze`): its batch norms
+normalise with their running statistics, and the hooks of
+:class:`~toolkit.datafree.bn_stats.BNStatistics` compare each layer's batch statistics with
+them.
 """
 
 from __future__ import annotations
@@ -29,18 +30,10 @@ from torch import Tensor, nn
 from .bn_stats import BNStatistics
 from .generators import ConditionalGenerator, reconstruction_loss
 
-__all__ = ["FitStats", "fit_generator", "fit_inputs", "freeze"]
+__all__ = ["FitStats", "fit_generator", "fit_inputs"]
 
 #: ``on_step(step, loss)`` reports progress.
 OnStep = Callable[[int, float], None]
-
-
-def freeze(teacher: nn.Module) -> nn.Module:
-    """The teacher in eval mode with no parameter asking for gradients (inputs still get them)."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 @dataclass

@@ -83,7 +83,7 @@ def make_student(to: str, teacher: nn.Module) -> nn.Module:
             )
         return student
     args = spec.get("args", {})
-    num_classes = int(args.get("num_classes", _classes_of(teacher)))
+    num_classes = int(args["num_classes"]) if "num_classes" in args else _classes_of(teacher)
     student = models.create(
         "bireal18",
         num_classes=num_classes,

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import zlib
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporters import kernels
+from exporters import kernels, native
 from exporters.conventions import sign
 from exporters.packing import pack_bits, pack_conv_weight, pack_linear_weight
 
@@ -42,6 +43,11 @@ def reference_conv(x, w, stride, padding, dilation, multiplier=None, bias=None, 
     return out
 
 
+LIBRARY = native.library()
+ISAS = [*(LIBRARY.supported if LIBRARY else ()), kernels.NUMPY_BACKEND]
+"""Every instruction set this CPU runs, and the numpy fallback: each must give the same bits."""
+
+
 # (batch, cin, cout, H, W, kernel, stride, padding, dilation)
 CASES = [
     (1, 3, 5, 9, 7, 3, 1, 1, 1),
@@ -68,8 +74,9 @@ def as4(padding):
     return (padding,) * 4 if np.isscalar(padding) else tuple(padding)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_conv_exact_against_reference(case):
+def test_conv_exact_against_reference(case, isa):
     batch, cin, cout, height, width, k, stride, padding, dilation = case
     x, w = make_case(batch, cin, cout, height, width, k, seed=zlib.crc32(str(case).encode()))
     prepared = kernels.prepare_conv_weight(
@@ -80,7 +87,7 @@ def test_conv_exact_against_reference(case):
         padding=padding,
         dilation=dilation,
     )
-    got = prepared(x)
+    got = prepared(x, isa=isa)
     want = reference_conv(x, w, (stride,) * 2, as4(padding), (dilation,) * 2)
     assert got.dtype == np.float32
     assert got.shape == want.shape
@@ -98,8 +105,9 @@ def test_conv_exact_against_reference(case):
     padding=st.tuples(*[st.integers(0, 2)] * 4),
     extra=st.tuples(st.integers(0, 5), st.integers(0, 5)),
     seed=st.integers(0, 2**32 - 1),
+    isa=st.sampled_from(ISAS),
 )
-def test_conv_random_geometry(batch, cin, cout, k, stride, dilation, padding, extra, seed):
+def test_conv_random_geometry(batch, cin, cout, k, stride, dilation, padding, extra, seed, isa):
     span = dilation * (k - 1) + 1
     height = max(1, span - padding[2] - padding[3]) + extra[0]
     width = max(1, span - padding[0] - padding[1]) + extra[1]
@@ -112,13 +120,15 @@ def test_conv_random_geometry(batch, cin, cout, k, stride, dilation, padding, ex
         stride=stride,
         padding=padding,
         dilation=dilation,
+        isa=isa,
     )
     want = reference_conv(x, w, (stride,) * 2, padding, (dilation,) * 2)
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", CASES[:6], ids=str)
-def test_conv_epilogue_with_residual(case):
+def test_conv_epilogue_with_residual(case, isa):
     batch, cin, cout, height, width, k, stride, padding, dilation = case
     x, w = make_case(batch, cin, cout, height, width, k, seed=7)
     rng = np.random.default_rng(8)
@@ -139,8 +149,24 @@ def test_conv_epilogue_with_residual(case):
         multiplier=multiplier,
         bias=bias,
         residual=residual,
+        isa=isa,
     )
     np.testing.assert_allclose(got, want_plain + residual, rtol=1e-5, atol=1e-4)
+    if isa != ISAS[0]:  # every set computes the same float operations in the same order
+        same = kernels.binary_conv2d(
+            x,
+            pack_conv_weight(w),
+            in_channels=cin,
+            kernel_size=k,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            multiplier=multiplier,
+            bias=bias,
+            residual=residual,
+            isa=ISAS[0],
+        )
+        np.testing.assert_array_equal(got, same)
 
 
 def test_residual_broadcasts_like_onnx_add():
@@ -159,9 +185,8 @@ def test_zero_inputs_and_weights_are_plus_one():
     np.testing.assert_array_equal(out, np.full((1, 2, 4, 4), 27.0, np.float32))
 
 
-def test_one_and_two_threads_identical_and_setting_restored():
-    import numba
-
+@pytest.mark.parametrize("isa", ISAS)
+def test_one_two_and_many_threads_identical(isa):
     x, w = make_case(2, 65, 130, 10, 9, 3, seed=11)
     prepared = kernels.prepare_conv_weight(
         pack_conv_weight(w),
@@ -171,17 +196,50 @@ def test_one_and_two_threads_identical_and_setting_restored():
         multiplier=np.linspace(0.1, 1.0, 130),
         bias=np.linspace(-1.0, 1.0, 130),
     )
-    before = numba.get_num_threads()
-    one = prepared(x, threads=1)
-    two = prepared(x, threads=2)
-    assert numba.get_num_threads() == before
-    np.testing.assert_array_equal(one, two)
+    one = prepared(x, threads=1, isa=isa)
+    np.testing.assert_array_equal(one, prepared(x, threads=2, isa=isa))
+    np.testing.assert_array_equal(one, prepared(x, threads=7, isa=isa))  # more than units/cores
+    np.testing.assert_array_equal(one, prepared(x, isa=isa))
 
 
-def test_pack_activations_layout():
+def test_concurrent_calls_from_python_threads():
+    """ctypes releases the GIL: calls from several threads share (or bypass) the pool safely."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, w = make_case(1, 130, 70, 12, 12, 3, seed=12)
+    prepared = kernels.prepare_conv_weight(pack_conv_weight(w), in_channels=130, kernel_size=3)
+    want = reference_conv(x, w, (1, 1), (0, 0, 0, 0), (1, 1))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: prepared(x, threads=2), range(40)))
+    for got in results:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_threads_survive_fork():
+    """A child forked after the pool started must start its own workers, not wait on ghosts."""
+    code = (
+        "import os, numpy as np\n"
+        "from exporters import kernels\n"
+        "from exporters.packing import pack_conv_weight\n"
+        "w = np.random.default_rng(0).standard_normal((70, 65, 3, 3)).astype(np.float32)\n"
+        "c = kernels.prepare_conv_weight(pack_conv_weight(w), in_channels=65, kernel_size=3)\n"
+        "x = np.random.default_rng(1).standard_normal((1, 65, 9, 9)).astype(np.float32)\n"
+        "want = c(x, threads=2)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if (c(x, threads=2) == want).all() else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "raise SystemExit(os.waitstatus_to_exitcode(status))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_pack_activations_layout(isa):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 70, 3, 4)).astype(np.float32)
-    words = kernels.pack_activations(x, padding=(2, 1, 1, 0))  # left, right, top, bottom
+    x[0, 3, 1, 1], x[1, 69, 2, 3], x[0, 0, 0, 0] = -0.0, np.nan, -np.inf  # -0.0, NaN: bit 0
+    words = kernels.pack_activations(x, padding=(2, 1, 1, 0), isa=isa)  # left, right, top, bottom
     assert words.shape == (2, 4, 7, 2) and words.dtype == np.uint64
     inner = words[:, 1:, 2:6, :]
     nhwc = np.transpose(x, (0, 2, 3, 1))
@@ -237,9 +295,63 @@ def test_argument_errors():
         prepared(x, threads=0)
 
 
-def test_kernels_import_no_torch():
-    code = "import sys, exporters.kernels; assert 'torch' not in sys.modules"
+def test_kernels_import_neither_torch_nor_numba():
+    code = (
+        "import sys, numpy as np, exporters.kernels as k\n"
+        "c = k.prepare_conv_weight(np.zeros((3, 8), np.uint8), in_channels=5, kernel_size=1)\n"
+        "c(np.ones((1, 5, 2, 2), np.float32))\n"
+        "assert 'torch' not in sys.modules and 'numba' not in sys.modules, sys.modules.keys()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_native_library_is_built():
+    """The kernels are a required part of an install with a compiler: their absence fails."""
+    assert LIBRARY is not None, "exporters/_native*.so is missing: reinstall with gcc present"
+    assert LIBRARY.compiled[0] == "scalar" and "scalar" in LIBRARY.supported
+
+
+def _cpu_flags() -> set[str]:
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                flags.update(value.split())
+    return flags
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_dispatcher_picks_the_best_set_this_cpu_has():
+    flags, machine = _cpu_flags(), os.uname().machine
+    if machine == "x86_64":
+        avx512 = {"avx512f", "avx512vl", "avx512dq", "avx512bw", "avx512_vpopcntdq"}
+        best = "avx512" if avx512 <= flags else "avx2" if "avx2" in flags else "scalar"
+    elif machine == "aarch64":
+        best = "neon_dotprod" if "asimddp" in flags else "neon"
+    else:
+        best = "scalar"
+    assert kernels.backend() == best
+    assert LIBRARY is not None and best in LIBRARY.supported
+
+
+def test_forcing_an_unusable_set_says_what_is_usable():
+    prepared = kernels.prepare_conv_weight(np.zeros((3, 8), np.uint8), in_channels=5, kernel_size=1)
+    x = np.ones((1, 5, 2, 2), np.float32)
+    missing = next(n for n in native.ISA_NAMES if LIBRARY is None or n not in LIBRARY.supported)
+    with pytest.raises(native.NativeError, match=f"{missing}.*not usable here.*scalar"):
+        prepared(x, isa=missing)
+    env = {**os.environ, "BITFLEET_ISA": "vax"}
+    code = "import exporters.kernels as k; k.backend()"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "BITFLEET_ISA=vax is not usable here" in run.stderr
+
+
+def test_bitfleet_isa_selects_the_set():
+    env = {**os.environ, "BITFLEET_ISA": "scalar"}
+    code = "import exporters.kernels as k; print(k.backend())"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == "scalar", run.stderr
 
 
 def test_accepts_float64_and_non_contiguous_input():

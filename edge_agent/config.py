@@ -249,7 +249,7 @@ def load_config(
         and (
             (name := key[len("BITFLEET_") :].lower()) in settable or name.startswith(_LEARN_PREFIX)
         )
-    }  # other BITFLEET_* variables (e.g. BITFLEET_NUMBA_ZMM) belong to other parts
+    }  # other BITFLEET_* variables (e.g. BITFLEET_ISA) belong to other parts
     apply(config, from_env, "BITFLEET_* environment variables")
     apply(config, {k: v for k, v in (flags or {}).items() if v is not None}, "flags")
     return config

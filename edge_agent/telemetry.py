@@ -243,6 +243,7 @@ class TelemetryReporter:
             "drops": self.drop_counts(),
             "connects": self.ctx.transport.connect_count,
             "torch_loaded": "torch" in sys.modules,
+            "kernels_isa": _kernels_isa(),
         }
 
     def beat(self) -> None:
@@ -270,6 +271,17 @@ class TelemetryReporter:
             self.ctx.store.save_counters(self.drop_counts())
         except OSError as err:
             log.warning("cannot save counters: %s", err)
+
+
+def _kernels_isa() -> str:
+    """The instruction set of the binary kernels here (``avx512``, ``neon_dotprod``, ...).
+
+    ``numpy`` where the native library was not built; imported on first use, so a device that
+    serves the portable flavour loads the 100 KB library only when telemetry is asked for.
+    """
+    from exporters import kernels
+
+    return kernels.backend()
 
 
 def quantile(ordered: list[float], q: float) -> float | None:

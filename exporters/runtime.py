@@ -5,14 +5,16 @@ Two predictors, one per flavour:
 - ``onnx-portable`` runs in one stock ONNX Runtime session.
 - ``onnx`` (fast) splits the graph: maximal runs of standard ops become ONNX Runtime
   sessions, and every ``bitfleet`` node (binary conv / dense, with batch norm and shortcut
-  folded in) runs as a numba XNOR-popcount kernel (:mod:`exporters.kernels`) between them.
+  folded in) runs as a native XNOR-popcount kernel (:mod:`exporters.kernels`, C built at
+  install time, the CPU's best instruction set chosen at run time) between them.
 
 Why split the graph rather than register a custom op with onnxruntime-extensions? Importing
 onnxruntime-extensions alone adds ~250 MB of resident memory on this class of machine, more
 than a Raspberry Pi can spare, and its Python custom ops cost ~20 us a call anyway. After
 folding, a Bi-Real-18 has only a handful of float islands (stem, downsampling shortcuts, head),
 so the split costs a few session calls per inference, and the device pays only for numpy,
-numba and onnxruntime. The numba kernels are compiled once and cached on disk.
+onnx (to read and cut the graph), onnxruntime and a 100 KB kernel library; nothing is compiled
+at run time.
 
 Nothing here imports torch: a device that only serves a model never loads it.
 """
@@ -46,7 +48,7 @@ def _session(model_bytes: bytes, threads: int | None, spinning: bool = True) -> 
 
     options = ort.SessionOptions()
     if not spinning:
-        # Segments of the fast flavour alternate with numba kernels on the same cores: idle
+        # Segments of the fast flavour alternate with the native kernels on the same cores: idle
         # ORT workers must sleep, not spin, or they steal the cores the kernels run on.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
@@ -136,13 +138,12 @@ class _Step:
 
 
 class FastPredictor(Predictor):
-    """The ``onnx`` flavour: ORT sessions for standard ops, numba kernels for binary nodes."""
+    """The ``onnx`` flavour: ORT sessions for standard ops, native kernels for binary nodes."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
         super().__init__(root, manifest, threads)
         # the fast flavour's parts come with the `fast` extra; a serving-only device may lack them
         onnx = require("onnx", "fast", f"the fast {manifest['format']!r} flavour of {root}")
-        require("numba", "fast", f"the fast {manifest['format']!r} flavour of {root}")
 
         model = onnx.load(str(root / manifest["model_file"]))
         unknown = sorted(
@@ -159,9 +160,10 @@ class FastPredictor(Predictor):
                 f"it provides {', '.join(f'{CUSTOM_DOMAIN}.{op}' for op in CUSTOM_OPS)}. "
                 f"Upgrade bitfleet or export with --format {FORMAT_PORTABLE}"
             )
-        from . import kernels  # numba: imported only by the fast flavour
+        from . import kernels  # the native library: loaded only by the fast flavour
 
         self._kernels = kernels
+        self.kernels_isa = kernels.backend()
         self._steps = _plan(model, threads, kernels)
         self._input = model.graph.input[0].name
         self._output = model.graph.output[0].name
@@ -283,8 +285,8 @@ def _segment_step(
         known[name] = elem
         sub_model.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     # One thread per segment: the binary kernels get the cores. Measured on Bi-Real-18 at
-    # 224x224 with 2 threads: 5.2 ms with single-threaded segments, 8-9 ms when ORT's pool and
-    # numba's OpenMP workers (which spin briefly after each kernel) take turns on two cores.
+    # 224x224 with 2 threads (numba kernels then): 5.2 ms with single-threaded segments, 8-9 ms
+    # when ORT's pool and the kernels' spinning workers took turns on two cores.
     session = _session(sub_model.SerializeToString(), 1, spinning=False)
 
     def run(args: list[np.ndarray]) -> list[np.ndarray]:

@@ -136,12 +136,12 @@ def test_presence_on_the_embedded_broker(amqtt_broker, key_file, artifacts, agen
         assert reply["ok"] and reply["result"]["pong"]
 
 
-@pytest.mark.parametrize("module", ["torch", "numba", "amqtt", "onnx"])
+@pytest.mark.parametrize("module", ["torch", "amqtt", "onnx", "exporters._native"])
 def test_the_suite_has_every_component_it_needs(module):
     """A missing component fails here by name, never as a skip (Mosquitto: conftest.py)."""
-    import importlib
+    import importlib.util
 
-    assert importlib.import_module(module) is not None
+    assert importlib.util.find_spec(module) is not None, f"{module} is missing"
     assert mosquitto_available()
 
 
@@ -915,6 +915,9 @@ def test_daemon_serving_only_never_loads_torch_and_stops_cleanly(
         assert fleet.wait_for(online("pi-09"), timeout=60)
         telemetry = fleet.command("pi-09", "status", timeout=30)["result"]["telemetry"]
         assert telemetry["torch_loaded"] is False and telemetry["learning"]["on"] is False
+        from exporters import kernels
+
+        assert telemetry["kernels_isa"] == kernels.backend() != kernels.NUMPY_BACKEND
         # the CLI exec'd a fresh interpreter under the same PID: its parser's libraries are gone
         maps = Path(f"/proc/{process.pid}/maps").read_text()
         assert "pydantic_core" not in maps and "onnxruntime" in maps
@@ -980,7 +983,7 @@ def test_config_precedence_file_env_flags(tmp_path):
         file,
         environ={
             "BITFLEET_HEARTBEAT_S": "5",
-            "BITFLEET_NUMBA_ZMM": "1",
+            "BITFLEET_ISA": "scalar",
             "BITFLEET_LEARN_LR": "0.2",
         },
         flags={"fleet": "flag", "id": None},

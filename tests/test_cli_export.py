@@ -80,6 +80,9 @@ def test_bench_json(run_dir):
     assert row["onnx_ms"] > 0 and row["fp32_ms"] > 0 and row["speedup_vs_fp32"] > 0
     assert doc["sizes_bytes"]["fp32"] > doc["sizes_bytes"]["onnx"]
     assert any(step.startswith("ort[") for step in doc["per_layer_ms"])
+    from exporters import kernels
+
+    assert doc["kernels_isa"] == kernels.backend()
 
 
 def test_bench_bad_threads():

@@ -264,6 +264,6 @@ def test_systemd_unit():
         ("ReadWritePaths", "/var/lib/bitfleet"),
     ]:
         assert service[key] == [value], key
-    # numba's JIT needs writable+executable memory
+    # torch's oneDNN JIT (on-device learning) needs writable+executable memory
     assert "MemoryDenyWriteExecute" not in service
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]

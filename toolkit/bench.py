@@ -7,8 +7,9 @@ switched off, exported by ``torch.onnx.export`` and run in stock ONNX Runtime). 
 (so thread pools do not compete), the processes alternated (fast, portable, fp32, fast, ...)
 over ``rounds`` so a noisy neighbour slows all three alike. It reports, per thread count, the
 median over rounds of each process's median after warm-up, the ratio to FP32, artifact sizes,
-and the fast runtime's first-call latency (load + the first ``predict``, where numba kernels
-are compiled or read from the on-disk cache).
+and the fast runtime's first-call latency (load + the first ``predict``; the kernels are
+native code built at install time, so nothing compiles) and the instruction set its kernels
+ran (``kernels_isa``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class BenchResult:
     first_call_s: float = 0.0
     load_s: dict[str, float] = field(default_factory=dict)
     per_layer_ms: dict[str, float] = field(default_factory=dict)
+    kernels_isa: str = field(default_factory=lambda: _kernels_isa())
 
     def to_dict(self) -> dict[str, Any]:
         threads = {
@@ -70,6 +72,7 @@ class BenchResult:
             "first_call_s": self.first_call_s,
             "load_s": self.load_s,
             "per_layer_ms": self.per_layer_ms,
+            "kernels_isa": self.kernels_isa,
         }
 
 
@@ -97,8 +100,8 @@ def _time_in_subprocess(
 ) -> dict[str, float]:
     """Median ``predict`` time of one artifact in a fresh process that loads only it.
 
-    Separate processes keep one flavour's thread pools (ORT's spinning workers, numba's
-    OpenMP team) from stealing cores from another's; alternating the processes spreads any
+    Separate processes keep one flavour's thread pools (ORT's spinning workers, the kernels'
+    pool) from stealing cores from another's; alternating the processes spreads any
     slow phase of a shared machine over every flavour.
     """
     root = Path(__file__).resolve().parents[1]
@@ -123,6 +126,12 @@ def _time_in_subprocess(
     if done.returncode != 0:
         raise RuntimeError(f"benchmark worker failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _kernels_isa() -> str:
+    from exporters import kernels
+
+    return kernels.backend()
 
 
 def float_twin(model: nn.Module) -> nn.Module:

@@ -102,8 +102,10 @@ int bf_conv2d(const bf_conv *conv, int isa, int threads, const float *x, int64_t
         threads < 1 || n < 0 || height < 1 || width < 1 || conv->in_channels < 1 ||
         conv->out_channels < 1 || conv->cin_words != (conv->in_channels + 63) / 64 ||
         conv->n_blocks != (conv->out_channels + 63) / 64 || conv->pad_top < 0 ||
-        conv->pad_bottom < 0 || conv->pad_left < 0 || conv->pad_right < 0)
-        return BF_ERR_ARG;
+        conv->pad_bottom < 0 || conv->pad_left < 0 || conv->pad_right < 0 ||
+        conv->kernel_h < 1 || conv->kernel_w < 1 ||
+        conv->in_channels * conv->kernel_h * conv->kernel_w >= (INT64_C(1) << 30))
+        return BF_ERR_ARG; /* K - 2 * popcount is computed in 32 bits */
     if (n == 0) return 0;
     return compiled(isa)->conv2d(conv, threads, x, n, height, width, residual, out);
 }

@@ -11,8 +11,8 @@
 #define BF_PX 1
 
 static void bf_micro(int npx, const uint64_t *x, const int64_t *pixel_offsets,
-                     const int64_t *tap_offsets, int64_t n_taps, int64_t cin_words,
-                     const uint64_t *w, int32_t *acc) {
+                     const int64_t *word_offsets, int64_t n_words, const uint64_t *w,
+                     int32_t *acc) {
     const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1,
                                            1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
@@ -22,12 +22,11 @@ static void bf_micro(int npx, const uint64_t *x, const int64_t *pixel_offsets,
             __m256i wide[8], bytes[8];
             for (int k = 0; k < 8; k++) wide[k] = bytes[k] = zero;
             int pending = 0;
-            for (int64_t t = 0; t < n_taps; t++) {
-                const uint64_t *xs = x + pixel_offsets[p] + tap_offsets[t];
-                const uint64_t *wt = w + t * cin_words * 64 + half * 32;
-                for (int64_t c = 0; c < cin_words; c++) {
-                    const __m256i a = _mm256_set1_epi64x((long long)xs[c]);
-                    const uint64_t *wr = wt + c * 64;
+            const uint64_t *xp = x + pixel_offsets[p];
+            for (int64_t i = 0; i < n_words; i++) {
+                {
+                    const __m256i a = _mm256_set1_epi64x((long long)xp[word_offsets[i]]);
+                    const uint64_t *wr = w + i * 64 + half * 32;
                     for (int k = 0; k < 8; k++) {
                         const __m256i v = _mm256_xor_si256(
                             a, _mm256_loadu_si256((const __m256i *)(wr + 4 * k)));

@@ -10,25 +10,23 @@
 #define BF_PX 3
 
 static inline __attribute__((always_inline)) void bf_micro_n(
-    const int npx, const uint64_t *x, const int64_t *pixel_offsets, const int64_t *tap_offsets,
-    int64_t n_taps, int64_t cin_words, const uint64_t *w, int32_t *acc) {
+    const int npx, const uint64_t *x, const int64_t *pixel_offsets, const int64_t *word_offsets,
+    int64_t n_words, const uint64_t *w, int32_t *acc) {
     __m512i sums[BF_PX][8];
     for (int p = 0; p < npx; p++)
         for (int k = 0; k < 8; k++) sums[p][k] = _mm512_setzero_si512();
-    for (int64_t t = 0; t < n_taps; t++) {
-        const uint64_t *xs[BF_PX];
-        for (int p = 0; p < npx; p++) xs[p] = x + pixel_offsets[p] + tap_offsets[t];
-        const uint64_t *wt = w + t * cin_words * 64;
-        for (int64_t c = 0; c < cin_words; c++) {
-            __m512i a[BF_PX];
-            for (int p = 0; p < npx; p++) a[p] = _mm512_set1_epi64((long long)xs[p][c]);
-            const uint64_t *wr = wt + c * 64;
-            for (int k = 0; k < 8; k++) {
-                const __m512i wk = _mm512_loadu_si512((const void *)(wr + 8 * k));
-                for (int p = 0; p < npx; p++)
-                    sums[p][k] = _mm512_add_epi64(
-                        sums[p][k], _mm512_popcnt_epi64(_mm512_xor_si512(a[p], wk)));
-            }
+    const uint64_t *xs[BF_PX];
+    for (int p = 0; p < npx; p++) xs[p] = x + pixel_offsets[p];
+    for (int64_t i = 0; i < n_words; i++) {
+        const int64_t offset = word_offsets[i];
+        __m512i a[BF_PX];
+        for (int p = 0; p < npx; p++) a[p] = _mm512_set1_epi64((long long)xs[p][offset]);
+        const uint64_t *wr = w + i * 64;
+        for (int k = 0; k < 8; k++) {
+            const __m512i wk = _mm512_loadu_si512((const void *)(wr + 8 * k));
+            for (int p = 0; p < npx; p++)
+                sums[p][k] = _mm512_add_epi64(sums[p][k],
+                                              _mm512_popcnt_epi64(_mm512_xor_si512(a[p], wk)));
         }
     }
     for (int p = 0; p < npx; p++)
@@ -38,14 +36,90 @@ static inline __attribute__((always_inline)) void bf_micro_n(
 }
 
 static void bf_micro(int npx, const uint64_t *x, const int64_t *pixel_offsets,
-                     const int64_t *tap_offsets, int64_t n_taps, int64_t cin_words,
-                     const uint64_t *w, int32_t *acc) {
+                     const int64_t *word_offsets, int64_t n_words, const uint64_t *w,
+                     int32_t *acc) {
     /* constant pixel counts, so each copy is fully unrolled with its accumulators in registers */
     switch (npx) {
-    case 3: bf_micro_n(3, x, pixel_offsets, tap_offsets, n_taps, cin_words, w, acc); break;
-    case 2: bf_micro_n(2, x, pixel_offsets, tap_offsets, n_taps, cin_words, w, acc); break;
-    default: bf_micro_n(1, x, pixel_offsets, tap_offsets, n_taps, cin_words, w, acc); break;
+    case 3: bf_micro_n(3, x, pixel_offsets, word_offsets, n_words, w, acc); break;
+    case 2: bf_micro_n(2, x, pixel_offsets, word_offsets, n_words, w, acc); break;
+    default: bf_micro_n(1, x, pixel_offsets, word_offsets, n_words, w, acc); break;
     }
 }
+
+/* Transpose 16 rows of 16 floats in registers: four stages swap the off-diagonal blocks of
+ * 8, 4, 2 and 1 elements: for the row pair (a, a + s) lane k of the new a is a[k] or b[k - s]
+ * and of the new b a[k + s] or b[k], whichever has bit s of k clear. One two-source permute per
+ * row and stage, written out (constant indices) so every row stays in a register. */
+static const int32_t bf_swap_index[4][2][16] __attribute__((aligned(64))) = {
+    {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+    {{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}},
+    {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
+    {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}},
+};
+
+#define BF_SWAP(a, b, lo, hi)                                                                      \
+    do {                                                                                           \
+        const __m512 ra_ = (a), rb_ = (b);                                                         \
+        (a) = _mm512_permutex2var_ps(ra_, (lo), rb_);                                              \
+        (b) = _mm512_permutex2var_ps(ra_, (hi), rb_);                                              \
+    } while (0)
+
+static inline __attribute__((always_inline)) void bf_transpose16(__m512 *r) {
+    __m512i lo, hi;
+    lo = _mm512_load_si512((const void *)bf_swap_index[0][0]);
+    hi = _mm512_load_si512((const void *)bf_swap_index[0][1]);
+    BF_SWAP(r[0], r[8], lo, hi); BF_SWAP(r[1], r[9], lo, hi); BF_SWAP(r[2], r[10], lo, hi); BF_SWAP(r[3], r[11], lo, hi);
+    BF_SWAP(r[4], r[12], lo, hi); BF_SWAP(r[5], r[13], lo, hi); BF_SWAP(r[6], r[14], lo, hi); BF_SWAP(r[7], r[15], lo, hi);
+    lo = _mm512_load_si512((const void *)bf_swap_index[1][0]);
+    hi = _mm512_load_si512((const void *)bf_swap_index[1][1]);
+    BF_SWAP(r[0], r[4], lo, hi); BF_SWAP(r[1], r[5], lo, hi); BF_SWAP(r[2], r[6], lo, hi); BF_SWAP(r[3], r[7], lo, hi);
+    BF_SWAP(r[8], r[12], lo, hi); BF_SWAP(r[9], r[13], lo, hi); BF_SWAP(r[10], r[14], lo, hi); BF_SWAP(r[11], r[15], lo, hi);
+    lo = _mm512_load_si512((const void *)bf_swap_index[2][0]);
+    hi = _mm512_load_si512((const void *)bf_swap_index[2][1]);
+    BF_SWAP(r[0], r[2], lo, hi); BF_SWAP(r[1], r[3], lo, hi); BF_SWAP(r[4], r[6], lo, hi); BF_SWAP(r[5], r[7], lo, hi);
+    BF_SWAP(r[8], r[10], lo, hi); BF_SWAP(r[9], r[11], lo, hi); BF_SWAP(r[12], r[14], lo, hi); BF_SWAP(r[13], r[15], lo, hi);
+    lo = _mm512_load_si512((const void *)bf_swap_index[3][0]);
+    hi = _mm512_load_si512((const void *)bf_swap_index[3][1]);
+    BF_SWAP(r[0], r[1], lo, hi); BF_SWAP(r[2], r[3], lo, hi); BF_SWAP(r[4], r[5], lo, hi); BF_SWAP(r[6], r[7], lo, hi);
+    BF_SWAP(r[8], r[9], lo, hi); BF_SWAP(r[10], r[11], lo, hi); BF_SWAP(r[12], r[13], lo, hi); BF_SWAP(r[14], r[15], lo, hi);
+}
+
+/* The tile store of kernel_body.h, 16 x 16 blocks at a time: a scalar transpose cost as much as
+ * the whole convolution on wide, shallow layers (56x56x64). Tile rows past seg_len are read
+ * (the tile always has BF_SEGMENT rows) but masked off when stored. */
+static void bf_store_tile_avx512(const float *tile, int64_t seg_len, int64_t n_out, float *dst,
+                                 const float *res, int64_t stride) {
+    for (int64_t i0 = 0; i0 < seg_len; i0 += 16) {
+        const int n = (int)(seg_len - i0 < 16 ? seg_len - i0 : 16);
+        const __mmask16 mask = (__mmask16)((1u << n) - 1u);
+        for (int64_t j0 = 0; j0 < n_out; j0 += 16) {
+            __m512 r[16];
+#pragma GCC unroll 16
+            for (int k = 0; k < 16; k++) r[k] = _mm512_loadu_ps(tile + (i0 + k) * 64 + j0);
+            bf_transpose16(r);
+            const int m = (int)(n_out - j0 < 16 ? n_out - j0 : 16);
+            if (n == 16) { /* plain stores: masked ones are slow on some cores (Zen 4) */
+                for (int k = 0; k < m; k++) {
+                    const int64_t at = (j0 + k) * stride + i0;
+                    __m512 v = r[k];
+                    if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + at));
+                    _mm512_storeu_ps(dst + at, v);
+                }
+                continue;
+            }
+            for (int k = 0; k < m; k++) {
+                const int64_t at = (j0 + k) * stride + i0;
+                __m512 v = r[k];
+                if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, res + at));
+                _mm512_mask_storeu_ps(dst + at, mask, v);
+            }
+        }
+    }
+}
+#define BF_STORE_TILE bf_store_tile_avx512
 
 #include "kernel_body.h"

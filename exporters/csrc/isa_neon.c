@@ -16,8 +16,8 @@
 #define BF_PX 1
 
 static void bf_micro(int npx, const uint64_t *x, const int64_t *pixel_offsets,
-                     const int64_t *tap_offsets, int64_t n_taps, int64_t cin_words,
-                     const uint64_t *w, int32_t *acc) {
+                     const int64_t *word_offsets, int64_t n_words, const uint64_t *w,
+                     int32_t *acc) {
     for (int p = 0; p < npx; p++) {
         for (int quarter = 0; quarter < 4; quarter++) {
 #ifdef BF_DOTPROD
@@ -33,12 +33,11 @@ static void bf_micro(int npx, const uint64_t *x, const int64_t *pixel_offsets,
             }
             int pending = 0;
 #endif
-            for (int64_t t = 0; t < n_taps; t++) {
-                const uint64_t *xs = x + pixel_offsets[p] + tap_offsets[t];
-                const uint64_t *wt = w + t * cin_words * 64 + quarter * 16;
-                for (int64_t c = 0; c < cin_words; c++) {
-                    const uint64x2_t a = vdupq_n_u64(xs[c]);
-                    const uint64_t *wr = wt + c * 64;
+            const uint64_t *xp = x + pixel_offsets[p];
+            for (int64_t i = 0; i < n_words; i++) {
+                {
+                    const uint64x2_t a = vdupq_n_u64(xp[word_offsets[i]]);
+                    const uint64_t *wr = w + i * 64 + quarter * 16;
                     for (int k = 0; k < 8; k++) {
                         const uint8x16_t bits =
                             vcntq_u8(vreinterpretq_u8_u64(veorq_u64(a, vld1q_u64(wr + 2 * k))));

@@ -4,14 +4,16 @@
  *   BF_ISA    the set's name as a token (names the exported table bf_kernels_<BF_ISA>);
  *   BF_PX     how many output pixels one micro-kernel call handles at most;
  *   bf_micro  static void bf_micro(int npx, const uint64_t *x, const int64_t *pixel_offsets,
- *                                  const int64_t *tap_offsets, int64_t n_taps,
- *                                  int64_t cin_words, const uint64_t *w, int32_t *acc)
- *             which sets acc[p * 64 + j] to the popcount of x ^ w summed over the taps and
- *             words of pixel p (p < npx) for the block's 64 output channels j, where pixel p's
- *             tap t, word c is x[pixel_offsets[p] + tap_offsets[t] + c] and its weight word for
- *             channel j is w[(t * cin_words + c) * 64 + j].
- * Only bf_micro is hand-written per set; packing and the epilogue are plain loops that the
- * compiler vectorizes with the set's flags (the object is only ever run on a CPU that has it).
+ *                                  const int64_t *word_offsets, int64_t n_words,
+ *                                  const uint64_t *w, int32_t *acc)
+ *             which sets acc[p * 64 + j] to sum over i < n_words of
+ *             popcount(x[pixel_offsets[p] + word_offsets[i]] ^ w[i * 64 + j]) for the pixels
+ *             p < npx and the block's 64 output channels j. Word i is (tap, channel word)
+ *             (i / cin_words, i % cin_words): one flat loop over both, which matters for the
+ *             shallow layers where a tap has a single word.
+ * and may define BF_STORE_TILE as the name of its own store_tile (same contract as the plain
+ * one below). The rest (packing, epilogue) are plain loops that the compiler vectorizes with the
+ * set's flags (the object is only ever run on a CPU that has it).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -103,9 +105,27 @@ typedef struct {
     const uint64_t *packed;
     const float *residual;
     float *out;
-    int64_t padded_h, padded_w, out_h, out_w, k_bits, n_taps;
-    const int64_t *tap_offsets;
+    int64_t padded_h, padded_w, out_h, out_w, k_bits, n_words;
+    const int64_t *word_offsets;
 } BF_LOCAL(conv_job);
+
+#ifndef BF_STORE_TILE
+/* Transpose a pixel-major tile (tile[i * 64 + j], i < seg_len pixels) into n_out channel rows
+ * dst[j * stride + i], adding res likewise when it is not NULL. */
+static void BF_LOCAL(store_tile)(const float *tile, int64_t seg_len, int64_t n_out, float *dst,
+                                 const float *res, int64_t stride) {
+    for (int64_t j = 0; j < n_out; j++) {
+        float *restrict row = dst + j * stride;
+        if (res) {
+            const float *restrict add = res + j * stride;
+            for (int64_t i = 0; i < seg_len; i++) row[i] = tile[i * BF_BLOCK + j] + add[i];
+        } else {
+            for (int64_t i = 0; i < seg_len; i++) row[i] = tile[i * BF_BLOCK + j];
+        }
+    }
+}
+#define BF_STORE_TILE BF_LOCAL(store_tile)
+#endif
 
 /* One unit = (image, output row, block of 64 output channels). The block's weights are reused
  * from L1 by every pixel of the row; per segment of BF_SEGMENT pixels the epilogue fills a
@@ -119,12 +139,13 @@ static void BF_LOCAL(conv_unit)(void *ctx, int64_t unit) {
     const int64_t yo = row % job->out_h;
     const int64_t co0 = blk * BF_BLOCK;
     const int64_t cw = conv->cin_words;
-    const uint64_t *w = conv->weights + blk * job->n_taps * cw * BF_BLOCK;
+    const uint64_t *w = conv->weights + blk * job->n_words * BF_BLOCK;
     const float *scale = conv->multiplier + co0;
     const float *shift = conv->bias + co0;
     const int64_t n_out = (conv->out_channels - co0 < BF_BLOCK) ? conv->out_channels - co0
                                                                  : BF_BLOCK;
     const int64_t row_base = (img * job->padded_h + yo * conv->stride_h) * job->padded_w;
+    const int32_t k_bits = (int32_t)job->k_bits; /* < 2^31: checked by bf_conv2d */
     float tile[BF_SEGMENT * BF_BLOCK];
     int32_t acc[BF_PX * BF_BLOCK];
     int64_t offsets[BF_PX];
@@ -134,25 +155,17 @@ static void BF_LOCAL(conv_unit)(void *ctx, int64_t unit) {
             const int npx = (int)((seg_len - xo < BF_PX) ? seg_len - xo : BF_PX);
             for (int p = 0; p < npx; p++)
                 offsets[p] = (row_base + (seg + xo + p) * conv->stride_w) * cw;
-            bf_micro(npx, job->packed, offsets, job->tap_offsets, job->n_taps, cw, w, acc);
+            bf_micro(npx, job->packed, offsets, job->word_offsets, job->n_words, w, acc);
             for (int p = 0; p < npx; p++) {
                 float *restrict dst = tile + (xo + p) * BF_BLOCK;
                 const int32_t *restrict src = acc + p * BF_BLOCK;
                 for (int j = 0; j < BF_BLOCK; j++)
-                    dst[j] = scale[j] * (float)(job->k_bits - 2 * (int64_t)src[j]) + shift[j];
+                    dst[j] = scale[j] * (float)(k_bits - 2 * src[j]) + shift[j];
             }
         }
-        for (int64_t j = 0; j < n_out; j++) {
-            const int64_t at = ((img * conv->out_channels + co0 + j) * job->out_h + yo) *
-                                   job->out_w + seg;
-            float *restrict dst = job->out + at;
-            if (job->residual) {
-                const float *restrict res = job->residual + at;
-                for (int64_t i = 0; i < seg_len; i++) dst[i] = tile[i * BF_BLOCK + j] + res[i];
-            } else {
-                for (int64_t i = 0; i < seg_len; i++) dst[i] = tile[i * BF_BLOCK + j];
-            }
-        }
+        const int64_t at = ((img * conv->out_channels + co0) * job->out_h + yo) * job->out_w + seg;
+        BF_STORE_TILE(tile, seg_len, n_out, job->out + at,
+                      job->residual ? job->residual + at : NULL, job->out_h * job->out_w);
     }
 }
 
@@ -171,23 +184,24 @@ static int BF_LOCAL(conv2d)(const bf_conv *conv, int threads, const float *x, in
     /* 64-byte aligned, rounded up to whole lines as aligned_alloc requires */
     const size_t packed_bytes = (packed_words * sizeof(uint64_t) + 63) & ~(size_t)63;
     uint64_t *packed = aligned_alloc(64, packed_bytes ? packed_bytes : 64);
-    int64_t *taps = malloc(sizeof(int64_t) * (size_t)n_taps);
-    if (!packed || !taps) {
+    int64_t *words = malloc(sizeof(int64_t) * (size_t)(n_taps * cw));
+    if (!packed || !words) {
         free(packed);
-        free(taps);
+        free(words);
         return BF_ERR_NOMEM;
     }
     for (int64_t ky = 0; ky < conv->kernel_h; ky++)
         for (int64_t kx = 0; kx < conv->kernel_w; kx++)
-            taps[ky * conv->kernel_w + kx] =
-                (ky * conv->dilation_h * padded_w + kx * conv->dilation_w) * cw;
+            for (int64_t c = 0; c < cw; c++)
+                words[(ky * conv->kernel_w + kx) * cw + c] =
+                    (ky * conv->dilation_h * padded_w + kx * conv->dilation_w) * cw + c;
     BF_LOCAL(pack)(threads, x, n, conv->in_channels, height, width, conv->pad_top,
                    conv->pad_left, padded_h, padded_w, packed);
-    BF_LOCAL(conv_job) job = {conv,   packed, residual, out,    padded_h, padded_w, out_h,
-                              out_w,  conv->in_channels * n_taps,  n_taps,   taps};
+    BF_LOCAL(conv_job) job = {conv,  packed, residual, out, padded_h, padded_w, out_h, out_w,
+                              conv->in_channels * n_taps,   n_taps * cw,    words};
     bf_parallel_for(threads, n * out_h * conv->n_blocks, BF_LOCAL(conv_unit), &job);
     free(packed);
-    free(taps);
+    free(words);
     return 0;
 }
 

@@ -117,7 +117,8 @@ def bench(
         "sizes: "
         + ", ".join(f"{k} {human(v)}B" for k, v in sizes.items())
         + f"  (fp32/fast = {document['size_ratio_fp32_vs_onnx']:.1f}x); "
-        f"first call (load + compile/cache + run) {document['first_call_s']:.2f} s"
+        f"first call (load + run) {document['first_call_s']:.2f} s; binary kernels: "
+        f"{document['kernels_isa']}"
     )
     if per_layer:
         layers = Table(title="fast runtime steps (thread count 1st in --threads)")

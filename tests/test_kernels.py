@@ -1,7 +1,9 @@
+import json
 import os
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,8 +50,12 @@ ISAS = [*(LIBRARY.supported if LIBRARY else ()), kernels.NUMPY_BACKEND]
 """Every instruction set this CPU runs, and the numpy fallback: each must give the same bits."""
 
 
-# (batch, cin, cout, H, W, kernel, stride, padding, dilation)
+# (batch, cin, cout, H, W, kernel, stride, padding, dilation); the first rows are wide enough
+# (>= 8 output pixels, stride 1) for the AVX-512 pixels-in-lanes kernel, with partial vectors
 CASES = [
+    (1, 130, 70, 5, 57, 3, 1, 1, 1),
+    (2, 64, 64, 4, 24, 3, 1, (1, 0, 1, 0), 1),
+    (1, 65, 9, 3, 30, 3, 1, 2, 2),
     (1, 3, 5, 9, 7, 3, 1, 1, 1),
     (2, 5, 8, 8, 8, 3, 2, 1, 1),
     (1, 63, 17, 7, 9, 1, 1, 0, 1),
@@ -309,6 +315,11 @@ def test_the_native_library_is_built():
     """The kernels are a required part of an install with a compiler: their absence fails."""
     assert LIBRARY is not None, "exporters/_native*.so is missing: reinstall with gcc present"
     assert LIBRARY.compiled[0] == "scalar" and "scalar" in LIBRARY.supported
+    # every set of this architecture compiled (a set the compiler rejects is left out quietly)
+    config = json.loads((Path(kernels.__file__).parent / "csrc" / "isa.json").read_text())
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(os.uname().machine.lower())
+    wanted = config["sets"].get(machine or os.uname().machine, {"scalar": None})
+    assert set(LIBRARY.compiled) == set(wanted)
 
 
 def _cpu_flags() -> set[str]:

@@ -6,6 +6,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "internal.h"
+
 #define BF_ISA avx512
 #define BF_PX 3
 
@@ -122,4 +124,103 @@ static void bf_store_tile_avx512(const float *tile, int64_t seg_len, int64_t n_o
 }
 #define BF_STORE_TILE bf_store_tile_avx512
 
+/* ---------------------------------------------------------------- pixels in the lanes
+ *
+ * Stride-1 rows can also run the other way round: activations packed planar, one plane of
+ * words per 64 channels, (N, cin_words, Hp, Wp), so 8 neighbouring output pixels read 8
+ * consecutive words at every tap. A lane then holds a pixel instead of a channel: each weight
+ * word is broadcast against 8 pixels, and the sums of one channel come out pixel-contiguous,
+ * ready for the NCHW row with no transpose. Same 3 instructions per 8 sums as above, but
+ * no tile, no transpose, no 64-channel-strided stores. */
+#define BF_PLANAR 1
+
+static inline int bf_planar_suits(const bf_conv *conv, int64_t out_w) {
+    return conv->stride_w == 1 && out_w >= 8;
+}
+
 #include "kernel_body.h"
+
+enum { BF_GROUPS = 3 }; /* vectors of 8 pixels per chunk: 3 x 8 channels = 24 accumulators */
+
+/* Sums, epilogue and stores of 8 channels (first_channel.. of the block) x up to 8 * groups
+ * pixels of one output row; `valid` of those pixels exist (the rest are computed on whatever
+ * words follow the row and never stored). */
+static inline __attribute__((always_inline)) void bf_planar_chunk(
+    const int groups, const BF_LOCAL(conv_job) *job, const uint64_t *x, const uint64_t *w,
+    const float *scale, const float *shift, int64_t channels, int64_t valid, float *out,
+    const float *res) {
+    const int64_t plane = job->out_h * job->out_w;
+    __m512i sums[BF_GROUPS][8];
+    for (int g = 0; g < groups; g++)
+        for (int j = 0; j < 8; j++) sums[g][j] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < job->n_words; i++) {
+        const uint64_t *xs = x + job->word_offsets[i];
+        __m512i pixels[BF_GROUPS];
+        for (int g = 0; g < groups; g++)
+            pixels[g] = _mm512_loadu_si512((const void *)(xs + 8 * g));
+        const uint64_t *wr = w + i * BF_BLOCK;
+        for (int j = 0; j < 8; j++) {
+            const __m512i wj = _mm512_set1_epi64((long long)wr[j]);
+            for (int g = 0; g < groups; g++)
+                sums[g][j] = _mm512_add_epi64(
+                    sums[g][j], _mm512_popcnt_epi64(_mm512_xor_si512(pixels[g], wj)));
+        }
+    }
+    const __m512i k_bits = _mm512_set1_epi64(job->k_bits);
+    for (int j = 0; j < 8 && j < channels; j++) {
+        /* scale * (K - 2 * popcount) + shift: the same float operations as kernel_body.h */
+        const __m256 mul = _mm256_set1_ps(scale[j]), add = _mm256_set1_ps(shift[j]);
+        for (int g = 0; g < groups; g++) {
+            const int64_t lanes = valid - 8 * g;
+            if (lanes <= 0) break;
+            const __m512i dot =
+                _mm512_sub_epi64(k_bits, _mm512_add_epi64(sums[g][j], sums[g][j]));
+            __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm512_cvtepi64_ps(dot), mul), add);
+            const int64_t at = j * plane + 8 * g;
+            if (lanes >= 8) {
+                if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res + at));
+                _mm256_storeu_ps(out + at, v);
+            } else {
+                const __mmask8 mask = (__mmask8)((1u << lanes) - 1u);
+                if (res) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(mask, res + at));
+                _mm256_mask_storeu_ps(out + at, mask, v);
+            }
+        }
+    }
+}
+
+/* One unit = (image, output row, block of 64 output channels), as conv_unit. */
+static void BF_LOCAL(planar_unit)(void *ctx, int64_t unit) {
+    const BF_LOCAL(conv_job) *job = ctx;
+    const bf_conv *conv = job->conv;
+    const int64_t blk = unit % conv->n_blocks;
+    const int64_t row = unit / conv->n_blocks;
+    const int64_t img = row / job->out_h;
+    const int64_t yo = row % job->out_h;
+    const int64_t co0 = blk * BF_BLOCK;
+    const int64_t n_out = (conv->out_channels - co0 < BF_BLOCK) ? conv->out_channels - co0
+                                                                 : BF_BLOCK;
+    const uint64_t *x = job->packed + img * conv->cin_words * job->padded_h * job->padded_w +
+                        yo * conv->stride_h * job->padded_w;
+    const int64_t at = ((img * conv->out_channels + co0) * job->out_h + yo) * job->out_w;
+    const int64_t plane = job->out_h * job->out_w;
+    for (int64_t c0 = 0; c0 < n_out; c0 += 8) {
+        const uint64_t *w = conv->weights + blk * job->n_words * BF_BLOCK + c0;
+        const float *scale = conv->multiplier + co0 + c0, *shift = conv->bias + co0 + c0;
+        float *out = job->out + at + c0 * plane;
+        const float *res = job->residual ? job->residual + at + c0 * plane : NULL;
+        for (int64_t x0 = 0; x0 < job->out_w; x0 += 8 * BF_GROUPS) {
+            const int64_t valid = job->out_w - x0;
+            const int64_t left = n_out - c0;
+            if (valid > 16)
+                bf_planar_chunk(3, job, x + x0, w, scale, shift, left, valid, out + x0,
+                                res ? res + x0 : NULL);
+            else if (valid > 8)
+                bf_planar_chunk(2, job, x + x0, w, scale, shift, left, valid, out + x0,
+                                res ? res + x0 : NULL);
+            else
+                bf_planar_chunk(1, job, x + x0, w, scale, shift, left, valid, out + x0,
+                                res ? res + x0 : NULL);
+        }
+    }
+}

@@ -36,12 +36,13 @@ typedef struct {
     int64_t channels, height, width;
     int64_t pad_top, pad_left, padded_h, padded_w;
     int64_t cin_words, n_chunks;
+    int planar; /* 0: NHWC words (N, Hp, Wp, cin_words); 1: planar (N, cin_words, Hp, Wp) */
     uint64_t *out;
 } BF_LOCAL(pack_job);
 
 /* One unit = (image, channel word, chunk of pixels): OR the sign bits of up to 64 channel
  * planes into a flat word buffer, four planes per pass (fewer buffer loads and stores), then
- * scatter the words to their NHWC places. bit = x < 0, the packed format's sign bit: -0.0 and
+ * scatter the words to their NHWC (or planar) places. bit = x < 0, the packed format's sign bit: -0.0 and
  * NaN give 0 like the Python reference. */
 static void BF_LOCAL(pack_unit)(void *ctx, int64_t unit) {
     const BF_LOCAL(pack_job) *job = ctx;
@@ -73,6 +74,18 @@ static void BF_LOCAL(pack_unit)(void *ctx, int64_t unit) {
         for (int64_t i = 0; i < len; i++) acc[i] |= (uint64_t)(s[i] < 0.0f) << b;
     }
     int64_t y = p0 / job->width, xx = p0 % job->width;
+    if (job->planar) {
+        uint64_t *plane_out = job->out + (img * job->cin_words + word) * job->padded_h * job->padded_w;
+        for (int64_t i = 0; i < len;) {
+            const int64_t run = (job->width - xx < len - i) ? job->width - xx : len - i;
+            memcpy(plane_out + (y + job->pad_top) * job->padded_w + xx + job->pad_left, acc + i,
+                   sizeof(uint64_t) * (size_t)run);
+            i += run;
+            xx = 0;
+            y++;
+        }
+        return;
+    }
     for (int64_t i = 0; i < len; i++) {
         job->out[((img * job->padded_h + y + job->pad_top) * job->padded_w + xx + job->pad_left) *
                      job->cin_words +
@@ -84,18 +97,35 @@ static void BF_LOCAL(pack_unit)(void *ctx, int64_t unit) {
     }
 }
 
-static void BF_LOCAL(pack)(int threads, const float *x, int64_t n, int64_t channels,
-                           int64_t height, int64_t width, int64_t pad_top, int64_t pad_left,
-                           int64_t padded_h, int64_t padded_w, uint64_t *out) {
+static void BF_LOCAL(pack_layout)(int threads, const float *x, int64_t n, int64_t channels,
+                                  int64_t height, int64_t width, int64_t pad_top,
+                                  int64_t pad_left, int64_t padded_h, int64_t padded_w,
+                                  int planar, uint64_t *out) {
     const int64_t cin_words = (channels + 63) / 64;
     const int64_t plane = height * width;
-    BF_LOCAL(pack_job) job = {x,        channels, height,    width,
-                              pad_top,  pad_left, padded_h,  padded_w,
-                              cin_words, (plane + BF_PACK_CHUNK - 1) / BF_PACK_CHUNK, out};
+    BF_LOCAL(pack_job) job = {x,
+                              channels,
+                              height,
+                              width,
+                              pad_top,
+                              pad_left,
+                              padded_h,
+                              padded_w,
+                              cin_words,
+                              (plane + BF_PACK_CHUNK - 1) / BF_PACK_CHUNK,
+                              planar,
+                              out};
     /* the border stays 0 (= +1): clear everything, the units overwrite the interior */
     memset(out, 0, sizeof(uint64_t) * (size_t)(n * padded_h * padded_w * cin_words));
     if (plane == 0) return;
     bf_parallel_for(threads, n * cin_words * job.n_chunks, BF_LOCAL(pack_unit), &job);
+}
+
+static void BF_LOCAL(pack)(int threads, const float *x, int64_t n, int64_t channels,
+                           int64_t height, int64_t width, int64_t pad_top, int64_t pad_left,
+                           int64_t padded_h, int64_t padded_w, uint64_t *out) {
+    BF_LOCAL(pack_layout)(threads, x, n, channels, height, width, pad_top, pad_left, padded_h,
+                          padded_w, 0, out);
 }
 
 /* ------------------------------------------------------------------------- convolution */
@@ -108,6 +138,12 @@ typedef struct {
     int64_t padded_h, padded_w, out_h, out_w, k_bits, n_words;
     const int64_t *word_offsets;
 } BF_LOCAL(conv_job);
+
+#ifdef BF_PLANAR
+/* A set may bring a second convolution over the planar layout (see its isa_*.c): called per
+ * (image, output row, block) unit like conv_unit, used where bf_planar_suits says so. */
+static void BF_LOCAL(planar_unit)(void *ctx, int64_t unit);
+#endif
 
 #ifndef BF_STORE_TILE
 /* Transpose a pixel-major tile (tile[i * 64 + j], i < seg_len pixels) into n_out channel rows
@@ -180,7 +216,13 @@ static int BF_LOCAL(conv2d)(const bf_conv *conv, int threads, const float *x, in
     if (out_h < 1 || out_w < 1) return BF_ERR_ARG;
     const int64_t cw = conv->cin_words;
     const int64_t n_taps = conv->kernel_h * conv->kernel_w;
-    const size_t packed_words = (size_t)(n * padded_h * padded_w * cw);
+#ifdef BF_PLANAR
+    const int planar = bf_planar_suits(conv, out_w);
+#else
+    const int planar = 0;
+#endif
+    /* the planar kernel reads whole vectors of pixels past a row's end: room for the last */
+    const size_t packed_words = (size_t)(n * padded_h * padded_w * cw) + (planar ? 64 : 0);
     /* 64-byte aligned, rounded up to whole lines as aligned_alloc requires */
     const size_t packed_bytes = (packed_words * sizeof(uint64_t) + 63) & ~(size_t)63;
     uint64_t *packed = aligned_alloc(64, packed_bytes ? packed_bytes : 64);
@@ -192,14 +234,22 @@ static int BF_LOCAL(conv2d)(const bf_conv *conv, int threads, const float *x, in
     }
     for (int64_t ky = 0; ky < conv->kernel_h; ky++)
         for (int64_t kx = 0; kx < conv->kernel_w; kx++)
-            for (int64_t c = 0; c < cw; c++)
+            for (int64_t c = 0; c < cw; c++) {
+                const int64_t tap = ky * conv->dilation_h * padded_w + kx * conv->dilation_w;
                 words[(ky * conv->kernel_w + kx) * cw + c] =
-                    (ky * conv->dilation_h * padded_w + kx * conv->dilation_w) * cw + c;
-    BF_LOCAL(pack)(threads, x, n, conv->in_channels, height, width, conv->pad_top,
-                   conv->pad_left, padded_h, padded_w, packed);
+                    planar ? c * padded_h * padded_w + tap : tap * cw + c;
+            }
+    if (planar) memset(packed + packed_words - 64, 0, 64 * sizeof(uint64_t));
+    BF_LOCAL(pack_layout)(threads, x, n, conv->in_channels, height, width, conv->pad_top,
+                          conv->pad_left, padded_h, padded_w, planar, packed);
     BF_LOCAL(conv_job) job = {conv,  packed, residual, out, padded_h, padded_w, out_h, out_w,
                               conv->in_channels * n_taps,   n_taps * cw,    words};
-    bf_parallel_for(threads, n * out_h * conv->n_blocks, BF_LOCAL(conv_unit), &job);
+#ifdef BF_PLANAR
+    if (planar) {
+        bf_parallel_for(threads, n * out_h * conv->n_blocks, BF_LOCAL(planar_unit), &job);
+    } else
+#endif
+        bf_parallel_for(threads, n * out_h * conv->n_blocks, BF_LOCAL(conv_unit), &job);
     free(packed);
     free(words);
     return 0;

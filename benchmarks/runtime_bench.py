@@ -5,7 +5,9 @@ them) is exported as the fast ``onnx`` flavour, the ``onnx-portable`` flavour an
 the same network (quantizers off). Latency: ``predict`` at batch 1, interleaved, median of
 ``--repeats`` after warm-up, for each thread count. Memory: for each flavour, a fresh Python
 process imports the runtime, loads the artifact, runs one ``predict`` and reports its resident
-set (VmRSS) and peak (VmHWM); the baseline row is the same process before loading anything.
+set (VmRSS) and peak (VmHWM), whether torch was loaded, and the instruction set the native
+kernels run (``kernels_isa``: avx512, avx2, neon_dotprod, neon, scalar, or numpy without the
+library); the baseline row is the same process before loading anything.
 
     python benchmarks/runtime_bench.py --threads 1 2 --repeats 50
 """
@@ -36,8 +38,9 @@ if path != '-':
     p = runtime.load(path, threads=1)
     p.predict(np.zeros((1, *p.input_shape), np.float32))
 after = rss()
+from exporters import kernels
 print(json.dumps({'before_mb': before['VmRSS'], 'rss_mb': after['VmRSS'], 'peak_mb': after['VmHWM'],
-                  'torch_loaded': 'torch' in sys.modules, 'numba_loaded': 'numba' in sys.modules}))
+                  'torch_loaded': 'torch' in sys.modules, 'kernels_isa': kernels.backend()}))
 """
 
 

@@ -2,8 +2,9 @@
 
 The test builds a fresh virtual environment, installs bitfleet into it with no extras (from a
 copy of this source tree, as `pip install bitfleet` would on a Raspberry Pi), and checks that
-torch, numba and scikit-learn are absent, that `bitfleet-agent run` serves an artifact over a
-real Mosquitto and answers inference, and that commands needing an extra say which one.
+torch, numba and scikit-learn are absent, that the native kernels were built, that
+`bitfleet-agent run` serves an artifact over a real Mosquitto and answers inference, and that
+commands needing an extra say which one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from toolkit.fleet import FleetClient
 ROOT = Path(__file__).resolve().parents[1]
 FLEET = "base"
 IGNORED = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    "*.so",
 )
 
 
@@ -119,6 +129,8 @@ def test_base_install_has_no_torch_and_the_agent_serves(base_venv, mosquitto, tm
             assert np.asarray(reply["result"]["logits"]).shape == (2, 10)
             telemetry = fleet.command("pi-base", "status", timeout=30)["result"]["telemetry"]
             assert telemetry["torch_loaded"] is False
+            # the install compiled the native kernels (gcc is here): the device reports its set
+            assert telemetry["kernels_isa"] not in ("numpy", None), telemetry
             # learning needs the `learn` extra: an error reply naming it, and serving goes on
             learn = fleet.command("pi-base", "learn.start", timeout=30)
             assert not learn["ok"] and "pip install 'bitfleet[learn]'" in learn["error"], learn

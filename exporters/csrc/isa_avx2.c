@@ -24,25 +24,23 @@ static void bf_micro(int npx, const uint64_t *x, const int64_t *pixel_offsets,
             int pending = 0;
             const uint64_t *xp = x + pixel_offsets[p];
             for (int64_t i = 0; i < n_words; i++) {
-                {
-                    const __m256i a = _mm256_set1_epi64x((long long)xp[word_offsets[i]]);
-                    const uint64_t *wr = w + i * 64 + half * 32;
+                const __m256i a = _mm256_set1_epi64x((long long)xp[word_offsets[i]]);
+                const uint64_t *wr = w + i * 64 + half * 32;
+                for (int k = 0; k < 8; k++) {
+                    const __m256i v = _mm256_xor_si256(
+                        a, _mm256_loadu_si256((const __m256i *)(wr + 4 * k)));
+                    const __m256i lo = _mm256_and_si256(v, low_nibbles);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
+                    bytes[k] = _mm256_add_epi8(
+                        bytes[k], _mm256_add_epi8(_mm256_shuffle_epi8(table, lo),
+                                                  _mm256_shuffle_epi8(table, hi)));
+                }
+                if (++pending == 31) { /* 31 * 8 = 248: one more step could wrap a byte */
                     for (int k = 0; k < 8; k++) {
-                        const __m256i v = _mm256_xor_si256(
-                            a, _mm256_loadu_si256((const __m256i *)(wr + 4 * k)));
-                        const __m256i lo = _mm256_and_si256(v, low_nibbles);
-                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
-                        bytes[k] = _mm256_add_epi8(
-                            bytes[k], _mm256_add_epi8(_mm256_shuffle_epi8(table, lo),
-                                                      _mm256_shuffle_epi8(table, hi)));
+                        wide[k] = _mm256_add_epi64(wide[k], _mm256_sad_epu8(bytes[k], zero));
+                        bytes[k] = zero;
                     }
-                    if (++pending == 31) { /* 31 * 8 = 248: one more step could wrap a byte */
-                        for (int k = 0; k < 8; k++) {
-                            wide[k] = _mm256_add_epi64(wide[k], _mm256_sad_epu8(bytes[k], zero));
-                            bytes[k] = zero;
-                        }
-                        pending = 0;
-                    }
+                    pending = 0;
                 }
             }
             for (int k = 0; k < 8; k++) {

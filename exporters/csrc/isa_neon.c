@@ -35,28 +35,26 @@ static void bf_micro(int npx, const uint64_t *x, const int64_t *pixel_offsets,
 #endif
             const uint64_t *xp = x + pixel_offsets[p];
             for (int64_t i = 0; i < n_words; i++) {
-                {
-                    const uint64x2_t a = vdupq_n_u64(xp[word_offsets[i]]);
-                    const uint64_t *wr = w + i * 64 + quarter * 16;
-                    for (int k = 0; k < 8; k++) {
-                        const uint8x16_t bits =
-                            vcntq_u8(vreinterpretq_u8_u64(veorq_u64(a, vld1q_u64(wr + 2 * k))));
+                const uint64x2_t a = vdupq_n_u64(xp[word_offsets[i]]);
+                const uint64_t *wr = w + i * 64 + quarter * 16;
+                for (int k = 0; k < 8; k++) {
+                    const uint8x16_t bits =
+                        vcntq_u8(vreinterpretq_u8_u64(veorq_u64(a, vld1q_u64(wr + 2 * k))));
 #ifdef BF_DOTPROD
-                        sums[k] = vdotq_u32(sums[k], bits, ones);
+                    sums[k] = vdotq_u32(sums[k], bits, ones);
 #else
-                        pairs[k] = vpadalq_u8(pairs[k], bits);
-#endif
-                    }
-#ifndef BF_DOTPROD
-                    if (++pending == 4000) { /* 16-bit lanes gain <= 16 a step: widen in time */
-                        for (int k = 0; k < 8; k++) {
-                            sums[k] = vpadalq_u16(sums[k], pairs[k]);
-                            pairs[k] = vdupq_n_u16(0);
-                        }
-                        pending = 0;
-                    }
+                    pairs[k] = vpadalq_u8(pairs[k], bits);
 #endif
                 }
+#ifndef BF_DOTPROD
+                if (++pending == 4000) { /* 16-bit lanes gain <= 16 a step: widen in time */
+                    for (int k = 0; k < 8; k++) {
+                        sums[k] = vpadalq_u16(sums[k], pairs[k]);
+                        pairs[k] = vdupq_n_u16(0);
+                    }
+                    pending = 0;
+                }
+#endif
             }
             for (int k = 0; k < 8; k++) {
 #ifndef BF_DOTPROD

@@ -20,6 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["NativeLibrary", "NativeError", "library", "ISA_NAMES", "BfConv"]
 
@@ -105,11 +106,13 @@ class NativeLibrary:
             raise NativeError(f"native {what} failed ({self.isa}): {reason}")
 
     @property
-    def conv2d(self) -> ctypes._CFuncPtr:  # noqa: D401 - a function, not a value
+    def conv2d(self) -> Any:
+        """``bf_conv2d`` (a ctypes function: arguments as declared in :func:`_declare`)."""
         return self._lib.bf_conv2d
 
     @property
-    def pack(self) -> ctypes._CFuncPtr:
+    def pack(self) -> Any:
+        """``bf_pack`` (a ctypes function)."""
         return self._lib.bf_pack
 
 

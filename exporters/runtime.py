@@ -13,8 +13,9 @@ onnxruntime-extensions alone adds ~250 MB of resident memory on this class of ma
 than a Raspberry Pi can spare, and its Python custom ops cost ~20 us a call anyway. After
 folding, a Bi-Real-18 has only a handful of float islands (stem, downsampling shortcuts, head),
 so the split costs a few session calls per inference, and the device pays only for numpy,
-onnx (to read and cut the graph), onnxruntime and a 100 KB kernel library; nothing is compiled
-at run time.
+onnxruntime and a 100 KB kernel library: the graph is read and cut by
+:mod:`exporters.onnx_proto` (not the 16 MB ``onnx`` package), and nothing is compiled at run
+time.
 
 Nothing here imports torch: a device that only serves a model never loads it.
 """
@@ -31,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bitfleet.errors import require
-
+from . import onnx_proto
 from .artifact import ArtifactError, open_artifact
 from .conventions import BINARY_CONV_OP, CUSTOM_DOMAIN, CUSTOM_OPS, FORMAT_PORTABLE, from_onnx_pads
 
@@ -142,14 +142,16 @@ class FastPredictor(Predictor):
 
     def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
         super().__init__(root, manifest, threads)
-        # the fast flavour's parts come with the `fast` extra; a serving-only device may lack them
-        onnx = require("onnx", "fast", f"the fast {manifest['format']!r} flavour of {root}")
-
-        model = onnx.load(str(root / manifest["model_file"]))
+        try:
+            model = onnx_proto.read_model((root / manifest["model_file"]).read_bytes())
+        except onnx_proto.ProtoError as err:
+            raise RuntimeLoadError(
+                f"{root} holds a model this runtime cannot read: {err}"
+            ) from None
         unknown = sorted(
             {
                 f"{n.domain}.{n.op_type}"
-                for n in model.graph.node
+                for n in model.nodes
                 if n.domain not in ("", "ai.onnx")
                 and (n.domain != CUSTOM_DOMAIN or n.op_type not in CUSTOM_OPS)
             }
@@ -165,8 +167,8 @@ class FastPredictor(Predictor):
         self._kernels = kernels
         self.kernels_isa = kernels.backend()
         self._steps = _plan(model, threads, kernels)
-        self._input = model.graph.input[0].name
-        self._output = model.graph.output[0].name
+        self._input = model.inputs[0]
+        self._output = model.outputs[0]
         self.layer_times: dict[str, float] = {}
 
     def _run(self, x: np.ndarray, profile: bool = False) -> np.ndarray:
@@ -195,21 +197,18 @@ class FastPredictor(Predictor):
         return [(s.kind, s.name) for s in self._steps]
 
 
-def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _kernel_step(
-    node: Any, inits: dict[str, np.ndarray], threads: int | None, kernels: Any
+    node: onnx_proto.Node,
+    inits: dict[str, onnx_proto.Initializer],
+    threads: int | None,
+    kernels: Any,
 ) -> _Step:
-    attrs = _attrs(node)
+    attrs = node.attributes
     try:
-        packed, multiplier, bias = (inits[name] for name in node.input[1:4])
+        packed, multiplier, bias = (inits[name].array() for name in node.inputs[1:4])
     except KeyError as err:
         raise RuntimeLoadError(
-            f"binary node {node.name or node.output[0]} reads {err} which is not an initializer"
+            f"binary node {node.name or node.outputs[0]} reads {err} which is not an initializer"
         ) from None
     if node.op_type == BINARY_CONV_OP:
         prepared = kernels.prepare_conv_weight(
@@ -222,15 +221,15 @@ def _kernel_step(
             multiplier=multiplier,
             bias=bias,
         )
-        has_residual = len(node.input) > 4 and node.input[4] != ""
+        has_residual = len(node.inputs) > 4 and node.inputs[4] != ""
 
         def run_conv(args: list[np.ndarray]) -> list[np.ndarray]:
             # the kernel broadcasts the residual to its output shape, as ONNX Add would
             residual = args[1] if has_residual else None
             return [prepared(args[0], residual, threads=threads)]
 
-        inputs = [node.input[0]] + ([node.input[4]] if has_residual else [])
-        return _Step(inputs, [node.output[0]], run_conv, "binary", node.output[0])
+        inputs = [node.inputs[0]] + ([node.inputs[4]] if has_residual else [])
+        return _Step(inputs, [node.outputs[0]], run_conv, "binary", node.outputs[0])
     prepared_dense = kernels.prepare_linear_weight(
         packed, in_features=int(attrs["in_features"]), multiplier=multiplier, bias=bias
     )
@@ -239,55 +238,54 @@ def _kernel_step(
         x = args[0].reshape(args[0].shape[0], -1)
         return [prepared_dense(x, threads=threads)]
 
-    return _Step([node.input[0]], [node.output[0]], run_dense, "binary", node.output[0])
+    return _Step([node.inputs[0]], [node.outputs[0]], run_dense, "binary", node.outputs[0])
+
+
+_ELEM_TYPES = {
+    "tensor(float)": 1,
+    "tensor(uint8)": 2,
+    "tensor(int8)": 3,
+    "tensor(int32)": 6,
+    "tensor(int64)": 7,
+    "tensor(bool)": 9,
+    "tensor(float16)": 10,
+    "tensor(double)": 11,
+}
+"""ONNX Runtime's type strings as TensorProto element types (segment boundaries)."""
 
 
 def _segment_step(
-    model: Any, nodes: list[Any], needed_later: set[str], known: dict[str, int]
+    model: onnx_proto.Model,
+    nodes: list[onnx_proto.Node],
+    needed_later: set[str],
+    known: dict[str, int],
 ) -> _Step:
-    """An ORT session over ``nodes`` (standard ops), with typed boundary tensors."""
-    import onnx
-    from onnx import helper
-
-    graph = model.graph
-    produced = {out for node in nodes for out in node.output}
-    init_names = {init.name for init in graph.initializer}
-    consumed = [name for node in nodes for name in node.input if name]
-    inputs = list(dict.fromkeys(n for n in consumed if n not in produced and n not in init_names))
+    """An ORT session over ``nodes`` (standard ops); records its outputs' element types."""
+    produced = {out for node in nodes for out in node.outputs}
+    consumed = [name for node in nodes for name in node.inputs if name]
+    inputs = list(
+        dict.fromkeys(n for n in consumed if n not in produced and n not in model.initializers)
+    )
     outputs = [name for name in dict.fromkeys(produced) if name in needed_later]
-    used_inits = [init for init in graph.initializer if init.name in set(consumed)]
-    sub = helper.make_graph(
+    sub_model = onnx_proto.segment_model(
+        model,
         nodes,
-        f"segment_{nodes[0].name or nodes[0].output[0]}",
-        [
-            helper.make_tensor_value_info(n, known.get(n, onnx.TensorProto.FLOAT), None)
-            for n in inputs
-        ],
-        [helper.make_empty_tensor_value_info(n) for n in outputs],
-        initializer=used_inits,
+        [(n, known.get(n, onnx_proto.ELEM_FLOAT)) for n in inputs],
+        outputs,
+        f"segment_{nodes[0].name or nodes[0].outputs[0]}",
     )
-    sub_model = helper.make_model(
-        sub, opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")]
-    )
-    sub_model.ir_version = model.ir_version
-    inferred = onnx.shape_inference.infer_shapes(sub_model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
-    types.update(
-        {
-            vi.name: vi.type.tensor_type.elem_type
-            for vi in inferred.graph.output
-            if vi.type.tensor_type.elem_type
-        }
-    )
-    del sub_model.graph.output[:]
-    for name in outputs:
-        elem = types.get(name, onnx.TensorProto.FLOAT)
-        known[name] = elem
-        sub_model.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     # One thread per segment: the binary kernels get the cores. Measured on Bi-Real-18 at
     # 224x224 with 2 threads (numba kernels then): 5.2 ms with single-threaded segments, 8-9 ms
     # when ORT's pool and the kernels' spinning workers took turns on two cores.
-    session = _session(sub_model.SerializeToString(), 1, spinning=False)
+    try:
+        session = _session(sub_model, 1, spinning=False)
+    except Exception as err:  # noqa: BLE001 - ORT raises many types; all mean "cannot load"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeLoadError(
+            f"ONNX Runtime cannot load a segment of the model: {first}"
+        ) from None
+    for output in session.get_outputs():
+        known[output.name] = _ELEM_TYPES.get(output.type, onnx_proto.ELEM_FLOAT)
 
     def run(args: list[np.ndarray]) -> list[np.ndarray]:
         return session.run(outputs, dict(zip(inputs, args, strict=True)))
@@ -296,30 +294,26 @@ def _segment_step(
     return _Step(inputs, outputs, run, "ort", label)
 
 
-def _plan(model: Any, threads: int | None, kernels: Any) -> list[_Step]:
+def _plan(model: onnx_proto.Model, threads: int | None, kernels: Any) -> list[_Step]:
     """Cut the graph into ORT segments and kernel steps, in topological order."""
-    from onnx import numpy_helper
-
-    graph = model.graph
-    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    nodes = list(graph.node)
+    nodes = list(model.nodes)
     is_custom = [n.domain == CUSTOM_DOMAIN for n in nodes]
     # which tensors each position still needs later (for segment outputs and freeing memory)
-    final = {o.name for o in graph.output}
-    groups: list[tuple[bool, list[Any]]] = []
+    final = set(model.outputs)
+    groups: list[tuple[bool, list[onnx_proto.Node]]] = []
     for node, custom in zip(nodes, is_custom, strict=True):
         if custom or not groups or groups[-1][0]:
             groups.append((custom, [node]))
         else:
             groups[-1][1].append(node)
-    known: dict[str, int] = {graph.input[0].name: 1}
+    known: dict[str, int] = {model.inputs[0]: onnx_proto.ELEM_FLOAT}
     steps: list[_Step] = []
     for index, (custom, group) in enumerate(groups):
         later = set(final)
         for _, rest in groups[index + 1 :]:
-            later.update(name for node in rest for name in node.input)
+            later.update(name for node in rest for name in node.inputs)
         if custom:
-            steps.append(_kernel_step(group[0], inits, threads, kernels))
+            steps.append(_kernel_step(group[0], model.initializers, threads, kernels))
         else:
             steps.append(_segment_step(model, group, later, known))
     # free each intermediate after its last reader

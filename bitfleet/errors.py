@@ -46,7 +46,7 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
 #: The extra that brings each optional top-level module (the laptop's view: torch comes with
 #: ``train``; a device that learns installs the smaller ``learn``).
 EXTRAS: Mapping[str, str] = {
-    "onnx": "fast",
+    "onnx": "train",
     "torch": "train",
     "yaml": "train",
     "sklearn": "train",

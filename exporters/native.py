@@ -18,6 +18,7 @@ import ctypes
 import importlib.machinery
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 _loaded: NativeLibrary | None = None
 _tried = False
+_lock = threading.Lock()  # the agent's threads may ask at once: load (and warn) only once
 
 
 def _load(path: Path) -> NativeLibrary:
@@ -171,7 +173,11 @@ def library() -> NativeLibrary | None:
     ``BITFLEET_ISA``) raises :class:`NativeError`: that is a broken install, not a choice.
     """
     global _loaded, _tried
-    if not _tried:
+    if _tried:
+        return _loaded
+    with _lock:
+        if _tried:
+            return _loaded
         path = _library_path()
         if path is not None and not path.is_file():
             raise NativeError(f"BITFLEET_NATIVE_LIB={path} does not exist")
@@ -183,4 +189,4 @@ def library() -> NativeLibrary | None:
                 "binary layers run in numpy, several times slower; install a C compiler "
                 "(gcc) and reinstall bitfleet to build them"
             )
-    return _loaded
+        return _loaded

@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import subprocess
 import sys
@@ -9,41 +10,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_reference import reference_conv
 
 from exporters import kernels, native
 from exporters.conventions import sign
 from exporters.packing import pack_bits, pack_conv_weight, pack_linear_weight
-
-
-def reference_conv(x, w, stride, padding, dilation, multiplier=None, bias=None, residual=None):
-    """Float conv of sign(x) (padded with +1) and sign(w), by explicit taps, in float64.
-
-    ``padding`` is (left, right, top, bottom), bitfleet's (and ``F.pad``'s) order.
-    """
-    (sh, sw), (left, right, top, bottom), (dh, dw) = stride, padding, dilation
-    xs = np.pad(sign(x), ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=1)
-    ws = sign(w)
-    cout, _, kh, kw = w.shape
-    out_h = (xs.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    out_w = (xs.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    out = np.zeros((x.shape[0], cout, out_h, out_w))
-    for ky in range(kh):
-        for kx in range(kw):
-            patch = xs[
-                :,
-                :,
-                ky * dh : ky * dh + sh * (out_h - 1) + 1 : sh,
-                kx * dw : kx * dw + sw * (out_w - 1) + 1 : sw,
-            ]
-            out += np.einsum("oc,nchw->nohw", ws[:, :, ky, kx], patch)
-    if multiplier is not None:
-        out = out * multiplier[None, :, None, None]
-    if bias is not None:
-        out = out + bias[None, :, None, None]
-    if residual is not None:
-        out = out + residual
-    return out
-
 
 LIBRARY = native.library()
 ISAS = [*(LIBRARY.supported if LIBRARY else ()), kernels.NUMPY_BACKEND]
@@ -144,8 +115,7 @@ def test_conv_epilogue_with_residual(case, isa):
         x, w, (stride,) * 2, as4(padding), (dilation,) * 2, multiplier, bias
     )
     residual = rng.standard_normal(want_plain.shape).astype(np.float32)
-    got = kernels.binary_conv2d(
-        x,
+    prepared = kernels.prepare_conv_weight(
         pack_conv_weight(w),
         in_channels=cin,
         kernel_size=k,
@@ -154,25 +124,11 @@ def test_conv_epilogue_with_residual(case, isa):
         dilation=dilation,
         multiplier=multiplier,
         bias=bias,
-        residual=residual,
-        isa=isa,
     )
+    got = prepared(x, residual, isa=isa)
     np.testing.assert_allclose(got, want_plain + residual, rtol=1e-5, atol=1e-4)
-    if isa != ISAS[0]:  # every set computes the same float operations in the same order
-        same = kernels.binary_conv2d(
-            x,
-            pack_conv_weight(w),
-            in_channels=cin,
-            kernel_size=k,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            multiplier=multiplier,
-            bias=bias,
-            residual=residual,
-            isa=ISAS[0],
-        )
-        np.testing.assert_array_equal(got, same)
+    # every set computes the same float operations in the same order: the same bits
+    np.testing.assert_array_equal(got, prepared(x, residual, isa=ISAS[0]))
 
 
 def test_residual_broadcasts_like_onnx_add():
@@ -370,3 +326,16 @@ def test_accepts_float64_and_non_contiguous_input():
     prepared = kernels.prepare_conv_weight(pack_conv_weight(w), in_channels=9, kernel_size=3)
     strided = np.asfortranarray(x.astype(np.float64))
     np.testing.assert_array_equal(prepared(strided), prepared(x))
+
+
+def test_a_broken_library_setting_is_one_clear_error(tmp_path):
+    code = "import exporters.kernels as k; k.backend()"
+    for value, message in [
+        (str(tmp_path / "none.so"), "BITFLEET_NATIVE_LIB=.*does not exist"),
+        (__file__, "cannot load the native kernels"),  # not a shared library
+    ]:
+        env = {**os.environ, "BITFLEET_NATIVE_LIB": value}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert run.returncode != 0
+
+        assert re.search(message, run.stderr.strip().splitlines()[-1]), run.stderr

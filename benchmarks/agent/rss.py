@@ -1,10 +1,11 @@
 """Memory of the serving daemon (part ``rss``).
 
-Import-only baselines (python, numpy, onnxruntime, paho, onnx, the native kernels, the agent
-module), RSS after each step of the daemon's start-up (both in fresh interpreters,
-:mod:`.probes`; the fast flavour's steps, with onnx, the native library and the ORT segment
-sessions, by :func:`fast_stages`), then ``python -m edge_agent.cli run`` (which execs
-``python -m edge_agent.daemon``, leaving typer behind) as a subprocess serving (a) LeNet-5
+Import-only baselines (python, numpy, onnxruntime, paho, onnx for comparison, the native
+kernels, the agent module), RSS after each step of the daemon's start-up (both in fresh
+interpreters, :mod:`.probes`; the fast flavour's steps, with the native library, bitfleet's
+ONNX reader and the ORT segment sessions, by :func:`fast_stages`), then
+``python -m edge_agent.cli run`` (which execs ``python -m edge_agent.daemon``, leaving typer
+behind) as a subprocess serving (a) LeNet-5
 digits in the ``onnx-portable`` flavour (also with ``MALLOC_ARENA_MAX=2``) and the fast
 ``onnx`` flavour, (b) Bi-Real-18 width 0.125 (ImageNet stem, 1x32x32) in the portable and the
 fast flavour and, unless ``--no-full-width``, (c) full-width Bi-Real-18 at 3x224x224 in the
@@ -44,7 +45,12 @@ IMPORT_PROBES: dict[str, list[str]] = {
     "numpy": ["numpy"],
     "numpy + onnxruntime + paho": ["numpy", "onnxruntime", "paho.mqtt.client"],
     "numpy + onnxruntime + paho + psutil": ["numpy", "onnxruntime", "paho.mqtt.client", "psutil"],
-    "numpy + onnxruntime + paho + onnx": ["numpy", "onnxruntime", "paho.mqtt.client", "onnx"],
+    "numpy + onnxruntime + paho + onnx (which the device no longer loads)": [
+        "numpy",
+        "onnxruntime",
+        "paho.mqtt.client",
+        "onnx",
+    ],
     "edge_agent.daemon + edge_agent.agent (what the daemon imports)": [
         "edge_agent.daemon",
         "edge_agent.agent",
@@ -78,25 +84,23 @@ def rss(label, **extra):
 artifact = sys.argv[1]
 rss('python, nothing imported')
 if artifact == '-':
-    import numpy, onnxruntime, paho.mqtt.client, onnx
+    import numpy, onnxruntime, paho.mqtt.client
     from exporters import kernels
     isa = kernels.backend()  # loads the native library
-    rss('numpy + onnxruntime + paho + onnx + exporters.kernels (native library)', kernels_isa=isa)
+    rss('numpy + onnxruntime + paho + exporters.kernels (native library)', kernels_isa=isa)
 else:
     import edge_agent.daemon, edge_agent.agent
     rss('+ edge_agent.daemon + edge_agent.agent (numpy, paho, protocol)')
     import onnxruntime
     rss('+ onnxruntime')
-    import onnx
-    rss('+ onnx (the fast runtime reads and splits the graph with it)')
     from exporters import kernels
     isa = kernels.backend()
     rss('+ exporters.kernels, native library loaded', kernels_isa=isa)
     import glob
-    model = onnx.load(glob.glob(artifact + '/*.onnx')[0])
-    onnx.shape_inference.infer_shapes(model)
+    from exporters import onnx_proto
+    model = onnx_proto.read_model(open(glob.glob(artifact + '/*.onnx')[0], 'rb').read())
     del model
-    rss('+ onnx.load + onnx.shape_inference (first use; runtime.load runs it per segment)')
+    rss('+ exporters.onnx_proto reads the graph (no onnx package)')
     import numpy as np
     from exporters import runtime
     predictor = runtime.load(artifact, threads=1)
@@ -104,7 +108,7 @@ else:
     rss('+ runtime.load (ORT segment sessions + prepared binary weights)',
         ort_sessions=kinds.count('ort'), binary_steps=kinds.count('binary'))
     predictor.predict(np.zeros((2, *predictor.input_shape), np.float32))
-    rss('+ health-check predict (batch 2)')
+    rss('+ health-check predict (batch 2)', onnx_loaded='onnx' in sys.modules)
 for row in rows[1:]:
     print(json.dumps(row), flush=True)
 """

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import onnx_proto
+from . import numpy_ops, onnx_proto
 from .artifact import ArtifactError, open_artifact
 from .conventions import BINARY_CONV_OP, CUSTOM_DOMAIN, CUSTOM_OPS, FORMAT_PORTABLE, from_onnx_pads
 
@@ -140,7 +140,13 @@ class _Step:
 class FastPredictor(Predictor):
     """The ``onnx`` flavour: ORT sessions for standard ops, native kernels for binary nodes."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict[str, Any],
+        threads: int | None,
+        float_ops: str = "auto",
+    ) -> None:
         super().__init__(root, manifest, threads)
         try:
             model = onnx_proto.read_model((root / manifest["model_file"]).read_bytes())
@@ -166,10 +172,19 @@ class FastPredictor(Predictor):
 
         self._kernels = kernels
         self.kernels_isa = kernels.backend()
-        self._steps = _plan(model, threads, kernels)
         self._input = model.inputs[0]
         self._output = model.outputs[0]
         self.layer_times: dict[str, float] = {}
+        self.float_ops = _float_ops_choice(model, float_ops, root)
+        self._steps = _plan(model, threads, kernels, numpy_floats=self.float_ops == "numpy")
+        if float_ops == "auto" and self.float_ops == "numpy":
+            # a dry run on one zero image measures the float work; above the limit ORT is
+            # worth its memory (and an artifact with no binary node gains nothing here)
+            self._run(np.zeros((1, *self.input_shape), np.float32))
+            work = sum(getattr(step.run, "macs", 0) or 0 for step in self._steps)
+            if work > NUMPY_FLOAT_MACS:
+                self.float_ops = "onnxruntime"
+                self._steps = _plan(model, threads, kernels, numpy_floats=False)
 
     def _run(self, x: np.ndarray, profile: bool = False) -> np.ndarray:
         values: dict[str, np.ndarray] = {self._input: x}
@@ -294,8 +309,91 @@ def _segment_step(
     return _Step(inputs, outputs, run, "ort", label)
 
 
-def _plan(model: onnx_proto.Model, threads: int | None, kernels: Any) -> list[_Step]:
-    """Cut the graph into ORT segments and kernel steps, in topological order."""
+FLOAT_OPS = ("auto", "numpy", "onnxruntime")
+
+NUMPY_FLOAT_MACS = 4_000_000
+"""Float work per image up to which ``auto`` keeps a fast artifact's float nodes in numpy.
+
+Measured on the 2-core x86 machine of BENCHMARKS.md: LeNet-5 (0.4 M MACs) and Bi-Real-18
+at width 0.125 on 32x32 inputs run as fast in numpy as in ORT; the full-width Bi-Real-18's
+224x224 stem (118 M) is several times slower in numpy.
+"""
+
+
+def _float_ops_choice(model: onnx_proto.Model, wanted: str, root: Path) -> str:
+    """``numpy`` or ``onnxruntime`` for ``wanted``; refuses ``numpy`` for nodes it lacks."""
+    if wanted == "onnxruntime":
+        return wanted
+    missing = sorted(
+        {n.op_type for n in model.nodes if n.domain != CUSTOM_DOMAIN and not numpy_ops.supported(n)}
+    )
+    if not missing:
+        return "numpy"
+    if wanted == "numpy":
+        raise RuntimeLoadError(
+            f"{root} has float nodes the numpy path does not evaluate ({', '.join(missing)}); "
+            "load it with float_ops='onnxruntime' (or 'auto')"
+        )
+    return "onnxruntime"
+
+
+class _NumpySegment:
+    """A run of standard nodes evaluated by :mod:`exporters.numpy_ops` (no ORT session).
+
+    ``macs`` holds the multiply-accumulates of the first call (the load's dry run).
+    """
+
+    def __init__(
+        self,
+        model: onnx_proto.Model,
+        nodes: list[onnx_proto.Node],
+        inputs: list[str],
+        outputs: list[str],
+    ) -> None:
+        self.nodes = nodes
+        self.inputs = inputs
+        self.outputs = outputs
+        used = {name for node in nodes for name in node.inputs}
+        self.constants = {
+            name: init.array() for name, init in model.initializers.items() if name in used
+        }
+        self.macs: int | None = None
+
+    def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
+        values: dict[str, Any] = {**self.constants, **dict(zip(self.inputs, args, strict=True))}
+        counting, total = self.macs is None, 0
+        for node in self.nodes:
+            ins = [values[name] if name else None for name in node.inputs]
+            out = numpy_ops.run(node, ins)
+            if counting:
+                total += numpy_ops.macs(node, ins, out)
+            values[node.outputs[0]] = out
+        if counting:
+            self.macs = total
+        return [values[name] for name in self.outputs]
+
+
+def _numpy_step(
+    model: onnx_proto.Model, nodes: list[onnx_proto.Node], needed_later: set[str]
+) -> _Step:
+    produced = {out for node in nodes for out in node.outputs}
+    consumed = [name for node in nodes for name in node.inputs if name]
+    inputs = list(
+        dict.fromkeys(n for n in consumed if n not in produced and n not in model.initializers)
+    )
+    outputs = [name for name in dict.fromkeys(produced) if name in needed_later]
+    segment = _NumpySegment(model, nodes, inputs, outputs)
+    label = f"numpy[{nodes[0].op_type}..{nodes[-1].op_type}]x{len(nodes)}"
+    return _Step(inputs, outputs, segment, "numpy", label)
+
+
+def _plan(
+    model: onnx_proto.Model, threads: int | None, kernels: Any, numpy_floats: bool = False
+) -> list[_Step]:
+    """Cut the graph into float segments and kernel steps, in topological order.
+
+    Float segments are ORT sessions, or numpy evaluations when ``numpy_floats``.
+    """
     nodes = list(model.nodes)
     is_custom = [n.domain == CUSTOM_DOMAIN for n in nodes]
     # which tensors each position still needs later (for segment outputs and freeing memory)
@@ -314,6 +412,8 @@ def _plan(model: onnx_proto.Model, threads: int | None, kernels: Any) -> list[_S
             later.update(name for node in rest for name in node.inputs)
         if custom:
             steps.append(_kernel_step(group[0], model.initializers, threads, kernels))
+        elif numpy_floats:
+            steps.append(_numpy_step(model, group, later))
         else:
             steps.append(_segment_step(model, group, later, known))
     # free each intermediate after its last reader
@@ -327,11 +427,22 @@ def _plan(model: onnx_proto.Model, threads: int | None, kernels: Any) -> list[_S
     return steps
 
 
-def load(artifact: str | os.PathLike[str], threads: int | None = None) -> Predictor:
-    """Verify and load an artifact (directory or .tar) for inference with ``threads`` threads."""
+def load(
+    artifact: str | os.PathLike[str], threads: int | None = None, *, float_ops: str = "auto"
+) -> Predictor:
+    """Verify and load an artifact (directory or .tar) for inference with ``threads`` threads.
+
+    ``float_ops`` (fast flavour): where its float nodes run. ``auto`` evaluates them in numpy
+    when they are all of :mod:`exporters.numpy_ops` and their work is small (at most
+    :data:`NUMPY_FLOAT_MACS` multiply-accumulates per image), so that a small model never
+    loads onnxruntime (about 30 MB on a device); otherwise ``onnxruntime`` runs them.
+    ``numpy`` and ``onnxruntime`` force one.
+    """
+    if float_ops not in FLOAT_OPS:
+        raise ValueError(f"float_ops must be one of {', '.join(FLOAT_OPS)}, got {float_ops!r}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     root, manifest = open_artifact(artifact)
     if manifest["format"] == FORMAT_PORTABLE:
         return PortablePredictor(root, manifest, threads)
-    return FastPredictor(root, manifest, threads)
+    return FastPredictor(root, manifest, threads, float_ops)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kernel_reference import reference_conv as shared_reference
 from native_build import (
     Case,
     Driver,
@@ -150,26 +151,17 @@ def signs(a: np.ndarray) -> np.ndarray:
 
 def reference_conv(case: Case, w: np.ndarray) -> np.ndarray:
     """float64 multiplier * (sign(x) conv sign(w), +1 padding) + bias (+ residual)."""
-    (sh, sw), (left, right, top, bottom), (dh, dw) = case.stride, case.padding, case.dilation
-    xs = np.pad(signs(case.x), ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=1)
-    cout, _, kh, kw = w.shape
-    out_h = (xs.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    out_w = (xs.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    out = np.zeros((xs.shape[0], cout, out_h, out_w))
-    for ky in range(kh):
-        for kx in range(kw):
-            patch = xs[
-                :,
-                :,
-                ky * dh : ky * dh + sh * (out_h - 1) + 1 : sh,
-                kx * dw : kx * dw + sw * (out_w - 1) + 1 : sw,
-            ]
-            out += np.einsum("oc,nchw->nohw", signs(w[:, :, ky, kx]), patch)
-    out = out * case.multiplier[:cout, None, None].astype(np.float64)
-    out = out + case.bias[:cout, None, None].astype(np.float64)
-    if case.residual is not None:
-        out = out + case.residual
-    return out
+    cout = w.shape[0]
+    return shared_reference(
+        case.x,
+        w,
+        case.stride,
+        case.padding,
+        case.dilation,
+        case.multiplier[:cout].astype(np.float64),
+        case.bias[:cout].astype(np.float64),
+        case.residual,
+    )
 
 
 def pack_words(bits: np.ndarray) -> np.ndarray:

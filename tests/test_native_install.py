@@ -7,26 +7,11 @@ and the runtime must then run the binary layers in numpy, exactly, after one cle
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-IGNORED = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "venv",
-    "runs",
-    "build",
-    "dist",
-    "*.egg-info",
-    "__pycache__",
-    ".*_cache",
-    "*.so",
-)
+from install_support import copy_source
 
 CHECK = r"""
 import logging, sys
@@ -54,7 +39,7 @@ print(kernels.backend())
 @pytest.mark.slow
 def test_install_without_a_compiler_falls_back_with_one_message(tmp_path):
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=IGNORED)
+    copy_source(source)
     target = tmp_path / "site"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["CC"] = "/bin/false"  # a compiler that fails every compilation

@@ -91,8 +91,6 @@ if artifact == '-':
 else:
     import edge_agent.daemon, edge_agent.agent
     rss('+ edge_agent.daemon + edge_agent.agent (numpy, paho, protocol)')
-    import onnxruntime
-    rss('+ onnxruntime')
     from exporters import kernels
     isa = kernels.backend()
     rss('+ exporters.kernels, native library loaded', kernels_isa=isa)
@@ -105,8 +103,9 @@ else:
     from exporters import runtime
     predictor = runtime.load(artifact, threads=1)
     kinds = [kind for kind, _ in predictor.steps]
-    rss('+ runtime.load (ORT segment sessions + prepared binary weights)',
-        ort_sessions=kinds.count('ort'), binary_steps=kinds.count('binary'))
+    rss(f'+ runtime.load (float parts in {predictor.float_ops}, prepared binary weights)',
+        ort_sessions=kinds.count('ort'), numpy_segments=kinds.count('numpy'),
+        binary_steps=kinds.count('binary'), onnxruntime_loaded='onnxruntime' in sys.modules)
     predictor.predict(np.zeros((2, *predictor.input_shape), np.float32))
     rss('+ health-check predict (batch 2)', onnx_loaded='onnx' in sys.modules)
 for row in rows[1:]:
@@ -230,6 +229,8 @@ def run(env: Env, args: argparse.Namespace) -> None:
     daemon_stages(env)
     fast_stages(env, "lenet-fast")
     fast_stages(env, "bireal-w0125-fast")
+    if args.full_width:
+        fast_stages(env, "bireal-full-fast")
     serving_rss(env, "lenet-portable", (1, 32, 32))
     # glibc's malloc arenas: one per thread by default; an environment knob, no code change
     serving_rss(env, "lenet-portable", (1, 32, 32), env_extra={"MALLOC_ARENA_MAX": "2"})

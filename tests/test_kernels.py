@@ -339,3 +339,18 @@ def test_a_broken_library_setting_is_one_clear_error(tmp_path):
         assert run.returncode != 0
 
         assert re.search(message, run.stderr.strip().splitlines()[-1]), run.stderr
+
+
+def test_back_to_back_jobs_of_different_sizes_on_the_pool():
+    """Workers that wake late must not claim units of a finished job with the next one's size."""
+    rng = np.random.default_rng(13)
+    layers = []
+    for cin, cout, size, k, stride in [(64, 64, 28, 3, 1), (3, 5, 9, 3, 1), (130, 70, 12, 3, 2)]:
+        x, w = make_case(2, cin, cout, size, size, k, seed=cin)
+        conv = kernels.prepare_conv_weight(
+            pack_conv_weight(w), in_channels=cin, kernel_size=k, stride=stride, padding=k // 2
+        )
+        layers.append((conv, x, conv(x, threads=1)))
+    for _ in range(300):
+        conv, x, want = layers[rng.integers(len(layers))]
+        np.testing.assert_array_equal(conv(x, threads=int(rng.integers(2, 4))), want)

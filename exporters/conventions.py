@@ -11,8 +11,8 @@ Sign
     A binary value is +1 or -1 with ``sign(0) = +1``: :func:`sign_bit` is 1 (True), meaning -1,
     exactly where ``x < 0``, and 0, meaning +1, for +0.0, -0.0 and NaN (the packed-bit format's
     convention, Larq Compute Engine's). :func:`bit_value` maps a bit back to its value. Both
-    work elementwise on Python numbers, numpy arrays and torch tensors alike; the numba kernels
-    compile :func:`sign_bit` itself.
+    work elementwise on Python numbers, numpy arrays and torch tensors alike; the native
+    kernels (``exporters/csrc``) binarise with the same test, ``x < 0.0f``.
 
 Padding
     bitfleet's one order is PyTorch's ``F.pad`` order for the last two axes, ``(left, right,

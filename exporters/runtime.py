@@ -269,6 +269,18 @@ _ELEM_TYPES = {
 """ONNX Runtime's type strings as TensorProto element types (segment boundaries)."""
 
 
+def _boundary(
+    model: onnx_proto.Model, nodes: list[onnx_proto.Node], needed_later: set[str]
+) -> tuple[list[str], list[str]]:
+    """A segment's inputs (read, not produced inside, not initializers) and outputs (read later)."""
+    produced = {out for node in nodes for out in node.outputs}
+    consumed = [name for node in nodes for name in node.inputs if name]
+    inputs = list(
+        dict.fromkeys(n for n in consumed if n not in produced and n not in model.initializers)
+    )
+    return inputs, [name for name in dict.fromkeys(produced) if name in needed_later]
+
+
 def _segment_step(
     model: onnx_proto.Model,
     nodes: list[onnx_proto.Node],
@@ -276,12 +288,7 @@ def _segment_step(
     known: dict[str, int],
 ) -> _Step:
     """An ORT session over ``nodes`` (standard ops); records its outputs' element types."""
-    produced = {out for node in nodes for out in node.outputs}
-    consumed = [name for node in nodes for name in node.inputs if name]
-    inputs = list(
-        dict.fromkeys(n for n in consumed if n not in produced and n not in model.initializers)
-    )
-    outputs = [name for name in dict.fromkeys(produced) if name in needed_later]
+    inputs, outputs = _boundary(model, nodes, needed_later)
     sub_model = onnx_proto.segment_model(
         model,
         nodes,
@@ -378,12 +385,7 @@ class _NumpySegment:
 def _numpy_step(
     model: onnx_proto.Model, nodes: list[onnx_proto.Node], needed_later: set[str]
 ) -> _Step:
-    produced = {out for node in nodes for out in node.outputs}
-    consumed = [name for node in nodes for name in node.inputs if name]
-    inputs = list(
-        dict.fromkeys(n for n in consumed if n not in produced and n not in model.initializers)
-    )
-    outputs = [name for name in dict.fromkeys(produced) if name in needed_later]
+    inputs, outputs = _boundary(model, nodes, needed_later)
     segment = _NumpySegment(model, nodes, inputs, outputs)
     label = f"numpy[{nodes[0].op_type}..{nodes[-1].op_type}]x{len(nodes)}"
     return _Step(inputs, outputs, segment, "numpy", label)

@@ -193,13 +193,9 @@ static inline __attribute__((always_inline)) void bf_planar_chunk(
 static void BF_LOCAL(planar_unit)(void *ctx, int64_t unit) {
     const BF_LOCAL(conv_job) *job = ctx;
     const bf_conv *conv = job->conv;
-    const int64_t blk = unit % conv->n_blocks;
-    const int64_t row = unit / conv->n_blocks;
-    const int64_t img = row / job->out_h;
-    const int64_t yo = row % job->out_h;
-    const int64_t co0 = blk * BF_BLOCK;
-    const int64_t n_out = (conv->out_channels - co0 < BF_BLOCK) ? conv->out_channels - co0
-                                                                 : BF_BLOCK;
+    const bf_unit_place place = BF_LOCAL(place)(job, unit);
+    const int64_t img = place.img, yo = place.yo, blk = place.blk, co0 = place.co0;
+    const int64_t n_out = place.n_out;
     const uint64_t *x = job->packed + img * conv->cin_words * job->padded_h * job->padded_w +
                         yo * conv->stride_h * job->padded_w;
     const int64_t at = ((img * conv->out_channels + co0) * job->out_h + yo) * job->out_w;

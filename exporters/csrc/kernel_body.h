@@ -139,6 +139,24 @@ typedef struct {
     const int64_t *word_offsets;
 } BF_LOCAL(conv_job);
 
+/* Where a unit (image, output row, block of 64 output channels) of a convolution job lies. */
+typedef struct {
+    int64_t img, yo, blk, co0;
+    int64_t n_out; /* channels of this block that exist (the last block may be partial) */
+} bf_unit_place;
+
+static inline bf_unit_place BF_LOCAL(place)(const BF_LOCAL(conv_job) *job, int64_t unit) {
+    const bf_conv *conv = job->conv;
+    bf_unit_place at;
+    at.blk = unit % conv->n_blocks;
+    const int64_t row = unit / conv->n_blocks;
+    at.img = row / job->out_h;
+    at.yo = row % job->out_h;
+    at.co0 = at.blk * BF_BLOCK;
+    at.n_out = (conv->out_channels - at.co0 < BF_BLOCK) ? conv->out_channels - at.co0 : BF_BLOCK;
+    return at;
+}
+
 #ifdef BF_PLANAR
 /* A set may bring a second convolution over the planar layout (see its isa_*.c): called per
  * (image, output row, block) unit like conv_unit, used where bf_planar_suits says so. */
@@ -169,17 +187,13 @@ static void BF_LOCAL(store_tile)(const float *tile, int64_t seg_len, int64_t n_o
 static void BF_LOCAL(conv_unit)(void *ctx, int64_t unit) {
     const BF_LOCAL(conv_job) *job = ctx;
     const bf_conv *conv = job->conv;
-    const int64_t blk = unit % conv->n_blocks;
-    const int64_t row = unit / conv->n_blocks;
-    const int64_t img = row / job->out_h;
-    const int64_t yo = row % job->out_h;
-    const int64_t co0 = blk * BF_BLOCK;
+    const bf_unit_place place = BF_LOCAL(place)(job, unit);
+    const int64_t img = place.img, yo = place.yo, blk = place.blk, co0 = place.co0;
+    const int64_t n_out = place.n_out;
     const int64_t cw = conv->cin_words;
     const uint64_t *w = conv->weights + blk * job->n_words * BF_BLOCK;
     const float *scale = conv->multiplier + co0;
     const float *shift = conv->bias + co0;
-    const int64_t n_out = (conv->out_channels - co0 < BF_BLOCK) ? conv->out_channels - co0
-                                                                 : BF_BLOCK;
     const int64_t row_base = (img * job->padded_h + yo * conv->stride_h) * job->padded_w;
     const int32_t k_bits = (int32_t)job->k_bits; /* < 2^31: checked by bf_conv2d */
     float tile[BF_SEGMENT * BF_BLOCK];

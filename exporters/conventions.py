@@ -39,6 +39,7 @@ __all__ = [
     "CUSTOM_OPS",
     "FORMAT_FAST",
     "FORMAT_PORTABLE",
+    "FORMAT_TRT",
     "FORMATS",
     "Padding",
     "sign_bit",
@@ -70,7 +71,11 @@ FORMAT_FAST = "onnx"
 FORMAT_PORTABLE = "onnx-portable"
 """The same packed weights unpacked by standard ops: any ONNX runtime loads it."""
 
-FORMATS = (FORMAT_FAST, FORMAT_PORTABLE)
+FORMAT_TRT = "onnx-trt"
+"""Standard ops on TensorRT's ONNX parser list only: binary layers as int8 +-1 convolutions
+between Q/DQ pairs of scale 1 (explicit quantization: exact int32 accumulation)."""
+
+FORMATS = (FORMAT_FAST, FORMAT_PORTABLE, FORMAT_TRT)
 
 Padding = tuple[int, int, int, int]
 """Spatial padding in bitfleet's (PyTorch's) order: ``(left, right, top, bottom)``."""

@@ -38,9 +38,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import nn
 
 from bitfleet.errors import BitfleetError
@@ -57,6 +59,7 @@ from .conventions import (
     CUSTOM_DOMAIN_VERSION,
     FORMAT_FAST,
     FORMAT_PORTABLE,
+    FORMAT_TRT,
     FORMATS,
     conv_output_size,
     onnx_pads,
@@ -235,6 +238,24 @@ def _dense_forward(x: torch.Tensor, signs: torch.Tensor, attrs: dict[str, Any]) 
     return F.linear(sign(x) if attrs["binary_input"] else x, signs)
 
 
+def _unit_qdq(g: Any, x: Any) -> Any:
+    """QuantizeLinear + DequantizeLinear at scale 1, zero point 0: +-1 values marked int8.
+
+    For TensorRT's explicit quantization: the convolution that reads this runs in int8 with
+    int32 accumulation, exact for +-1 operands; any other runtime computes the same values.
+    """
+    scale = g.op("Constant", value_t=torch.tensor(1.0))
+    zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero), scale, zero)
+
+
+def _int8_weights(g: Any, weights: Any) -> Any:
+    """DequantizeLinear of the int8 +-1 weight initializer (scale 1, zero point 0)."""
+    scale = g.op("Constant", value_t=torch.tensor(1.0))
+    zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
+    return g.op("DequantizeLinear", weights, scale, zero)
+
+
 def _conv_symbolic(g: Any, x: Any, packed: Any, multiplier: Any, bias: Any, attrs: Any) -> Any:
     cout, cin, kh, kw = attrs["shape"]
     pads = list(onnx_pads(attrs["padding"]))
@@ -243,6 +264,22 @@ def _conv_symbolic(g: Any, x: Any, packed: Any, multiplier: Any, bias: Any, attr
         "dilations_i": list(attrs["dilations"]),
         "kernel_shape_i": [kh, kw],
     }
+    if attrs["flavour"] == FORMAT_TRT:  # `packed` is the int8 (Cout, Cin, kh, kw) weight here
+        weight = _int8_weights(g, packed)
+        if attrs["binary_input"]:
+            starts, ends = pads[:2], pads[2:]
+            pad_spec = torch.tensor([0, 0, *starts, 0, 0, *ends], dtype=torch.int64)
+            x = g.op(
+                "Pad",
+                _sign_subgraph(g, x),
+                g.op("Constant", value_t=pad_spec),
+                g.op("Constant", value_t=torch.tensor(1.0)),
+                mode_s="constant",
+            )
+            conv = g.op("Conv", _unit_qdq(g, x), weight, **geometry)
+        else:
+            conv = g.op("Conv", x, weight, pads_i=pads, **geometry)
+        return _scale_bias_subgraph(g, conv, multiplier, bias, 4)
     if attrs["flavour"] == FORMAT_FAST and attrs["binary_input"]:
         y = g.op(
             f"{CUSTOM_DOMAIN}::{BINARY_CONV_OP}",
@@ -286,6 +323,12 @@ def _dense_symbolic(g: Any, x: Any, packed: Any, multiplier: Any, bias: Any, att
         sizes = x.type().sizes() if x.type().sizes() is not None else [None, None]
         y.setType(x.type().with_sizes([sizes[0], cout]))
         return y
+    if attrs["flavour"] == FORMAT_TRT:  # `packed` is the int8 (Cout, Cin) weight here
+        weight = _int8_weights(g, packed)
+        if attrs["binary_input"]:
+            x = _unit_qdq(g, _sign_subgraph(g, x))
+        y = g.op("Gemm", x, weight, transB_i=1)
+        return _scale_bias_subgraph(g, y, multiplier, bias, 2)
     weight = _unpack_subgraph(g, packed, cout, cin)
     if attrs["binary_input"]:
         x = _sign_subgraph(g, x)
@@ -327,7 +370,9 @@ class _ExportedBinaryLayer(nn.Module):
         weight = signs.numpy()
         is_conv = isinstance(layer, BinaryConv2d)
         packed = pack_conv_weight(weight) if is_conv else pack_linear_weight(weight)
-        self.register_buffer("packed_weight", torch.from_numpy(packed))
+        # the TensorRT flavour stores int8 +-1 weights (its parser reads no bit unpacking)
+        stored = signs.to(torch.int8) if flavour == FORMAT_TRT else torch.from_numpy(packed)
+        self.register_buffer("packed_weight", stored)
         self.register_buffer("multiplier", scale)
         bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(len(scale))
         self.register_buffer("bias", bias.contiguous())
@@ -433,6 +478,7 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], flavour: str) -> onnx.
         shape = (1, *shape)
     twin = _export_twin(model, flavour)
     custom_opsets = {CUSTOM_DOMAIN: CUSTOM_DOMAIN_VERSION} if flavour == FORMAT_FAST else None
+    opset = opset_of(flavour)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -443,7 +489,7 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], flavour: str) -> onnx.
             # writes to a file-like object, as its own comments say
             buffer,  # type: ignore[arg-type]
             dynamo=False,
-            opset_version=OPSET,
+            opset_version=opset,
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
@@ -457,13 +503,77 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], flavour: str) -> onnx.
         from .onnx_fusion import fuse_binary_epilogues
 
         fuse_binary_epilogues(proto)
+    if flavour == FORMAT_TRT:
+        _fold_constants(proto)
     _prune_unused_initializers(proto)
     proto.producer_name = "bitfleet"
-    if flavour == FORMAT_PORTABLE:
+    if flavour == FORMAT_TRT:
+        from .tensorrt_ops import tensorrt_problems
+
+        problems = tensorrt_problems(proto)
+        if problems:
+            raise ExportError(
+                f"this network cannot be written as {FORMAT_TRT}: {'; '.join(problems)}; "
+                f"export it as {FORMAT_PORTABLE} for other runtimes"
+            )
+    if flavour in (FORMAT_PORTABLE, FORMAT_TRT):
         onnx.checker.check_model(proto, full_check=True)
     else:
         onnx.checker.check_model(proto)
     return proto
+
+
+def opset_of(flavour: str) -> int:
+    """The default-domain opset a flavour is written in (TensorRT's parsers read up to 17)."""
+    from .tensorrt_ops import TENSORRT_MAX_OPSET
+
+    return TENSORRT_MAX_OPSET if flavour == FORMAT_TRT else OPSET
+
+
+_NOT_FOLDED = ("QuantizeLinear", "DequantizeLinear")
+"""Kept as nodes: the DequantizeLinear of an int8 weight is what marks it int8 for TensorRT."""
+
+
+def _fold_constants(proto: onnx.ModelProto) -> None:
+    """Evaluate every node whose inputs are all initializers; its outputs become initializers.
+
+    The TorchScript exporter computes some pads and slice bounds at run time from constants
+    (NASB's reduction cells), and TensorRT's parser wants such inputs as initializers; Reshapes
+    of per-channel scales fold too. Quantize/Dequantize nodes stay (see ``_NOT_FOLDED``).
+    Evaluation is onnx's reference implementation, node by node, in topological order.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    opset = opset_of(FORMAT_TRT)
+    keep = []
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NOT_FOLDED
+            and all(name in values for name in inputs)
+        )
+        if not foldable:
+            keep.append(node)
+            continue
+        single = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                [node],
+                "fold",
+                [onnx.helper.make_tensor_value_info(n, 0, None) for n in inputs],
+                [onnx.helper.make_empty_tensor_value_info(n) for n in node.output],
+            ),
+            opset_imports=[onnx.helper.make_opsetid("", opset)],
+        )
+        results = ReferenceEvaluator(single).run(None, {n: values[n] for n in inputs})
+        for name, value in zip(node.output, results, strict=True):
+            array = np.asarray(value)
+            values[name] = array
+            graph.initializer.append(numpy_helper.from_array(array, name))
+    del graph.node[:]
+    graph.node.extend(keep)
 
 
 def _constants_to_initializers(proto: onnx.ModelProto) -> None:

@@ -34,7 +34,14 @@ import numpy as np
 
 from . import numpy_ops, onnx_proto
 from .artifact import ArtifactError, open_artifact
-from .conventions import BINARY_CONV_OP, CUSTOM_DOMAIN, CUSTOM_OPS, FORMAT_PORTABLE, from_onnx_pads
+from .conventions import (
+    BINARY_CONV_OP,
+    CUSTOM_DOMAIN,
+    CUSTOM_OPS,
+    FORMAT_PORTABLE,
+    FORMAT_TRT,
+    from_onnx_pads,
+)
 
 __all__ = ["Predictor", "load", "RuntimeLoadError", "CUSTOM_OPS"]
 
@@ -109,7 +116,7 @@ class Predictor(ABC):
 
 
 class PortablePredictor(Predictor):
-    """The ``onnx-portable`` flavour: one stock ONNX Runtime session."""
+    """``onnx-portable`` and ``onnx-trt``: standard ops, one stock ONNX Runtime session."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
         super().__init__(root, manifest, threads)
@@ -447,6 +454,6 @@ def load(
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     root, manifest = open_artifact(artifact)
-    if manifest["format"] == FORMAT_PORTABLE:
+    if manifest["format"] in (FORMAT_PORTABLE, FORMAT_TRT):  # standard ops: one ORT session
         return PortablePredictor(root, manifest, threads)
     return FastPredictor(root, manifest, threads, float_ops)

@@ -33,7 +33,7 @@ from models.checkpoint import load as load_checkpoint
 
 from .artifact import MANIFEST_FILE, WEIGHTS_FILE, write_artifact
 from .conventions import CUSTOM_DOMAIN, FORMAT_FAST, FORMATS
-from .onnx_writer import OPSET, ExportError, to_onnx
+from .onnx_writer import ExportError, opset_of, to_onnx
 
 __all__ = ["export"]
 
@@ -92,7 +92,7 @@ def export(
         "version": str(version),
         "format": format,
         "model_file": "model.onnx",
-        "opset": OPSET,
+        "opset": opset_of(format),
         "custom_ops": custom_ops,
         "input": {
             "name": "input",

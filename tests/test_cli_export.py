@@ -35,7 +35,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "onnx-portable"])
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-portable", "onnx-trt"])
 def test_export_then_inspect(run_dir, fmt):
     result = runner.invoke(app, ["export", str(run_dir), "--format", fmt, "--json"])
     assert result.exit_code == 0, result.output

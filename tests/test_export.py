@@ -56,7 +56,7 @@ def test_pytorch_portable_and_fast_agree_on_digits(name, stem, digits_test, tmp_
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     scale = np.abs(expected).max()
-    for flavour in ("onnx-portable", "onnx"):
+    for flavour in ("onnx-portable", "onnx", "onnx-trt"):
         path = exporters.export(model, tmp_path / flavour, flavour, input_shape=(3, 32, 32))
         got = runtime.load(path, threads=1).predict(x)
         assert got.shape == expected.shape

@@ -26,7 +26,15 @@ def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run directory to export.")],
     format: Annotated[  # noqa: A002
-        str, typer.Option("--format", "-f", help="onnx (fast, bitfleet runtime) or onnx-portable.")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help=(
+                "onnx (fast, bitfleet runtime), onnx-portable (any ONNX runtime) or onnx-trt "
+                "(TensorRT's parser: int8 +-1 convolutions between Q/DQ at scale 1)."
+            ),
+        ),
     ] = "onnx",
     out: Annotated[
         Path | None, typer.Option(help="Artifact directory (default: CHECKPOINT/artifact-FORMAT).")

@@ -202,7 +202,21 @@ def _flatten(node: Node, args: list[Any]) -> np.ndarray:
     return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
 
+def _dequantize(node: Node, args: list[Any]) -> np.ndarray:
+    x, scale = args[0], args[1]
+    zero = args[2] if len(args) > 2 and args[2] is not None else None
+    axis = int(node.attributes.get("axis", 1))
+    shape = [1] * x.ndim
+    if scale.ndim == 1 and scale.size > 1:
+        shape[axis] = -1
+    values = x.astype(np.float32)
+    if zero is not None:
+        values = values - zero.astype(np.float32).reshape(shape)
+    return values * scale.astype(np.float32).reshape(shape)
+
+
 OPS: dict[str, _Op] = {
+    "DequantizeLinear": _dequantize,
     "Conv": _conv,
     "BatchNormalization": _batch_norm,
     "Relu": lambda node, args: np.maximum(args[0], np.float32(0)),

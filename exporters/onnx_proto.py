@@ -367,23 +367,47 @@ def _value_info(name: str, elem_type: int | None) -> bytes:
     return payload
 
 
+_ELEM_OF = {dtype: elem for elem, dtype in _DTYPES.items()}
+
+
+def tensor_bytes(name: str, array: np.ndarray) -> bytes:
+    """A TensorProto (dims, element type, raw little-endian data) holding ``array``."""
+    array = np.ascontiguousarray(array)
+    elem = _ELEM_OF.get(
+        array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    )
+    if elem is None:
+        raise ProtoError(f"cannot store a {array.dtype} tensor")
+    out = b"".join(_key(1, _VARINT) + _encode_varint(d & ((1 << 64) - 1)) for d in array.shape)
+    out += _key(2, _VARINT) + _encode_varint(elem)
+    out += _length_delimited(8, name.encode())
+    return out + _length_delimited(9, array.astype(array.dtype.newbyteorder("<")).tobytes())
+
+
 def segment_model(
     model: Model,
     nodes: list[Node],
     inputs: list[tuple[str, int]],
     outputs: list[str],
     name: str,
+    extra_initializers: dict[str, np.ndarray] | None = None,
 ) -> bytes:
     """Serialize a model of ``nodes`` (standard ops) reading ``inputs`` (name, element type).
 
-    The initializers the nodes read come along; ``outputs`` get names only (ONNX Runtime
-    infers their types). Opset imports of custom domains are left out.
+    The initializers the nodes read come along, plus ``extra_initializers`` (arrays computed
+    at load); ``outputs`` get names only (ONNX Runtime infers their types). Opset imports of
+    custom domains are left out.
     """
     used = {n for node in nodes for n in node.inputs}
     graph = b"".join(_length_delimited(1, node.raw) for node in nodes)
     graph += _length_delimited(2, name.encode())
     graph += b"".join(
         _length_delimited(5, init.raw) for key, init in model.initializers.items() if key in used
+    )
+    graph += b"".join(
+        _length_delimited(5, tensor_bytes(key, array))
+        for key, array in (extra_initializers or {}).items()
+        if key in used
     )
     graph += b"".join(_length_delimited(11, _value_info(n, elem)) for n, elem in inputs)
     graph += b"".join(_length_delimited(12, _value_info(n, None)) for n in outputs)

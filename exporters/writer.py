@@ -33,6 +33,7 @@ from models.checkpoint import load as load_checkpoint
 
 from .artifact import MANIFEST_FILE, WEIGHTS_FILE, write_artifact
 from .conventions import CUSTOM_DOMAIN, FORMAT_FAST, FORMATS
+from .float_parts import FLOAT_PARTS, quantize_float_weights
 from .onnx_writer import ExportError, opset_of, to_onnx
 
 __all__ = ["export"]
@@ -51,11 +52,13 @@ def export(
     overwrite: bool = False,
     allow_resize: bool = False,
     weights: bool = False,
+    float_parts: str = "fp32",
 ) -> Path:
     """Export a model or checkpoint to an artifact directory; return its path.
 
     ``weights=True`` adds the float training state as ``weights.safetensors`` (see the module's
-    doc), named by the manifest's ``weights_file``.
+    doc), named by the manifest's ``weights_file``. ``float_parts="int8"`` stores the float
+    convolutions' and dense layers' weights as per-channel int8 (:mod:`exporters.float_parts`).
 
     Raises :class:`ExportError` for an ``input_shape`` the network cannot take or does not
     record (see the module's doc), and for an ``out_dir`` that is the checkpoint itself, holds
@@ -63,6 +66,10 @@ def export(
     """
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
+    if float_parts not in FLOAT_PARTS:
+        raise ExportError(
+            f"unknown float_parts {float_parts!r}; use one of {', '.join(FLOAT_PARTS)}"
+        )
     meta: dict[str, Any] = {}
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
@@ -84,6 +91,8 @@ def export(
         )
     _check_forward(model, shape, spec["name"])
     proto = to_onnx(model.eval(), shape, format)
+    if float_parts == "int8":
+        quantize_float_weights(proto)
     custom_ops = sorted(
         {f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain == CUSTOM_DOMAIN}
     )
@@ -94,6 +103,7 @@ def export(
         "model_file": "model.onnx",
         "opset": opset_of(format),
         "custom_ops": custom_ops,
+        "float_parts": float_parts,
         "input": {
             "name": "input",
             "shape": [None, *shape],

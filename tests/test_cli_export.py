@@ -142,3 +142,33 @@ def test_export_api_checks_shape_and_destination(run_dir, tmp_path):
     with pytest.raises(ExportError, match="not an artifact"):
         exporters.export(run_dir, notes, overwrite=True)
     assert notes.is_dir()
+
+
+def test_int8_float_parts_cost_little_accuracy_and_a_lot_of_size(run_dir, tmp_path):
+    from exporters import runtime
+    from toolkit.data import load_dataset
+
+    data = load_dataset("digits", "test", channels=3)
+    accuracy, sizes = {}, {}
+    for parts in ("fp32", "int8"):
+        out = tmp_path / parts
+        result = runner.invoke(
+            app, ["export", str(run_dir), "--float-parts", parts, "--out", str(out), "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        manifest = json.loads(result.stdout)
+        assert manifest["float_parts"] == parts
+        sizes[parts] = manifest["sizes"]["model.onnx"]
+        logits = runtime.load(out, threads=1).predict(data.x)
+        accuracy[parts] = float((logits.argmax(1) == data.y).mean())
+    assert sizes["int8"] < sizes["fp32"]
+    assert accuracy["int8"] >= accuracy["fp32"] - 0.02, accuracy
+
+
+def test_bad_float_parts_is_one_line(run_dir, tmp_path):
+    result = runner.invoke(
+        app, ["export", str(run_dir), "--float-parts", "int4", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 1
+    assert "unknown float_parts 'int4'; use one of fp32, int8" in result.output
+    assert not (tmp_path / "x").exists()

@@ -67,6 +67,15 @@ def export(
             "parameter), so devices that learn on board start from this model, not from scratch.",
         ),
     ] = False,
+    float_parts: Annotated[
+        str,
+        typer.Option(
+            "--float-parts",
+            help="fp32, or int8: the float layers' weights (stem, 1x1 shortcuts, classifier) "
+            "stored as int8 with a scale per output channel, about 4x smaller; activations stay "
+            "float.",
+        ),
+    ] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export a trained network as packed-bit ONNX with a verified manifest."""
@@ -90,6 +99,7 @@ def export(
         allow_resize=allow_resize,
         overwrite=overwrite,
         weights=with_weights,
+        float_parts=float_parts,
     )
     manifest = read_manifest(path)
     if as_json:

@@ -40,6 +40,8 @@ __all__ = [
     "FORMAT_FAST",
     "FORMAT_PORTABLE",
     "FORMAT_TRT",
+    "FORMAT_TENSORRT",
+    "ONNX_FORMATS",
     "FORMATS",
     "Padding",
     "sign_bit",
@@ -75,7 +77,13 @@ FORMAT_TRT = "onnx-trt"
 """Standard ops on TensorRT's ONNX parser list only: binary layers as int8 +-1 convolutions
 between Q/DQ pairs of scale 1 (explicit quantization: exact int32 accumulation)."""
 
-FORMATS = (FORMAT_FAST, FORMAT_PORTABLE, FORMAT_TRT)
+FORMAT_TENSORRT = "tensorrt"
+"""A TensorRT engine built from the ``onnx-trt`` graph on the machine that runs it."""
+
+ONNX_FORMATS = (FORMAT_FAST, FORMAT_PORTABLE, FORMAT_TRT)
+"""The formats whose model is an ONNX graph (what the ONNX writer produces)."""
+
+FORMATS = (*ONNX_FORMATS, FORMAT_TENSORRT)
 
 Padding = tuple[int, int, int, int]
 """Spatial padding in bitfleet's (PyTorch's) order: ``(left, right, top, bottom)``."""

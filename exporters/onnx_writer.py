@@ -59,8 +59,10 @@ from .conventions import (
     CUSTOM_DOMAIN_VERSION,
     FORMAT_FAST,
     FORMAT_PORTABLE,
+    FORMAT_TENSORRT,
     FORMAT_TRT,
     FORMATS,
+    ONNX_FORMATS,
     conv_output_size,
     onnx_pads,
 )
@@ -471,8 +473,8 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], flavour: str) -> onnx.
 
     ``input_shape`` is (C, H, W) or (N, C, H, W); the batch dimension is dynamic.
     """
-    if flavour not in FORMATS:
-        raise ExportError(f"unknown format {flavour!r}; use one of {', '.join(FORMATS)}")
+    if flavour not in ONNX_FORMATS:
+        raise ExportError(f"unknown format {flavour!r}; use one of {', '.join(ONNX_FORMATS)}")
     shape = tuple(input_shape)
     if len(shape) == 3:
         shape = (1, *shape)
@@ -527,7 +529,7 @@ def opset_of(flavour: str) -> int:
     """The default-domain opset a flavour is written in (TensorRT's parsers read up to 17)."""
     from .tensorrt_ops import TENSORRT_MAX_OPSET
 
-    return TENSORRT_MAX_OPSET if flavour == FORMAT_TRT else OPSET
+    return TENSORRT_MAX_OPSET if flavour in (FORMAT_TRT, FORMAT_TENSORRT) else OPSET
 
 
 _NOT_FOLDED = ("QuantizeLinear", "DequantizeLinear")

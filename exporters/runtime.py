@@ -39,6 +39,7 @@ from .conventions import (
     CUSTOM_DOMAIN,
     CUSTOM_OPS,
     FORMAT_PORTABLE,
+    FORMAT_TENSORRT,
     FORMAT_TRT,
     from_onnx_pads,
 )
@@ -130,6 +131,22 @@ class PortablePredictor(Predictor):
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: x})[0]
+
+
+class TensorRTPredictor(Predictor):
+    """The ``tensorrt`` flavour: the artifact's engine on this machine's GPU."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
+        super().__init__(root, manifest, threads)
+        from .tensorrt_engine import EngineRunner, TensorRTUnavailable
+
+        try:
+            self._runner = EngineRunner((root / manifest["model_file"]).read_bytes(), manifest)
+        except TensorRTUnavailable as err:
+            raise RuntimeLoadError(f"{root} is a TensorRT engine: {err}") from None
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._runner(x)
 
 
 @dataclass
@@ -476,4 +493,6 @@ def load(
     root, manifest = open_artifact(artifact)
     if manifest["format"] in (FORMAT_PORTABLE, FORMAT_TRT):  # standard ops: one ORT session
         return PortablePredictor(root, manifest, threads)
+    if manifest["format"] == FORMAT_TENSORRT:
+        return TensorRTPredictor(root, manifest, threads)
     return FastPredictor(root, manifest, threads, float_ops)

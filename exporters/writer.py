@@ -32,7 +32,7 @@ from models import training
 from models.checkpoint import load as load_checkpoint
 
 from .artifact import MANIFEST_FILE, WEIGHTS_FILE, write_artifact
-from .conventions import CUSTOM_DOMAIN, FORMAT_FAST, FORMATS
+from .conventions import CUSTOM_DOMAIN, FORMAT_FAST, FORMAT_TENSORRT, FORMAT_TRT, FORMATS
 from .float_parts import FLOAT_PARTS, quantize_float_weights
 from .onnx_writer import ExportError, opset_of, to_onnx
 
@@ -90,9 +90,15 @@ def export(
             "the input shape is unknown: pass input_shape=(C, H, W) (--input-shape C,H,W)"
         )
     _check_forward(model, shape, spec["name"])
-    proto = to_onnx(model.eval(), shape, format)
+    proto = to_onnx(model.eval(), shape, FORMAT_TRT if format == FORMAT_TENSORRT else format)
     if float_parts == "int8":
         quantize_float_weights(proto)
+    files = {"model.onnx": proto.SerializeToString()}
+    engine_info = None
+    if format == FORMAT_TENSORRT:  # built before anything is written: no half artifact
+        from .tensorrt_engine import ENGINE_FILE, build_engine
+
+        files[ENGINE_FILE], engine_info = build_engine(files["model.onnx"], shape)
     custom_ops = sorted(
         {f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain == CUSTOM_DOMAIN}
     )
@@ -100,7 +106,7 @@ def export(
         "name": name or spec["name"],
         "version": str(version),
         "format": format,
-        "model_file": "model.onnx",
+        "model_file": "model.engine" if format == FORMAT_TENSORRT else "model.onnx",
         "opset": opset_of(format),
         "custom_ops": custom_ops,
         "float_parts": float_parts,
@@ -119,7 +125,8 @@ def export(
         "training": {k: meta[k] for k in ("dataset", "epoch", "metrics") if k in meta},
         "toolkit_version": bitfleet.version(),
     }
-    files = {"model.onnx": proto.SerializeToString()}
+    if engine_info is not None:
+        manifest["tensorrt"] = engine_info
     if weights:
         files[WEIGHTS_FILE] = safetensors_save(training.state_to_numpy(model))
         manifest["weights_file"] = WEIGHTS_FILE

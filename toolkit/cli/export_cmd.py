@@ -31,8 +31,10 @@ def export(
             "--format",
             "-f",
             help=(
-                "onnx (fast, bitfleet runtime), onnx-portable (any ONNX runtime) or onnx-trt "
-                "(TensorRT's parser: int8 +-1 convolutions between Q/DQ at scale 1)."
+                "onnx (fast, bitfleet runtime), onnx-portable (any ONNX runtime), onnx-trt "
+                "(TensorRT's parser: int8 +-1 convolutions between Q/DQ at scale 1) or tensorrt "
+                "(an INT8/FP16 engine built from it; needs tensorrt and a GPU: run it on the "
+                "device)."
             ),
         ),
     ] = "onnx",

@@ -266,22 +266,6 @@ def _conv_symbolic(g: Any, x: Any, packed: Any, multiplier: Any, bias: Any, attr
         "dilations_i": list(attrs["dilations"]),
         "kernel_shape_i": [kh, kw],
     }
-    if attrs["flavour"] == FORMAT_TRT:  # `packed` is the int8 (Cout, Cin, kh, kw) weight here
-        weight = _int8_weights(g, packed)
-        if attrs["binary_input"]:
-            starts, ends = pads[:2], pads[2:]
-            pad_spec = torch.tensor([0, 0, *starts, 0, 0, *ends], dtype=torch.int64)
-            x = g.op(
-                "Pad",
-                _sign_subgraph(g, x),
-                g.op("Constant", value_t=pad_spec),
-                g.op("Constant", value_t=torch.tensor(1.0)),
-                mode_s="constant",
-            )
-            conv = g.op("Conv", _unit_qdq(g, x), weight, **geometry)
-        else:
-            conv = g.op("Conv", x, weight, pads_i=pads, **geometry)
-        return _scale_bias_subgraph(g, conv, multiplier, bias, 4)
     if attrs["flavour"] == FORMAT_FAST and attrs["binary_input"]:
         y = g.op(
             f"{CUSTOM_DOMAIN}::{BINARY_CONV_OP}",
@@ -295,10 +279,12 @@ def _conv_symbolic(g: Any, x: Any, packed: Any, multiplier: Any, bias: Any, attr
         )
         y.setType(x.type().with_sizes(_conv_out_sizes(x, attrs)))
         return y
-    # portable: unpack (Cout, kh*kw*Cin) in (kh, kw, Cin) order, back to (Cout, Cin, kh, kw)
-    flat = _unpack_subgraph(g, packed, cout, kh * kw * cin)
-    weight = g.op("Reshape", flat, g.op("Constant", value_t=torch.tensor([cout, kh, kw, cin])))
-    weight = g.op("Transpose", weight, perm_i=[0, 3, 1, 2])
+    if attrs["flavour"] == FORMAT_TRT:  # `packed` is the int8 (Cout, Cin, kh, kw) weight here
+        weight = _int8_weights(g, packed)
+    else:  # portable: unpack (Cout, kh*kw*Cin) in (kh, kw, Cin) order to (Cout, Cin, kh, kw)
+        flat = _unpack_subgraph(g, packed, cout, kh * kw * cin)
+        shape = g.op("Constant", value_t=torch.tensor([cout, kh, kw, cin]))
+        weight = g.op("Transpose", g.op("Reshape", flat, shape), perm_i=[0, 3, 1, 2])
     if attrs["binary_input"]:
         # pad with +1 after the sign: ONNX Pad takes (N, C, H, W) starts, then ends
         starts, ends = pads[:2], pads[2:]
@@ -310,6 +296,8 @@ def _conv_symbolic(g: Any, x: Any, packed: Any, multiplier: Any, bias: Any, attr
             g.op("Constant", value_t=torch.tensor(1.0)),
             mode_s="constant",
         )
+        if attrs["flavour"] == FORMAT_TRT:
+            x = _unit_qdq(g, x)
         conv = g.op("Conv", x, weight, **geometry)
     else:
         conv = g.op("Conv", x, weight, pads_i=pads, **geometry)

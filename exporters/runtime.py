@@ -1,19 +1,22 @@
 """Load an artifact and run it: ``load(artifact, threads=N).predict(batch) -> logits``.
 
-Two predictors, one per flavour:
+Three predictors:
 
-- ``onnx-portable`` runs in one stock ONNX Runtime session.
+- ``onnx-portable`` and ``onnx-trt`` run in one stock ONNX Runtime session.
 - ``onnx`` (fast) splits the graph: maximal runs of standard ops become ONNX Runtime
-  sessions, and every ``bitfleet`` node (binary conv / dense, with batch norm and shortcut
-  folded in) runs as a native XNOR-popcount kernel (:mod:`exporters.kernels`, C built at
-  install time, the CPU's best instruction set chosen at run time) between them.
+  sessions (or numpy evaluations, when the float work is small: :mod:`exporters.numpy_ops`),
+  and every ``bitfleet`` node (binary conv / dense, with batch norm and shortcut folded in)
+  runs as a native XNOR-popcount kernel (:mod:`exporters.kernels`, C built at install time,
+  the CPU's best instruction set chosen at run time) between them.
+- ``tensorrt`` runs its engine on the GPU (:mod:`exporters.tensorrt_engine`).
 
 Why split the graph rather than register a custom op with onnxruntime-extensions? Importing
 onnxruntime-extensions alone adds ~250 MB of resident memory on this class of machine, more
 than a Raspberry Pi can spare, and its Python custom ops cost ~20 us a call anyway. After
 folding, a Bi-Real-18 has only a handful of float islands (stem, downsampling shortcuts, head),
 so the split costs a few session calls per inference, and the device pays only for numpy,
-onnxruntime and a 100 KB kernel library: the graph is read and cut by
+onnxruntime (not even that for a small model) and a 100 KB kernel library: the graph is read
+and cut by
 :mod:`exporters.onnx_proto` (not the 16 MB ``onnx`` package), and nothing is compiled at run
 time.
 

@@ -317,13 +317,15 @@ def _segment_step(
     """An ORT session over ``nodes`` (standard ops); records its outputs' element types."""
     inputs, outputs = _boundary(model, nodes, needed_later)
     # int8 float parts: dequantize their weights once, here, so ORT sees float initializers
-    # it can prepack (a DequantizeLinear per run cost 0.8 ms on a 1000-class classifier)
+    # it can prepack (a DequantizeLinear per run cost 0.8 ms on a 1000-class classifier).
+    # Not in a quantized (QDQ) network: ORT fuses its Q/DQ pairs into int8 kernels, whose
+    # rounding the PyTorch model reproduces.
+    weight_only = not any(node.op_type == "QuantizeLinear" for node in model.nodes)
     dequantized: dict[str, np.ndarray] = {}
     kept = []
     for node in nodes:
-        if node.op_type == "DequantizeLinear" and all(
-            n in model.initializers for n in node.inputs if n
-        ):
+        constant = all(n in model.initializers for n in node.inputs if n)
+        if weight_only and node.op_type == "DequantizeLinear" and constant:
             args = [model.initializers[n].array() if n else None for n in node.inputs]
             dequantized[node.outputs[0]] = numpy_ops.run(node, args)
         else:

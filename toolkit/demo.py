@@ -518,7 +518,8 @@ def _deploy(
 
 def _start_learning(client: FleetClient, devices: list[str], args: dict[str, Any]) -> None:
     """``learn.start`` on every device at once (each imports torch, which takes seconds)."""
-    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+    pool = ThreadPoolExecutor(max_workers=len(devices))
+    try:
         replies = list(
             pool.map(
                 lambda d: client.command(
@@ -527,6 +528,13 @@ def _start_learning(client: FleetClient, devices: list[str], args: dict[str, Any
                 devices,
             )
         )
+    except BaseException:
+        # Ctrl-C while the agents import torch: free the threads now, not after the budget
+        # (closing also fails the requests that threads have not sent yet)
+        client.close()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     refused = [f"{r['device']}: {r.get('error')}" for r in replies if not r.get("ok")]
     if refused:
         raise DemoError(f"learn.start was refused by {'; '.join(refused)}")

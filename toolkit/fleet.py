@@ -90,6 +90,8 @@ def artifact_tar(path: str | os.PathLike[str]) -> tuple[bytes, dict[str, Any]]:
 # bytes a sealed JSON request adds around its inputs (header, id, signature), with a margin
 _FRAME_OVERHEAD = 2048
 _TIMEOUT_S = 30.0  # how long a request waits for its reply by default
+_ABORTED = "__aborted__"
+"""Key of the stand-in reply :meth:`FleetClient.abort_pending` puts in a waiting inbox."""
 # a deploy waits for the device's artifact wait plus this: installing, the health check, and a
 # slow command that may run before it on the device's worker
 _DEPLOY_MARGIN_S = 30.0
@@ -133,6 +135,7 @@ class FleetClient:
         self._replies: dict[str, queue.Queue[dict[str, Any]]] = {}
         self._unverified: dict[str, str] = {}  # device -> why its last frame failed verification
         self._lock = threading.Lock()
+        self._closed: str | None = None  # why requests now fail at once (set by close)
 
     def __enter__(self) -> FleetClient:
         self.connect()
@@ -175,7 +178,22 @@ class FleetClient:
                 self._replies.pop(token, None)
 
     def close(self) -> None:
+        """Disconnect. Requests still waiting, and any made from now on, fail at once."""
+        with self._lock:
+            self._closed = "the fleet client was closed"
+        self.abort_pending(self._closed)
         self.transport.close()
+
+    def abort_pending(self, reason: str) -> None:
+        """Make every request still waiting for a reply fail now with ``reason``.
+
+        For Ctrl-C: a thread blocked in :meth:`command` would otherwise hold the process for
+        the rest of its timeout (the interpreter joins such threads before it exits).
+        """
+        with self._lock:
+            inboxes = list(self._replies.values())
+        for inbox in inboxes:
+            inbox.put({_ABORTED: reason})
 
     # ------------------------------------------------------------------------------ incoming
     def _refused(self, topic: str, err: FrameRejected) -> None:
@@ -295,13 +313,18 @@ class FleetClient:
         frame = seal_json(kind, body(request_id), sender=self.sender, keyring=self.keyring)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         with self._lock:
+            if self._closed is not None:
+                raise FleetError(f"{what} to {device} not sent: {self._closed}")
             self._replies[request_id] = inbox
         try:
             self.transport.publish(topic, frame, qos=1)
             try:
-                return inbox.get(timeout=timeout)
+                reply = inbox.get(timeout=timeout)
             except queue.Empty:
                 raise FleetError(self._no_answer(device, what, timeout)) from None
+            if _ABORTED in reply:
+                raise FleetError(f"{what} to {device} abandoned: {reply[_ABORTED]}")
+            return reply
         finally:
             with self._lock:
                 self._replies.pop(request_id, None)

@@ -197,7 +197,6 @@ class FastPredictor(Predictor):
             )
         from . import kernels  # the native library: loaded only by the fast flavour
 
-        self._kernels = kernels
         self.kernels_isa = kernels.backend()
         self._input = model.inputs[0]
         self._output = model.outputs[0]

@@ -16,6 +16,9 @@ gossip case the variance-corrected merge exists for.
 Local data lives in ``data_dir`` as safetensors files, ``train.safetensors`` and optionally
 ``test.safetensors``, each with ``x`` (float32, N x C x H x W, normalised as the model expects)
 and ``y`` (int64 labels). Without a test file a fixed 20% of the training data is held out.
+``train.safetensors`` may also hold ``label_probs`` (:data:`edge_agent.learning.LABEL_PROBS`):
+then the device is a ``dirichlet-pool`` node, drawing every sample's label with those
+probabilities (``BatchSampler.pooled``, as the simulator does) instead of uniform batches.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import hashlib
 import itertools
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from safetensors.numpy import load_file
 import models
 from bitfleet.errors import BitfleetError
 from edge_agent.config import LearnSettings
+from edge_agent.learning import LABEL_PROBS
 from edge_agent.merge import MergeError, Merger
 from edge_agent.state import StateStore
 from models import training
@@ -47,18 +51,35 @@ class DataError(BitfleetError, ValueError):
 
 
 class LocalData:
-    """A device's training and test arrays."""
+    """A device's training and test arrays, and its label probabilities if it is a pool node."""
 
     def __init__(
-        self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+        self,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        x_test: np.ndarray,
+        y_test: np.ndarray,
+        label_probs: np.ndarray | None = None,
     ) -> None:
         self.x_train = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
         self.y_train = torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64))
         self.x_test = torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32))
         self.y_test = torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64))
+        self.label_probs = None if label_probs is None else np.asarray(label_probs, np.float64)
 
     def __len__(self) -> int:
         return len(self.y_train)
+
+    def batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[training.Batch]:
+        """Training batches without end, drawn the way this device's data asks.
+
+        With :attr:`label_probs` (a pool node) every sample's label is drawn with them
+        (``BatchSampler.pooled``); without, every batch is drawn afresh (``BatchSampler.fresh``).
+        """
+        sampler = training.BatchSampler(self.x_train, self.y_train, batch_size)
+        if self.label_probs is None:
+            return sampler.fresh(rng)
+        return sampler.pooled(self.label_probs, rng)
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -86,13 +107,36 @@ def load_local_data(data_dir: str | Path) -> LocalData:
             "safetensors.numpy.save_file)"
         )
     x, y = _read(train_file)
+    probs = _label_probs(train_file)
     test_file = root / "test.safetensors"
     if test_file.is_file():
         xt, yt = _read(test_file)
-        return LocalData(x, y, xt, yt)
+        return _checked(LocalData(x, y, xt, yt, probs), train_file)
     order = np.random.default_rng(0).permutation(len(y))
     cut = max(1, len(y) // 5)
-    return LocalData(x[order[cut:]], y[order[cut:]], x[order[:cut]], y[order[:cut]])
+    held_out = LocalData(x[order[cut:]], y[order[cut:]], x[order[:cut]], y[order[:cut]], probs)
+    return _checked(held_out, train_file)
+
+
+def _label_probs(path: Path) -> np.ndarray | None:
+    probs = load_file(path).get(LABEL_PROBS)
+    if probs is None:
+        return None
+    probs = probs.astype(np.float64)
+    if probs.ndim != 1 or not np.all(np.isfinite(probs)) or np.any(probs < 0) or probs.sum() <= 0:
+        raise DataError(
+            f"{path}: {LABEL_PROBS} must be finite non-negative probabilities per class"
+        )
+    return probs
+
+
+def _checked(data: LocalData, path: Path) -> LocalData:
+    """``data`` once a pool node's probabilities fit its labels (a batch draws at once)."""
+    try:
+        next(data.batches(1, np.random.default_rng(0)))
+    except ValueError as err:
+        raise DataError(f"{path}: {err}") from None
+    return data
 
 
 def _device_seed(device: str) -> int:
@@ -193,11 +237,9 @@ class Learner:
 
     # ------------------------------------------------------------------------------ a round
     def train_round(self) -> dict[str, float]:
-        """``local_steps`` optimizer steps, each on a mini-batch drawn afresh from local data."""
-        sampler = training.BatchSampler(
-            self.data.x_train, self.data.y_train, self.settings.batch_size
-        )
-        steps = itertools.islice(sampler.fresh(self._rng), self.settings.local_steps)
+        """``local_steps`` optimizer steps, each on a mini-batch drawn from the local data."""
+        batches = self.data.batches(self.settings.batch_size, self._rng)
+        steps = itertools.islice(batches, self.settings.local_steps)
         return training.train_steps(self.model, self.optimizer, steps)
 
     def receive(self, sender: str, tensors: Mapping[str, np.ndarray], samples: float) -> None:

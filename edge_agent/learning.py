@@ -45,7 +45,7 @@ from edge_agent.transport import TransportError
 if TYPE_CHECKING:
     from edge_agent.learner import Learner
 
-__all__ = ["LearningLoop", "NOT_LEARNING", "WRONG_MODEL", "check_local_data"]
+__all__ = ["LABEL_PROBS", "LearningLoop", "NOT_LEARNING", "WRONG_MODEL", "check_local_data"]
 
 log = logging.getLogger("bitfleet.agent")
 
@@ -57,12 +57,18 @@ NOT_LEARNING = "not_learning"
 WRONG_MODEL = "wrong_model"
 """Drop reason: a peer's model of another network than the one this device learns."""
 
+LABEL_PROBS = "label_probs"
+"""Optional tensor of ``train.safetensors``: one probability per class (a ``dirichlet-pool``
+node). With it the device draws every training sample's label with these probabilities, then a
+sample of that label from all of ``x``/``y``; without it, every batch is drawn uniformly."""
+
 
 def check_local_data(data_dir: str) -> None:
     """Raise :class:`~edge_agent.config.ConfigError` unless ``data_dir`` holds usable local data.
 
     What the learner will read must be there: ``train.safetensors`` with tensors ``x`` (N x C x
-    H x W images) and ``y`` (N labels). Only the file's header is read, and torch is not
+    H x W images), ``y`` (N labels) and optionally ``label_probs`` (one probability per class,
+    see :data:`LABEL_PROBS`). Only the file's header is read, and torch is not
     imported, so an agent started with ``learn`` on checks this before it serves and stops with
     one line, rather than failing later on its learning thread.
     """
@@ -91,6 +97,9 @@ def check_local_data(data_dir: str) -> None:
         raise ConfigError(f"{train} must hold tensors 'x' (images) and 'y' (labels)")
     if len(x) != 4 or len(y) != 1 or x[0] != y[0] or y[0] == 0:
         raise ConfigError(f"{train}: x must be N x C x H x W and y N labels, got {x} and {y}")
+    probs = shapes.get(LABEL_PROBS)
+    if probs is not None and (len(probs) != 1 or probs[0] == 0):
+        raise ConfigError(f"{train}: {LABEL_PROBS} must be one probability per class, got {probs}")
 
 
 class LearningLoop:

@@ -8,10 +8,11 @@ agent import ``models`` but never ``toolkit``, so local training lives here, in 
 - steps: :func:`make_optimizer`, :func:`distillation_loss` and :func:`train_steps`, which runs
   one optimizer step per batch and clips binary layers' latent weights after each, as Larq's
   ``weight_clip`` does;
-- batch sampling, :class:`BatchSampler`, in three orders: :meth:`~BatchSampler.epoch` (one
+- batch sampling, :class:`BatchSampler`, in four orders: :meth:`~BatchSampler.epoch` (one
   shuffled pass, seeded by ``(seed, epoch)``: the trainer), :meth:`~BatchSampler.endless`
-  (passes reshuffled without end: the simulator) and :meth:`~BatchSampler.fresh` (every batch
-  drawn afresh: the agent);
+  (passes reshuffled without end: the simulator), :meth:`~BatchSampler.fresh` (every batch
+  drawn afresh: the agent) and :meth:`~BatchSampler.pooled` (every sample's label drawn with a
+  node's label probabilities: a ``dirichlet-pool`` node, simulated or real);
 - :func:`evaluate`: accuracy and loss in eval mode;
 - :func:`state_to_numpy` and :func:`load_numpy_state`: the ``name -> numpy array`` form in
   which models are merged, sent and checkpointed;
@@ -58,12 +59,14 @@ def make_optimizer(
     lr: float = 1e-3,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    nesterov: bool | None = None,
 ) -> torch.optim.Optimizer:
     """Adam or SGD over the model's parameters.
 
     Weight decay is applied to float parameters only: decaying binary layers' latent weights
     pulls them toward zero, where their sign flips on noise (Bi-Real and Larq train them
-    without decay).
+    without decay). SGD uses Nesterov momentum whenever ``momentum > 0`` unless ``nesterov``
+    says otherwise (``False``: classic momentum, as Caffe and the gossip paper's code).
     """
     latent = {id(p) for p, _ in latent_weight_parameters(model)}
     params = list(model.parameters())
@@ -75,7 +78,8 @@ def make_optimizer(
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, fused=True)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, fused=True)
+        use_nesterov = momentum > 0 if nesterov is None else bool(nesterov and momentum > 0)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=use_nesterov, fused=True)
     raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
 
 
@@ -239,6 +243,52 @@ class BatchSampler:
         return self._gather(
             self.indices[rng.choice(count, size=size, replace=False)] for _ in itertools.count()
         )
+
+    def pooled(self, label_probs: Array, rng: np.random.Generator) -> Iterator[Batch]:
+        """Batches without end, each sample's label drawn with ``label_probs`` (a pool node's).
+
+        Every sample of a batch of ``batch_size`` independently takes label ``c`` with
+        probability ``label_probs[c]`` and then one of the samples of that label, uniformly
+        (with replacement: a batch may repeat a sample). This is how a ``dirichlet-pool`` node
+        draws from the whole training split (:func:`toolkit.partition.dirichlet_pool`), in the
+        simulator and on a device. Each batch takes two ``rng`` calls, made only when the batch
+        is asked for. Labels must be class numbers ``0 <= y < len(label_probs)``.
+
+        Raises:
+            ValueError: probabilities that are not finite, negative or all zero, labels
+                outside their range, or a positive probability for a class with no sample.
+        """
+        probs = np.asarray(
+            label_probs.numpy() if isinstance(label_probs, torch.Tensor) else label_probs,
+            dtype=np.float64,
+        )
+        if probs.ndim != 1 or not np.all(np.isfinite(probs)) or np.any(probs < 0):
+            raise ValueError("label_probs must be one finite, non-negative probability per class")
+        if probs.sum() <= 0:
+            raise ValueError("label_probs are all zero: no label can be drawn")
+        if len(self.indices) == 0:
+            raise ValueError("cannot draw batches from no samples")
+        labels = self.y.numpy()[self.indices].astype(np.int64)
+        if int(labels.min()) < 0 or int(labels.max()) >= probs.size:
+            raise ValueError(
+                f"label_probs has {probs.size} classes but the labels go from "
+                f"{int(labels.min())} to {int(labels.max())}"
+            )
+        counts = np.bincount(labels, minlength=probs.size)
+        missing = np.flatnonzero((probs > 0) & (counts == 0))
+        if missing.size:
+            raise ValueError(f"label_probs gives classes {missing.tolist()} a chance but no sample")
+        by_label = self.indices[np.argsort(labels, kind="stable")]
+        starts = np.cumsum(counts) - counts
+        p = probs / probs.sum()
+        size = self.batch_size
+
+        def parts() -> Iterator[np.ndarray]:
+            while True:
+                classes = rng.choice(p.size, size=size, p=p)
+                yield by_label[starts[classes] + rng.integers(0, counts[classes])]
+
+        return self._gather(parts())
 
     def draw_size(self) -> int:
         """Samples per batch of the endless orders: ``min(batch_size, samples)``."""

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from toolkit.data import load_dataset
 from toolkit.partition import (
     PartitionSpec,
+    balanced_subset,
     dirichlet,
+    dirichlet_pool,
     iid,
     label_skew,
     parse_partition,
@@ -127,6 +129,8 @@ def test_label_skew_on_hand_made_parts():
         ("dirichlet:0.5", PartitionSpec("dirichlet", 0.5)),
         ("Dirichlet: 1e-1", PartitionSpec("dirichlet", 0.1)),
         ("shards:2", PartitionSpec("shards", 2)),
+        ("dirichlet-pool:0.5", PartitionSpec("dirichlet-pool", 0.5)),
+        (" Dirichlet-Pool: 2 ", PartitionSpec("dirichlet-pool", 2.0)),
     ],
 )
 def test_parse_partition(spec, expected):
@@ -138,11 +142,73 @@ def test_parse_partition(spec, expected):
 @pytest.mark.parametrize(
     "spec",
     ["", "iid:2", "dirichlet", "dirichlet:", "dirichlet:0", "dirichlet:-1", "dirichlet:abc",
-     "dirichlet:nan", "dirichlet:inf", "shards", "shards:0", "shards:1.5", "shards:-2", "label:3"],
+     "dirichlet:nan", "dirichlet:inf", "shards", "shards:0", "shards:1.5", "shards:-2", "label:3",
+     "dirichlet-pool", "dirichlet-pool:", "dirichlet-pool:0", "dirichlet-pool:-1",
+     "dirichlet-pool:x", "pool:0.5"],
 )  # fmt: skip
 def test_parse_partition_errors_name_valid_forms(spec):
-    with pytest.raises(ValueError, match=r"valid forms: iid, dirichlet:<alpha>, shards:"):
+    with pytest.raises(
+        ValueError, match=r"valid forms: iid, dirichlet:<alpha>, shards:.*dirichlet-pool:<alpha>"
+    ):
         parse_partition(spec)
+
+
+def test_bad_pool_alpha_is_named():
+    with pytest.raises(ValueError, match=r"bad partition 'dirichlet-pool:-1': alpha must be"):
+        parse_partition("dirichlet-pool:-1")
+
+
+def test_dirichlet_pool_draws_a_probability_row_per_node():
+    labels = np.array([0, 1, 1, 3, 3, 3, 4] * 10)  # class 2 has no item
+    probs = dirichlet_pool(labels, 6, 0.5, seed=4)
+    assert probs.shape == (6, 5) and probs.dtype == np.float64
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    assert np.all(probs[:, 2] == 0) and np.all(probs >= 0)
+    np.testing.assert_array_equal(probs, dirichlet_pool(labels, 6, 0.5, seed=4))
+    assert not np.array_equal(probs, dirichlet_pool(labels, 6, 0.5, seed=5))
+    # more nodes append rows: the first nodes keep theirs
+    np.testing.assert_array_equal(dirichlet_pool(labels, 9, 0.5, seed=4)[:6], probs)
+    # nodes may outnumber items: they share the pool
+    assert dirichlet_pool(labels[:3], 50, 1.0).shape == (50, 2)
+    spec = parse_partition("dirichlet-pool:0.5")
+    assert spec.pooled and not parse_partition("dirichlet:0.5").pooled
+    np.testing.assert_array_equal(spec.label_probs(labels, 6, seed=4), probs)
+
+
+def test_dirichlet_pool_skew_follows_alpha():
+    labels = np.repeat(np.arange(10), 20)
+
+    def mean_top_share(alpha: float) -> float:
+        return float(dirichlet_pool(labels, 500, alpha, seed=0).max(axis=1).mean())
+
+    # alpha 0.1: one class dominates a node; alpha 100: close to 1/10 each
+    assert mean_top_share(0.1) > 0.6 > 0.35 > mean_top_share(1.0) > 0.2 > mean_top_share(100.0)
+
+
+def test_a_pool_is_not_a_split():
+    labels = np.repeat(np.arange(4), 5)
+    with pytest.raises(ValueError, match="is a pool, not a split"):
+        partition("dirichlet-pool:0.5", labels, 3)
+    with pytest.raises(ValueError, match="has no label probabilities"):
+        parse_partition("shards:2").label_probs(labels, 3)
+    with pytest.raises(ValueError, match="non-negative integer labels"):
+        dirichlet_pool(np.array(["a", "b"]), 2, 1.0)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        dirichlet_pool(labels, 2, 0.0)
+
+
+def test_balanced_subset():
+    labels = np.array([0] * 5 + [1] * 3 + [2] * 7)
+    largest = balanced_subset(labels)
+    assert np.bincount(labels[largest]).tolist() == [3, 3, 3]
+    assert np.all(np.diff(largest) > 0)
+    np.testing.assert_array_equal(largest, balanced_subset(labels))  # fixed
+    two = balanced_subset(labels, 2)
+    assert np.bincount(labels[two]).tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match="the smallest class has 3; use at most 3"):
+        balanced_subset(labels, 4)
+    digits_test = load_dataset("digits", "test").y
+    assert len(balanced_subset(digits_test)) == 430  # 43 per class, as documented
 
 
 def test_partition_dispatches_on_the_spec():

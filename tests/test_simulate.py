@@ -5,11 +5,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from models.training import BatchSampler, make_optimizer, train_steps
+from models.training import BatchSampler, evaluate, make_optimizer, train_steps
 from toolkit.cli import app
 from toolkit.data import load_dataset
-from toolkit.partition import partition
-from toolkit.simulate import SimulationConfig, simulate
+from toolkit.partition import balanced_subset, dirichlet_pool, partition
+from toolkit.simulate import SimulationConfig, augment_batch, simulate, xavier_init
 from toolkit.train import make_model
 
 SMALL = dict(nodes=4, topology="ring", rounds=2, local_steps=2, batch_size=16)
@@ -24,6 +24,14 @@ def test_config_validation():
         SimulationConfig(drop=1.0)
     with pytest.raises(ValueError, match="trigger"):
         SimulationConfig(trigger=0)
+    with pytest.raises(ValueError, match="unknown weight init 'he'"):
+        SimulationConfig(weight_init="he")
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        SimulationConfig(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="bad test subset 'balanced:0'"):
+        SimulationConfig(test_subset="balanced:0")
+    with pytest.raises(ValueError, match="unknown fedavg weighting 'size'"):
+        SimulationConfig(fedavg_weights="size")
 
 
 def test_same_seed_same_history():
@@ -58,6 +66,56 @@ def test_fedavg_with_one_node_equals_local_training():
     assert set(got) == set(expected)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_a_pool_node_trains_on_its_label_probabilities_as_documented():
+    # FedAvg with one client is that client's local training: written out here from the
+    # simulator's documented seeding, with every paper-regime setting on
+    config = SimulationConfig(
+        nodes=1,
+        merge="fedavg",
+        rounds=3,
+        local_steps=2,
+        batch_size=16,
+        data="dirichlet-pool:0.5",
+        augment=True,
+        weight_init="xavier",
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        test_subset="balanced:20",
+        seed=2,
+    )
+    result = simulate(config)
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    torch.manual_seed(config.seed * 100_003 + 1)
+    model = make_model("lenet5", train)
+    xavier_init(model)
+    assert float(model.classifier[0].bias.detach().abs().sum()) == 0.0
+    optimizer = make_optimizer(model, "sgd", config.lr, 0.9, 5e-4, nesterov=False)
+    assert optimizer.param_groups[0]["nesterov"] is False
+    probs = dirichlet_pool(train.y, 1, 0.5, seed=config.seed)[0]
+    data_seed = config.seed * 7_919
+    stream = BatchSampler(train.x, train.y, 16).pooled(probs, np.random.default_rng(data_seed))
+    generator = torch.Generator().manual_seed(data_seed)
+    fill = torch.tensor([-train.mean[0] / train.std[0]])
+    batches = ((augment_batch(x, generator, fill), y) for x, y in stream)
+    train_steps(model, optimizer, itertools.islice(batches, 6))
+    expected = {k: v.numpy() for k, v in model.state_dict().items()}
+    for name in expected:
+        np.testing.assert_array_equal(result.final_states[0][name], expected[name])
+    # evaluated on the fixed balanced subset: 20 of each class
+    keep = balanced_subset(test.y, 20)
+    accuracy = evaluate(model, test.x[keep], test.y[keep])["accuracy"]
+    assert result.final_accuracy == accuracy
+    assert [r["steps"] for r in result.history] == [0, 2, 4, 6]
+
+
+def test_pool_gossip_is_reproducible():
+    setup = dict(SMALL, data="dirichlet-pool:0.5", augment=True, weight_init="xavier")
+    a = simulate(SimulationConfig(**setup, seed=1))
+    assert a.history == simulate(SimulationConfig(**setup, seed=1)).history
+    assert a.history != simulate(SimulationConfig(**setup, seed=2)).history
 
 
 def test_vc_beats_plain_averaging_at_independent_init():

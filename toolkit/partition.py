@@ -19,8 +19,22 @@ Three recipes, the ones federated-learning papers compare against:
     Sort by label, cut into ``num_nodes * k`` shards and give each node ``k`` of them
     (McMahan et al., 2017), so each node sees at most ``k`` classes.
 
+One recipe is not a split but a *pool*, the data model of the vanishing-variance paper's code
+(DFL2, DFL_torch):
+
+``dirichlet-pool:<alpha>``
+    No node holds items of its own: every node draws its batches from the whole split, each
+    sample's label with the node's own probabilities, drawn from Dir(alpha, ..., alpha), and
+    then an item of that label uniformly (:func:`dirichlet_pool` draws the probabilities,
+    :meth:`models.training.BatchSampler.pooled` the batches). A pool is a
+    ``(num_nodes, num_classes)`` matrix of label probabilities, not a list of index arrays, so
+    :meth:`PartitionSpec.apply` refuses it and :meth:`PartitionSpec.label_probs` gives it;
+    :func:`node_train_sets` gives, for either kind, the tensors a node's agent reads from its
+    ``train.safetensors`` (a pool node gets the whole split plus its ``label_probs``).
+
 :func:`partition` takes the same recipes as strings (what the CLI and the simulator config use),
-and :func:`label_skew` measures how far a partition is from IID.
+:func:`label_skew` measures how far a partition is from IID, and :func:`balanced_subset` picks
+a fixed class-balanced evaluation set.
 
 # References
 - Hsu, Qi, Brown: "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
@@ -40,16 +54,28 @@ import numpy as np
 
 __all__ = [
     "PARTITION_FORMS",
+    "POOL_KINDS",
     "PartitionSpec",
+    "balanced_subset",
     "dirichlet",
+    "dirichlet_pool",
     "iid",
     "label_skew",
+    "node_train_sets",
     "parse_partition",
     "partition",
     "shards",
 ]
 
-PARTITION_FORMS = ("iid", "dirichlet:<alpha>", "shards:<classes_per_node>")
+PARTITION_FORMS = (
+    "iid",
+    "dirichlet:<alpha>",
+    "shards:<classes_per_node>",
+    "dirichlet-pool:<alpha>",
+)
+
+POOL_KINDS = ("dirichlet-pool",)
+"""Recipes where every node draws from the whole split with its own label probabilities."""
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -75,6 +101,14 @@ def _check_nodes(num_items: int, num_nodes: object) -> int:
             "use fewer nodes"
         )
     return nodes
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
+        raise ValueError(f"alpha must be a number, got {alpha!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+    return float(alpha)
 
 
 def _finish(parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -114,10 +148,7 @@ def dirichlet(
     y = _check_labels(labels)
     total = y.shape[0]
     nodes = _check_nodes(total, num_nodes)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
-        raise ValueError(f"alpha must be a number, got {alpha!r}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+    _check_alpha(alpha)
     least = _check_int(min_size, "min_size", 0)
     tries = _check_int(max_tries, "max_tries", 1)
     if least * nodes > total:
@@ -205,9 +236,84 @@ def shards(
     return _finish([np.concatenate([pieces[s] for s in row]) for row in owner])
 
 
+def _class_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as non-negative integers (a pool's probabilities are indexed by label)."""
+    y = _check_labels(labels)
+    if y.size == 0:
+        raise ValueError("labels is empty")
+    if not np.issubdtype(y.dtype, np.integer) or int(y.min()) < 0:
+        raise ValueError(
+            f"a label pool needs non-negative integer labels (class numbers), got {y.dtype}"
+        )
+    return y.astype(np.int64, copy=False)
+
+
+def dirichlet_pool(labels: np.ndarray, num_nodes: int, alpha: float, seed: int = 0) -> np.ndarray:
+    """Per-node label probabilities ~ Dir(alpha) over the classes present in ``labels``.
+
+    The data model of the vanishing-variance paper's code: no node holds items of its own;
+    node ``i`` draws each training sample's label ``c`` with probability ``probs[i, c]`` and
+    then an item of label ``c`` from the whole split (:meth:`models.training.BatchSampler.pooled`).
+
+    Args:
+        labels: class number of each item of the split, non-negative integers, shape ``(N,)``.
+        num_nodes: number of nodes (any number >= 1: nodes share the pool).
+        alpha: Dirichlet concentration, > 0; smaller is more skewed.
+        seed: seed of the ``numpy.random.default_rng`` stream; one row is drawn per node, in
+            node order, so the first nodes' rows do not depend on ``num_nodes``.
+
+    Returns:
+        float64 array ``(num_nodes, max(labels) + 1)`` whose rows sum to 1; a class number with
+        no item in ``labels`` gets probability 0 on every node.
+
+    Raises:
+        ValueError: bad arguments, or an alpha so small that a draw underflows to all zeros.
+    """
+    y = _class_labels(labels)
+    nodes = _check_int(num_nodes, "num_nodes", 1)
+    concentration = _check_alpha(alpha)
+    present = np.flatnonzero(np.bincount(y) > 0)
+    rng = np.random.default_rng(seed)
+    drawn = rng.dirichlet(np.full(present.size, concentration), size=nodes)
+    totals = drawn.sum(axis=1)
+    if not np.all(np.isfinite(totals) & (totals > 0)):
+        raise ValueError(f"dirichlet-pool alpha {alpha} is too small to draw; raise it")
+    probs = np.zeros((nodes, int(y.max()) + 1))
+    probs[:, present] = drawn / totals[:, None]
+    return probs
+
+
+def balanced_subset(labels: np.ndarray, per_class: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-balanced subset: ``per_class`` items of every class.
+
+    ``None`` takes the largest balanced subset (the size of the smallest class; on the digits
+    test split 43 per class, 430 of 450 images). The items are chosen with ``seed`` (0: the
+    same subset for every run, whatever the run's own seed), so it is a fixed evaluation set,
+    as the paper's code evaluates every node on a fixed balanced set of test images.
+
+    Raises:
+        ValueError: ``per_class`` < 1 or larger than the smallest class.
+    """
+    y = _check_labels(labels)
+    if y.size == 0:
+        raise ValueError("labels is empty")
+    _, codes = np.unique(y, return_inverse=True)
+    counts = np.bincount(codes)
+    smallest = int(counts.min())
+    take = smallest if per_class is None else _check_int(per_class, "per_class", 1)
+    if take > smallest:
+        raise ValueError(
+            f"cannot take {take} items of every class: the smallest class has {smallest}; "
+            f"use at most {smallest} per class"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(codes == c))[:take] for c in range(counts.size)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class PartitionSpec:
-    """A parsed partition recipe: ``kind`` is iid, dirichlet or shards, ``value`` its parameter.
+    """A parsed recipe: ``kind`` (iid, dirichlet, shards, dirichlet-pool) and its ``value``.
 
     ``str(spec)`` gives back the canonical string, so a spec round-trips through a config file.
     """
@@ -218,8 +324,25 @@ class PartitionSpec:
     def __str__(self) -> str:
         return self.kind if self.value is None else f"{self.kind}:{self.value!r}"
 
+    @property
+    def pooled(self) -> bool:
+        """True for a pool (every node draws from the whole split), False for a split."""
+        return self.kind in POOL_KINDS
+
+    def label_probs(self, labels: np.ndarray, num_nodes: int, seed: int = 0) -> np.ndarray:
+        """A pool's ``(num_nodes, num_classes)`` label probabilities (:func:`dirichlet_pool`)."""
+        if self.kind == "dirichlet-pool":
+            assert self.value is not None
+            return dirichlet_pool(labels, num_nodes, float(self.value), seed)
+        raise ValueError(f"{self} splits the data among the nodes; it has no label probabilities")
+
     def apply(self, labels: np.ndarray, num_nodes: int, seed: int = 0) -> list[np.ndarray]:
-        """Partition ``labels`` among ``num_nodes`` nodes with this recipe."""
+        """Partition ``labels`` among ``num_nodes`` nodes with this recipe (splits only)."""
+        if self.pooled:
+            raise ValueError(
+                f"{self} is a pool, not a split: every node draws from the whole data with its "
+                "own label probabilities; use label_probs() or node_train_sets()"
+            )
         if self.kind == "iid":
             return iid(len(_check_labels(labels)), num_nodes, seed)
         if self.kind == "dirichlet":
@@ -234,27 +357,32 @@ class PartitionSpec:
 
 
 def parse_partition(spec: str | PartitionSpec) -> PartitionSpec:
-    """Parse ``"iid"``, ``"dirichlet:<alpha>"`` (alpha > 0) or ``"shards:<k>"`` (k >= 1).
+    """Parse a recipe: ``iid``, ``dirichlet:<alpha>``, ``dirichlet-pool:<alpha>``, ``shards:<k>``.
+
+    ``alpha`` must be a number > 0 and ``k`` an integer >= 1.
 
     Raises:
         ValueError: naming the bad spec and the valid forms.
     """
     if isinstance(spec, PartitionSpec):
         return parse_partition(str(spec))
-    valid = f"valid forms: {', '.join(PARTITION_FORMS)}, e.g. dirichlet:0.5 or shards:2"
+    valid = (
+        f"valid forms: {', '.join(PARTITION_FORMS)}, e.g. dirichlet:0.5, shards:2 or "
+        "dirichlet-pool:0.5"
+    )
     if not isinstance(spec, str):
         raise ValueError(f"partition spec must be a string, got {spec!r}; {valid}")
     kind, sep, arg = spec.strip().partition(":")
     kind, arg = kind.strip().lower(), arg.strip()
     if kind == "iid" and not sep:
         return PartitionSpec("iid")
-    if kind == "dirichlet" and arg:
+    if kind in ("dirichlet", "dirichlet-pool") and arg:
         try:
             alpha = float(arg)
         except ValueError:
             alpha = math.nan
         if math.isfinite(alpha) and alpha > 0:
-            return PartitionSpec("dirichlet", alpha)
+            return PartitionSpec(kind, alpha)
         raise ValueError(f"bad partition {spec!r}: alpha must be a number > 0; {valid}")
     if kind == "shards" and arg:
         if arg.isdigit() and int(arg) >= 1:
@@ -268,6 +396,28 @@ def partition(
 ) -> list[np.ndarray]:
     """Partition ``labels`` among ``num_nodes`` nodes with a recipe string such as ``shards:2``."""
     return parse_partition(spec).apply(labels, num_nodes, seed)
+
+
+def node_train_sets(
+    spec: str | PartitionSpec, x: np.ndarray, y: np.ndarray, num_nodes: int, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """What each node's agent reads from its ``train.safetensors``, for any recipe.
+
+    A split gives node ``i`` its items, ``{"x": x[part], "y": y[part]}``; a pool gives every
+    node the whole split and its own label probabilities, ``{"x": x, "y": y, "label_probs":
+    probs[i]}`` (float32), from which the agent draws its batches
+    (:func:`edge_agent.learner.load_local_data`). The arrays of a pool node are shared, not
+    copied: write them out, do not modify them.
+    """
+    from edge_agent.learning import LABEL_PROBS  # torch-free: the agent's data format
+
+    parsed = parse_partition(spec)
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} items but y has {len(y)}")
+    if parsed.pooled:
+        probs = parsed.label_probs(y, num_nodes, seed).astype(np.float32)
+        return [{"x": x, "y": y, LABEL_PROBS: row} for row in probs]
+    return [{"x": x[part], "y": y[part]} for part in parsed.apply(y, num_nodes, seed)]
 
 
 def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:

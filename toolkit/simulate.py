@@ -1,17 +1,27 @@
 """A discrete-time simulator of gossip learning (and its FedAvg baseline) on one machine.
 
-Every round, each online node trains its own model for ``local_steps`` steps on its shard of
-the data, pushes the model to ``peers`` random neighbours (all of them by default) through a
-wire codec, and merges what it has received once its :class:`edge_agent.merge.Merger` buffer
-holds as many models as the trigger asks. The real MQTT agent runs the same local training
+Every round, each online node trains its own model for ``local_steps`` steps on its data,
+pushes the model to ``peers`` random neighbours (all of them by default) through a wire codec,
+and merges what it has received once its :class:`edge_agent.merge.Merger` buffer holds as many
+models as the trigger asks. The real MQTT agent runs the same local training
 (:mod:`models.training`), the same codecs and the same ``Merger``; only the transport differs
-(here: in-process queues with optional drops, delays and node churn), and how batches are drawn:
-a node here walks reshuffled passes over its shard (``BatchSampler.endless``), an agent draws
-every batch afresh (``BatchSampler.fresh``, both :class:`models.training.BatchSampler`).
+(here: in-process queues with optional drops, delays and node churn), and how batches are drawn
+from a shard: a node here walks reshuffled passes over it (``BatchSampler.endless``), an agent
+draws every batch afresh (``BatchSampler.fresh``, both :class:`models.training.BatchSampler`).
+
+A node's data is either a shard of the training split (``iid``, ``dirichlet:A``, ``shards:K``:
+:mod:`toolkit.partition`) or, with ``dirichlet-pool:A``, the whole split seen through the
+node's own label probabilities (``BatchSampler.pooled``, in the simulator and on a device
+alike). Node ``i``'s batches come from ``numpy.random.default_rng(seed * 7_919 + i)``; with
+``augment`` each batch is also rotated (up to 5 degrees) and shifted (up to 2 pixels, a crop
+with padding 2) by :func:`augment_batch`, drawn from a ``torch.Generator`` of the same seed.
 
 FedAvg (McMahan et al. 2017) is the baseline: a server holds one model; each round every
 online node starts from it, trains the same ``local_steps`` steps, and the server replaces it
-with the sample-weighted average of what comes back (:func:`edge_agent.merge.weighted_average`).
+with the average of what comes back (:func:`edge_agent.merge.weighted_average`), weighted by
+shard size (``fedavg_weights="samples"``) or equally (``"equal"``, and always for a pool).
+Every record counts ``steps``, the SGD steps each node or client has taken, so methods compare
+on the same axis (with ``local_steps=1`` a round is one step).
 
 Initialisation is ``independent`` (each node draws its own weights: the gossip case, where
 plain averaging collapses the weight variance) or ``common`` (one draw for all: the FL case).
@@ -23,13 +33,14 @@ import inspect
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import models
@@ -47,14 +58,23 @@ from models.training import (
 )
 
 from .data import DATASETS, ArrayDataset, DatasetError, load_dataset
-from .partition import parse_partition, partition
+from .partition import balanced_subset, parse_partition
 from .topology import Topology, parse_topology
 from .train import make_model
 
-__all__ = ["SimulationConfig", "SimulationResult", "simulate", "default_topology", "METHODS"]
+__all__ = [
+    "SimulationConfig",
+    "SimulationResult",
+    "simulate",
+    "default_topology",
+    "augment_batch",
+    "METHODS",
+]
 
 METHODS = ("vc", "avg", "fedavg")
 INITS = ("independent", "common")
+WEIGHT_INITS = ("default", "xavier")
+FEDAVG_WEIGHTS = ("samples", "equal")
 
 Model = dict[str, np.ndarray]
 
@@ -88,6 +108,13 @@ class SimulationConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.0
+    # SGD's momentum is Nesterov's unless this is False (classic momentum, the paper's code)
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    # "default": the model's own initialisation; "xavier": Xavier-uniform weights, zero biases
+    weight_init: str = "default"
+    # rotate each training batch up to 5 degrees and shift it up to 2 pixels (augment_batch)
+    augment: bool = False
     self_weight: float = 0.1
     variance: str = "others"
     # False: VC leaves binary layers' latent weights unscaled (averaged only)
@@ -99,8 +126,14 @@ class SimulationConfig:
     churn: float = 0.0
     delay: int = 0
     codec: str = "fp32"
+    # FedAvg's server weights each client by its "samples" (shard size) or "equal"ly
+    fedavg_weights: str = "samples"
     seed: int = 0
     eval_every: int = 1
+    # what each node is evaluated on: "all" of the test split, "balanced" (the largest
+    # class-balanced subset: 43 per class, 430 images, on digits) or "balanced:N" (N per class);
+    # the subset is fixed (toolkit.partition.balanced_subset, seed 0) whatever the run's seed
+    test_subset: str = "all"
 
     def __post_init__(self) -> None:
         # Everything is checked here, before any work starts (and before a progress bar is
@@ -112,6 +145,8 @@ class SimulationConfig:
             ("codec", self.codec, codecs.CODECS),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("variance mode", self.variance, VARIANCE_MODES),
+            ("weight init", self.weight_init, WEIGHT_INITS),
+            ("fedavg weighting", self.fedavg_weights, FEDAVG_WEIGHTS),
         ):
             if value not in choices:
                 raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
@@ -120,8 +155,10 @@ class SimulationConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not (math.isfinite(self.momentum) and self.momentum >= 0):
-            raise ValueError(f"momentum must be >= 0, got {self.momentum}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value}")
         for name in ("drop", "churn", "self_weight"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -134,6 +171,7 @@ class SimulationConfig:
         self._check_model()
         self._check_dataset()
         parse_partition(self.data)
+        parse_test_subset(self.test_subset)
         if self.topology == "auto":
             self.topology = default_topology(self.nodes)
         if self.merge != "fedavg":  # FedAvg is a star with a server whatever the topology
@@ -179,6 +217,97 @@ class SimulationConfig:
             )
 
 
+def parse_test_subset(spec: str) -> int | None:
+    """Items per class of a ``test_subset`` spec: 0 for ``all``, None for the largest balanced.
+
+    Raises ValueError for anything but ``all``, ``balanced`` or ``balanced:N`` with N >= 1.
+    """
+    kind, sep, arg = str(spec).strip().lower().partition(":")
+    if kind == "all" and not sep:
+        return 0
+    if kind == "balanced" and not sep:
+        return None
+    if kind == "balanced" and arg.strip().isdigit() and int(arg) >= 1:
+        return int(arg)
+    raise ValueError(
+        f"bad test subset {spec!r}; use all, balanced (the largest class-balanced subset) or "
+        "balanced:N (N test images of every class)"
+    )
+
+
+def _eval_set(config: SimulationConfig, test: ArrayDataset) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels every node is evaluated on (``config.test_subset``)."""
+    per_class = parse_test_subset(config.test_subset)
+    if per_class == 0:
+        return test.x, test.y
+    keep = balanced_subset(test.y, per_class)
+    return test.x[keep], test.y[keep]
+
+
+def augment_batch(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    fill: torch.Tensor | float = 0.0,
+    degrees: float = 5.0,
+    padding: int = 2,
+) -> torch.Tensor:
+    """Rotate each image by a uniform angle in ``[-degrees, degrees]``, then shift it.
+
+    The shift is a whole number of pixels, uniform in ``[-padding, padding]`` on each axis: a
+    random crop of the image padded by ``padding`` (torchvision's ``RandomCrop(size,
+    padding)``), which with the rotation makes the paper code's augmentation. Both are one
+    bilinear resampling (``affine_grid`` / ``grid_sample``); pixels that come from outside the
+    image take ``fill``, per channel: pass the normalised value of a black pixel,
+    ``-mean / std``. Angles, then shifts, are drawn from ``generator``, so a seeded generator
+    gives the same batches every run. Returns a new tensor; ``x`` is left as it was.
+    """
+    n, channels, height, width = x.shape
+    angle = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(
+        degrees
+    )
+    shift = torch.randint(-padding, padding + 1, (n, 2), generator=generator).to(torch.float64)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output pixel p reads input pixel R^-1 (p - d); in affine_grid's [-1, 1] coordinates,
+    # x scaled by 2 / width and y by 2 / height
+    a = torch.stack(
+        [
+            torch.stack([cos, sin * height / width], dim=1),
+            torch.stack([-sin * width / height, cos], dim=1),
+        ],
+        dim=1,
+    )
+    d = torch.stack([shift[:, 0] * 2 / width, shift[:, 1] * 2 / height], dim=1)
+    theta = torch.cat([a, -(a @ d.unsqueeze(2))], dim=2).to(x.dtype)
+    grid = F.affine_grid(theta, [n, channels, height, width], align_corners=False)
+    base = torch.as_tensor(fill, dtype=x.dtype).reshape(-1, 1, 1)
+    moved = F.grid_sample(
+        x - base, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return moved + base
+
+
+def _augmented(
+    stream: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    generator: torch.Generator,
+    fill: torch.Tensor,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for x, y in stream:
+        yield augment_batch(x, generator, fill), y
+
+
+def xavier_init(model: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every float convolution and linear layer.
+
+    The paper code's initialisation (Caffe's and DFL_torch's LeNet). Binary layers keep their
+    own latent-weight initialisation, as :func:`models.init.init_weights` leaves them.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not getattr(module, "is_binary", False):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 @dataclass
 class SimulationResult:
     """Per-round metrics of one run: accuracy across nodes, weight variance, bytes sent."""
@@ -208,26 +337,60 @@ def _mean_variance(states: list[Model]) -> dict[str, float]:
 
 
 class _Fleet:
-    """The simulated nodes: models, optimizers, data streams and (for gossip) merge buffers."""
+    """The simulated nodes: models, optimizers, data streams and (for gossip) merge buffers.
+
+    A node's data is its shard of ``train`` (``shards[node]``) or, for a pool
+    (``label_probs`` given, ``shards`` None), the whole split drawn with ``label_probs[node]``.
+    ``sample_weights[node]`` is its weight in FedAvg's average.
+    """
 
     def __init__(
-        self, config: SimulationConfig, train: ArrayDataset, shards: list[np.ndarray]
+        self,
+        config: SimulationConfig,
+        train: ArrayDataset,
+        shards: list[np.ndarray] | None,
+        label_probs: np.ndarray | None = None,
     ) -> None:
         self.config = config
         self.models: list[nn.Module] = []
         for node in range(config.nodes):
             seed = config.seed if config.init == "common" else config.seed * 100_003 + node + 1
             torch.manual_seed(seed)
-            self.models.append(make_model(config.model, train, **config.model_args))
+            model = make_model(config.model, train, **config.model_args)
+            if config.weight_init == "xavier":
+                xavier_init(model)
+            self.models.append(model)
         self.optimizers = [
-            make_optimizer(m, config.optimizer, config.lr, config.momentum) for m in self.models
-        ]
-        self.streams = [
-            BatchSampler(train.x, train.y, config.batch_size, shard).endless(
-                np.random.default_rng(config.seed * 7_919 + node)
+            make_optimizer(
+                m,
+                config.optimizer,
+                config.lr,
+                config.momentum,
+                config.weight_decay,
+                nesterov=config.nesterov,
             )
-            for node, shard in enumerate(shards)
+            for m in self.models
         ]
+        fill = torch.tensor([-m / s for m, s in zip(train.mean, train.std, strict=True)])
+        self.streams: list[Iterator[tuple[torch.Tensor, torch.Tensor]]] = []
+        for node in range(config.nodes):
+            data_seed = config.seed * 7_919 + node
+            rng = np.random.default_rng(data_seed)
+            if label_probs is not None:
+                sampler = BatchSampler(train.x, train.y, config.batch_size)
+                stream = sampler.pooled(label_probs[node], rng)
+            else:
+                assert shards is not None
+                stream = BatchSampler(train.x, train.y, config.batch_size, shards[node]).endless(
+                    rng
+                )
+            if config.augment:
+                stream = _augmented(stream, torch.Generator().manual_seed(data_seed), fill)
+            self.streams.append(stream)
+        if config.fedavg_weights == "equal" or shards is None:
+            self.sample_weights = [1.0] * config.nodes
+        else:
+            self.sample_weights = [float(len(s)) for s in shards]
         self.binary_names = binary_weight_names(self.models[0])
 
     def train(self, node: int) -> None:
@@ -245,15 +408,20 @@ def simulate(
     """Run one simulation; ``progress(round, record)`` is called after every evaluated round."""
     train = train_data or load_dataset(config.dataset, "train", root=config.data_root)
     test = test_data or load_dataset(config.dataset, "test", root=config.data_root)
-    shards = partition(config.data, train.y, config.nodes, seed=config.seed)
+    eval_x, eval_y = _eval_set(config, test)
+    spec = parse_partition(config.data)
+    if spec.pooled:
+        shards, probs = None, spec.label_probs(train.y, config.nodes, seed=config.seed)
+    else:
+        shards, probs = spec.apply(train.y, config.nodes, seed=config.seed), None
     rng = np.random.default_rng(config.seed)
-    fleet = _Fleet(config, train, shards)
+    fleet = _Fleet(config, train, shards, probs)
 
     def accuracy(model: nn.Module) -> float:
-        return evaluate(model, test.x, test.y)["accuracy"]
+        return evaluate(model, eval_x, eval_y)["accuracy"]
 
     if config.merge == "fedavg":
-        step = _fedavg_round(config, fleet, shards, rng)
+        step = _fedavg_round(config, fleet, rng)
     else:
         topology = parse_topology(config.topology, config.nodes, seed=config.seed)
         step = _gossip_round(config, fleet, topology, rng)
@@ -270,6 +438,8 @@ def simulate(
             accuracies = [accuracy(m) for m in fleet.models]
         record = {
             "round": round_index,
+            # SGD steps each node (each FedAvg client) has taken: rounds x local_steps
+            "steps": round_index * config.local_steps,
             "mean_accuracy": float(np.mean(accuracies)),
             "min_accuracy": float(np.min(accuracies)),
             "max_accuracy": float(np.max(accuracies)),
@@ -335,10 +505,9 @@ def _gossip_round(
 
 
 def _fedavg_round(
-    config: SimulationConfig, fleet: _Fleet, shards: list[np.ndarray], rng: np.random.Generator
+    config: SimulationConfig, fleet: _Fleet, rng: np.random.Generator
 ) -> Callable[[int], int]:
     server = state_to_numpy(fleet.models[0])
-    sizes = [len(s) for s in shards]
 
     def run(round_index: int) -> int:
         online = _indices(rng.random(config.nodes) >= config.churn)
@@ -354,7 +523,7 @@ def _fedavg_round(
             sent += 2 * len(payload)  # model down, update up
             if rng.random() >= config.drop:
                 states.append(codecs.decode(payload))
-                weights.append(sizes[node])
+                weights.append(fleet.sample_weights[node])
         if states:
             server.update(weighted_average(states, weights))
         for model in fleet.models:  # every node now holds the global model

@@ -45,7 +45,14 @@ def simulate(
             "full below (on 9 nodes or fewer rrg:min(8, nodes-1) is the full graph anyway)."
         ),
     ] = "auto",
-    data: Annotated[str, typer.Option(help="iid, dirichlet:ALPHA or shards:K.")] = "dirichlet:0.5",
+    data: Annotated[
+        str,
+        typer.Option(
+            help="iid, dirichlet:ALPHA or shards:K split the training set among the nodes; "
+            "dirichlet-pool:ALPHA lets every node draw from all of it with its own label "
+            "probabilities ~ Dir(ALPHA)."
+        ),
+    ] = "dirichlet:0.5",
     merge: Annotated[str, typer.Option(help="vc, avg or fedavg.")] = "vc",
     model: Annotated[str, typer.Option(help="Registered model.")] = "lenet5",
     dataset: Annotated[str, typer.Option(help="Dataset (digits is bundled).")] = "digits",
@@ -94,6 +101,13 @@ def simulate(
         ),
     ] = True,
     codec: Annotated[str, typer.Option(help="Wire format: fp32, fp16, int8 or sign.")] = "fp32",
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Rotate training batches up to 5 degrees and shift them up to 2 pixels.",
+        ),
+    ] = False,
     compare: Annotated[
         bool, typer.Option("--compare", help="Run vc, avg and fedavg on this setup.")
     ] = False,
@@ -142,6 +156,7 @@ def simulate(
         churn=churn,
         delay=delay,
         codec=codec,
+        augment=augment,
         seed=seed,
     )
     methods = ("vc", "avg", "fedavg") if compare else (merge,)

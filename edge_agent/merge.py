@@ -35,6 +35,16 @@ Methods (``method=``):
   variance *after* its in-place mix in its conservative mode; bitfleet uses the variance before
   mixing, as the method describes.
 
+  The rescaling rule (``rule=``) differs between the paper code's two versions:
+
+  - ``"bitfleet"`` (the default; DFL_torch's): the formula above, every rescaled tensor (see
+    below), sample variance (``ddof=1``), ``eps = 1e-4``;
+  - ``"dfl2"`` (DFL2, the C++ simulator of the paper's first version): weights only, so tensors
+    whose name ends in ``bias`` are averaged but not rescaled; population variance
+    (``ddof=0``) for the target and the mix alike; no epsilon,
+    ``t' = (t - mean(t)) * sqrt(target / var(t)) + mean(t)``; a mix of zero variance is left
+    as it is (there is no spread to stretch).
+
 With ``weights=`` (one positive number per received model, e.g. sample counts) "mean" above is
 the weighted mean, of the tensors and of their variances alike.
 
@@ -94,6 +104,8 @@ EPS = 1e-4
 
 METHODS = ("avg", "vc")
 VARIANCE_MODES = ("others", "self", "conservative")
+RULES = ("bitfleet", "dfl2")
+"""Rescaling rules of ``"vc"``: bitfleet's (DFL_torch's) and DFL2's (see the module doc)."""
 
 _OWN_ONLY_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 _ROUNDED_KINDS = "biu"  # bool, signed and unsigned integers
@@ -142,6 +154,7 @@ def merge(
     variance: str = "others",
     weights: Sequence[float] | None = None,
     no_rescale: Collection[str] = (),
+    rule: str = "bitfleet",
 ) -> dict[str, NDArray[np.generic]]:
     """Merge the ``received`` models into ``own`` and return the new model.
 
@@ -158,18 +171,20 @@ def merge(
         no_rescale: names averaged but never variance-corrected, such as the latent weights of
             binary layers: ``sign(w)`` ignores their scale, so rescaling them only moves them
             away from the sign threshold (see docs/reproductions/vanishing_variance.md).
+        rule: ``"vc"``'s rescaling rule, ``"bitfleet"`` (ddof 1, eps 1e-4, every tensor) or
+            ``"dfl2"`` (ddof 0, no eps, biases not rescaled); see the module doc.
 
     Returns:
         A new dict (no array is shared with the inputs), names in ``own``'s order.
 
     Raises:
-        ValueError: no received model, an unknown method or variance mode, ``self_weight``
-            outside ``[0, 1)``, or weights of the wrong length or not positive.
+        ValueError: no received model, an unknown method, variance mode or rule,
+            ``self_weight`` outside ``[0, 1)``, or weights of the wrong length or not positive.
         MergeError: names or shapes differ between ``own`` and a received model, or a tensor
             has an unsupported dtype (complex, object, ...).
     """
     labels = [f"received model {i}" for i in range(len(received))]
-    return _merge(own, received, labels, method, self_weight, variance, weights, no_rescale)
+    return _merge(own, received, labels, method, self_weight, variance, weights, no_rescale, rule)
 
 
 def weighted_average(
@@ -214,7 +229,7 @@ class Merger:
     order in which pushes arrived.
 
     Args:
-        method, self_weight, variance, no_rescale: as in :func:`merge`, checked here.
+        method, self_weight, variance, no_rescale, rule: as in :func:`merge`, checked here.
         trigger: merge when at least this many senders are buffered (an int >= 1), or ``"all"``:
             when every one of ``neighbours`` is.
         neighbours: the senders this node listens to. Required with ``trigger="all"``; when
@@ -229,9 +244,11 @@ class Merger:
         trigger: int | Literal["all"] = 1,
         neighbours: Iterable[str] | None = None,
         no_rescale: Collection[str] = (),
+        rule: str = "bitfleet",
     ) -> None:
-        _check_options(method, self_weight, variance)
+        _check_options(method, self_weight, variance, rule)
         self.no_rescale = frozenset(no_rescale)
+        self.rule = rule
         self.method = method
         self.self_weight = float(self_weight)
         self.variance = variance
@@ -311,6 +328,7 @@ class Merger:
             self.variance,
             weights,
             self.no_rescale,
+            self.rule,
         )
         self.clear()
         return merged
@@ -318,16 +336,19 @@ class Merger:
     def __repr__(self) -> str:
         return (
             f"Merger(method={self.method!r}, self_weight={self.self_weight}, "
-            f"variance={self.variance!r}, trigger={self.trigger!r}, pending={self.pending})"
+            f"variance={self.variance!r}, rule={self.rule!r}, trigger={self.trigger!r}, "
+            f"pending={self.pending})"
         )
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_options(method: str, self_weight: float, variance: str) -> None:
+def _check_options(method: str, self_weight: float, variance: str, rule: str = "bitfleet") -> None:
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; valid: {', '.join(METHODS)}")
+    if rule not in RULES:
+        raise ValueError(f"unknown rescaling rule {rule!r}; valid: {', '.join(RULES)}")
     if variance not in VARIANCE_MODES:
         raise ValueError(f"unknown variance mode {variance!r}; valid: {', '.join(VARIANCE_MODES)}")
     if not (0.0 <= float(self_weight) < 1.0):
@@ -345,9 +366,9 @@ def _normalised_weights(weights: Sequence[float] | None, count: int) -> NDArray[
     return w / w.sum()
 
 
-def _variance(array: NDArray[np.generic]) -> float:
+def _variance(array: NDArray[np.generic], ddof: int = 1) -> float:
     # np.var takes numeric arrays only; converting first gives the same float64 sums
-    return float(np.var(array.astype(np.float64, copy=False), dtype=np.float64, ddof=1))
+    return float(np.var(array.astype(np.float64, copy=False), dtype=np.float64, ddof=ddof))
 
 
 def _weighted_mean(
@@ -401,9 +422,13 @@ def _merge(
     variance: str,
     weights: Sequence[float] | None,
     no_rescale: Collection[str] = (),
+    rule: str = "bitfleet",
 ) -> dict[str, NDArray[np.generic]]:
-    _check_options(method, self_weight, variance)
+    _check_options(method, self_weight, variance, rule)
     exempt = frozenset(no_rescale)
+    if rule == "dfl2":  # weights only, population variance
+        exempt = exempt | {name for name in own_in if name.endswith("bias")}
+    ddof = 1 if rule == "bitfleet" else 0
     if len(received_in) == 0:
         raise ValueError("merge needs at least one received model")
     w = _normalised_weights(weights, len(received_in))
@@ -426,15 +451,21 @@ def _merge(
             continue
         if method == "vc" and name not in exempt and is_rescaled(name, mine):
             if variance == "self":
-                target = _variance(mine)
+                target = _variance(mine, ddof)
             else:
-                others_var = float(sum(wi * _variance(t) for wi, t in zip(w, theirs, strict=True)))
+                others_var = float(
+                    sum(wi * _variance(t, ddof) for wi, t in zip(w, theirs, strict=True))
+                )
                 if variance == "others":
                     target = others_var
                 else:  # conservative
-                    target = s * _variance(mine) + (1.0 - s) * others_var
+                    target = s * _variance(mine, ddof) + (1.0 - s) * others_var
             center = mixed.mean()
-            scale = math.sqrt((target + EPS) / (_variance(mixed) + EPS))
+            if rule == "bitfleet":
+                scale = math.sqrt((target + EPS) / (_variance(mixed) + EPS))
+            else:  # dfl2: no epsilon; a mix with no spread has nothing to stretch
+                spread = _variance(mixed, 0)
+                scale = math.sqrt(target / spread) if spread > 0 else 1.0
             mixed = (mixed - center) * scale + center
         merged[name] = _cast(mixed, mine.dtype)
     return {name: merged[name] for name in own}

@@ -287,3 +287,91 @@ def test_debug_reraises(runner):
     assert isinstance(result.exception, models.UnknownModelError)
     # and the flag does not stick to the next invocation
     assert_one_line_error(invoke(runner, "ops", "birael18"), "birael18")
+
+
+# ------------------------------------------------------------------------- simulate --preset
+
+TINY = ("simulate", "--nodes", "4", "--topology", "ring", "--rounds", "1", "--no-progress")
+
+
+def _config_of(runner: CliRunner, out, *args: str) -> dict:
+    result = invoke(runner, *TINY, "--json", "--out", str(out), *args)
+    json_of(result)
+    return json.loads((out / "vc.json").read_text())["config"]
+
+
+def test_simulate_preset_paper_sets_what_it_says(runner, tmp_path):
+    config = _config_of(runner, tmp_path, "--preset", "paper")
+    assert {k: config[k] for k in PAPER} == PAPER
+    # the fleet, graph and rounds asked for on the command line are kept
+    assert (config["nodes"], config["topology"], config["rounds"]) == (4, "ring", 1)
+
+
+PAPER = {
+    "local_steps": 1,
+    "batch_size": 64,
+    "data": "dirichlet-pool:0.5",
+    "self_weight": 0.5,
+    "optimizer": "sgd",
+    "lr": 0.01,
+    "momentum": 0.9,
+    "nesterov": False,
+    "weight_decay": 5e-4,
+    "weight_init": "xavier",
+    "fedavg_weights": "equal",
+    "augment": True,
+    "test_subset": "balanced",
+    "vc_rule": "bitfleet",
+}
+
+
+def test_simulate_explicit_flags_beat_the_preset(runner, tmp_path):
+    config = _config_of(
+        runner,
+        tmp_path,
+        "--preset", "paper", "--local-steps", "2", "--batch-size", "16", "--data", "iid",
+        "--self-weight", "0.25", "--lr", "0.05", "--momentum", "0", "--nesterov",
+        "--weight-decay", "0", "--weight-init", "default", "--fedavg-weights", "samples",
+        "--no-augment", "--test-subset", "balanced:10", "--vc-rule", "dfl2",
+    )  # fmt: skip
+    assert {k: config[k] for k in PAPER} == {
+        **PAPER,
+        "local_steps": 2,
+        "batch_size": 16,
+        "data": "iid",
+        "self_weight": 0.25,
+        "lr": 0.05,
+        "momentum": 0.0,
+        "nesterov": True,
+        "weight_decay": 0.0,
+        "weight_init": "default",
+        "fedavg_weights": "samples",
+        "augment": False,
+        "test_subset": "balanced:10",
+        "vc_rule": "dfl2",
+    }
+
+
+def test_simulate_without_a_preset_keeps_the_defaults(runner, tmp_path):
+    from toolkit.simulate import SimulationConfig
+
+    config = _config_of(runner, tmp_path)
+    defaults = SimulationConfig()
+    for name in PAPER:
+        assert config[name] == getattr(defaults, name), name
+    assert config["local_steps"] == 20 and config["data"] == "dirichlet:0.5"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--preset", "fedprox"), "unknown preset 'fedprox'; use one of paper"),
+        (("--vc-rule", "foo"), "unknown rescaling rule 'foo'; use one of bitfleet, dfl2"),
+        (("--data", "dirichlet-pool:-1"), "bad partition 'dirichlet-pool:-1': alpha must be"),
+        (("--weight-init", "he"), "unknown weight init 'he'"),
+        (("--test-subset", "half"), "bad test subset 'half'"),
+        (("--fedavg-weights", "size"), "unknown fedavg weighting 'size'"),
+    ],
+)
+def test_simulate_bad_settings_are_one_line(runner, args, fragment):
+    assert_one_line_error(invoke(runner, *TINY, *args), fragment)

@@ -540,3 +540,68 @@ def test_import_does_not_load_torch():
     code = "import sys, edge_agent.merge; assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The two rescaling rules (rule=), by hand. Population variances (ddof 0) of the example's w:
+#   own [0, 1, 2]: 2/3;  r1 [0, 3, 6]: 6;  r2 [2, 2, 8]: 8;  target others (6 + 8) / 2 = 7
+#   mix [0.5, 1.75, 4.5], mean 2.25, population variance 8.375 / 3
+# A two-element bias:  own [0, 2], r1 [1, 5], r2 [3, 3] -> mix (self weight 0.5) [1, 3]
+#   sample variances (ddof 1): r1 8, r2 0 -> target 4; mix 2
+# ---------------------------------------------------------------------------------------------
+
+
+def rules_example() -> tuple[dict, list[dict]]:
+    own, (r1, r2) = example()
+    for model, bias in zip((own, r1, r2), ([0.0, 2.0], [1.0, 5.0], [3.0, 3.0]), strict=True):
+        model["conv.weight"] = model.pop("w")
+        model["fc.bias"] = np.array(bias)
+    return own, [r1, r2]
+
+
+def test_dfl2_rule_hand_example():
+    own, received = rules_example()
+    out = merge(own, received, method="vc", self_weight=0.5, rule="dfl2")
+    expected = (MIX_W - MIX_MEAN) * math.sqrt(7.0 / (8.375 / 3)) + MIX_MEAN
+    np.testing.assert_allclose(out["conv.weight"], expected, rtol=1e-13)
+    assert np.var(out["conv.weight"]) == pytest.approx(7.0, rel=1e-13)  # exactly, no eps
+    np.testing.assert_allclose(out["fc.bias"], [1.0, 3.0], rtol=1e-15)  # averaged only
+    # conservative: 0.5 * (2/3) + 0.5 * 7, population variances too
+    out = merge(own, received, method="vc", self_weight=0.5, variance="conservative", rule="dfl2")
+    target = 0.5 * (2 / 3) + 0.5 * 7.0
+    expected = (MIX_W - MIX_MEAN) * math.sqrt(target / (8.375 / 3)) + MIX_MEAN
+    np.testing.assert_allclose(out["conv.weight"], expected, rtol=1e-13)
+
+
+def test_bitfleet_rule_hand_example_and_default():
+    own, received = rules_example()
+    out = merge(own, received, method="vc", self_weight=0.5, rule="bitfleet")
+    np.testing.assert_allclose(out["conv.weight"], rescaled(10.5), rtol=1e-13)
+    bias = (np.array([1.0, 3.0]) - 2.0) * math.sqrt((4.0 + EPS) / (2.0 + EPS)) + 2.0
+    np.testing.assert_allclose(out["fc.bias"], bias, rtol=1e-13)  # biases rescaled too
+    default = merge(own, received, method="vc", self_weight=0.5)
+    assert all(np.array_equal(default[k], out[k]) for k in out)  # bitfleet is the default
+
+
+def test_dfl2_leaves_a_mix_without_spread_alone():
+    own = {"w": np.array([1.0, 1.0]), "v": np.array([0.0, 2.0])}
+    other = {"w": np.array([3.0, 3.0]), "v": np.array([2.0, 0.0])}
+    out = merge(own, [other], method="vc", self_weight=0.5, rule="dfl2")
+    np.testing.assert_array_equal(out["w"], [2.0, 2.0])
+    np.testing.assert_array_equal(out["v"], [1.0, 1.0])  # no spread left: nothing to stretch
+    assert np.all(np.isfinite(out["v"]))
+
+
+def test_merger_passes_its_rule():
+    own, received = rules_example()
+    merger = Merger(method="vc", self_weight=0.5, trigger=2, rule="dfl2")
+    merger.add("a", received[0])
+    merger.add("b", received[1])
+    out = merger.merge_into(own)
+    expected = merge(own, received, method="vc", self_weight=0.5, rule="dfl2")
+    assert all(np.array_equal(out[k], expected[k]) for k in expected)
+    assert "rule='dfl2'" in repr(merger)
+    with pytest.raises(ValueError, match="unknown rescaling rule 'foo'; valid: bitfleet, dfl2"):
+        Merger(rule="foo")
+    with pytest.raises(ValueError, match="unknown rescaling rule 'DFL2'"):
+        merge(own, received, rule="DFL2")

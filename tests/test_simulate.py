@@ -9,7 +9,7 @@ from models.training import BatchSampler, evaluate, make_optimizer, train_steps
 from toolkit.cli import app
 from toolkit.data import load_dataset
 from toolkit.partition import balanced_subset, dirichlet_pool, partition
-from toolkit.simulate import SimulationConfig, augment_batch, simulate, xavier_init
+from toolkit.simulate import SimulationConfig, augment_batch, preset, simulate, xavier_init
 from toolkit.train import make_model
 
 SMALL = dict(nodes=4, topology="ring", rounds=2, local_steps=2, batch_size=16)
@@ -284,3 +284,30 @@ def test_binary_network_gossips_with_sign_codec():
     )
     name = "stages.0.0.conv.weight"  # a binary conv (is_binary)
     assert kept.history[-1]["variance"][name] < 0.8 * fp32.history[-1]["variance"][name]
+
+
+def test_preset_fills_settings_and_keywords_win():
+    config = preset("paper", nodes=4, topology="ring", lr=0.02)
+    assert (config.local_steps, config.batch_size, config.data) == (1, 64, "dirichlet-pool:0.5")
+    assert (config.lr, config.momentum, config.nesterov, config.weight_decay) == (
+        0.02,
+        0.9,
+        False,
+        5e-4,
+    )
+    assert preset(None, nodes=4, topology="ring") == SimulationConfig(nodes=4, topology="ring")
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        preset("fast")
+
+
+def test_vc_rule_reaches_the_merges():
+    bitfleet = simulate(SimulationConfig(**SMALL))
+    dfl2 = simulate(SimulationConfig(**SMALL, vc_rule="dfl2"))
+    assert bitfleet.history[0] == dfl2.history[0]  # same start
+    assert not _same_states(bitfleet.final_states, dfl2.final_states)
+    # plain averaging has no rescaling, so the rule changes nothing
+    plain = simulate(SimulationConfig(**SMALL, merge="avg"))
+    assert _same_states(
+        plain.final_states,
+        simulate(SimulationConfig(**SMALL, merge="avg", vc_rule="dfl2")).final_states,
+    )

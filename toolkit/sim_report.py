@@ -21,7 +21,10 @@ from bitfleet.fsutil import atomic_write_bytes, atomic_write_json
 
 from .simulate import SimulationConfig, SimulationResult, simulate
 
-__all__ = ["compare", "summarise", "plot", "write_results"]
+__all__ = ["COMPARED", "compare", "summarise", "plot", "write_results"]
+
+COMPARED = ("vc", "avg", "fedavg")
+"""The methods ``bitfleet simulate --compare`` runs."""
 
 
 def _run(config: SimulationConfig, events: Any) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from torch import nn
 
 import models
 from edge_agent import codecs
-from edge_agent.merge import VARIANCE_MODES, Merger, tensor_variance, weighted_average
+from edge_agent.merge import RULES, VARIANCE_MODES, Merger, tensor_variance, weighted_average
 from models.training import (
     OPTIMIZERS,
     BatchSampler,
@@ -68,7 +68,9 @@ __all__ = [
     "simulate",
     "default_topology",
     "augment_batch",
+    "preset",
     "METHODS",
+    "PRESETS",
 ]
 
 METHODS = ("vc", "avg", "fedavg")
@@ -117,6 +119,8 @@ class SimulationConfig:
     augment: bool = False
     self_weight: float = 0.1
     variance: str = "others"
+    # VC's rescaling rule: "bitfleet" (DFL_torch's) or "dfl2" (edge_agent.merge's module doc)
+    vc_rule: str = "bitfleet"
     # False: VC leaves binary layers' latent weights unscaled (averaged only)
     rescale_binary: bool = True
     peers: int = 0
@@ -145,6 +149,7 @@ class SimulationConfig:
             ("codec", self.codec, codecs.CODECS),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("variance mode", self.variance, VARIANCE_MODES),
+            ("rescaling rule", self.vc_rule, RULES),
             ("weight init", self.weight_init, WEIGHT_INITS),
             ("fedavg weighting", self.fedavg_weights, FEDAVG_WEIGHTS),
         ):
@@ -215,6 +220,47 @@ class SimulationConfig:
                 f"trigger {self.trigger} is never reached: a node of {self.topology} on "
                 f"{self.nodes} nodes has only {fewest} neighbours; use at most {fewest} or 'all'"
             )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The regime of the vanishing-variance paper's code (DFL2, DFL_torch; see
+    # docs/reproductions/vanishing_variance.md): a round is ONE SGD step of batch 64 for every
+    # method, nodes draw from the whole split with Dir(0.5) label probabilities, self weight
+    # 0.5, SGD lr 0.01 with classic momentum 0.9 and weight decay 5e-4, Xavier init with zero
+    # biases, FedAvg averaging all clients with equal weights, rotation + crop augmentation,
+    # and every node evaluated on a fixed class-balanced test subset. The graph stays
+    # topology="auto" (rrg:8 on the default 50 nodes, as in the paper) and the rescaling rule
+    # bitfleet's, which is DFL_torch's. Rounds are left to the caller.
+    "paper": {
+        "local_steps": 1,
+        "batch_size": 64,
+        "data": "dirichlet-pool:0.5",
+        "self_weight": 0.5,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 5e-4,
+        "weight_init": "xavier",
+        "fedavg_weights": "equal",
+        "augment": True,
+        "test_subset": "balanced",
+    },
+}
+"""Named sets of :class:`SimulationConfig` settings (``bitfleet simulate --preset``)."""
+
+
+def preset(name: str | None, **settings: Any) -> SimulationConfig:
+    """A :class:`SimulationConfig` of preset ``name`` (None: the plain defaults).
+
+    ``settings`` win over the preset's values, which win over the defaults, so every setting of
+    a preset stays one keyword (one CLI flag) away from being overridden.
+    """
+    if name is None:
+        return SimulationConfig(**settings)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+    return SimulationConfig(**{**PRESETS[name], **settings})
 
 
 def parse_test_subset(spec: str) -> int | None:
@@ -468,6 +514,7 @@ def _gossip_round(
             trigger=config.trigger,
             neighbours=[str(p) for p in topology.neighbours[node]],
             no_rescale=() if config.rescale_binary else fleet.binary_names,
+            rule=config.vc_rule,
         )
         for node in range(config.nodes)
     ]

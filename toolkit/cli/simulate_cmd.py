@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -20,6 +20,9 @@ from ._common import (
     say,
 )
 
+if TYPE_CHECKING:
+    from toolkit.simulate import SimulationConfig
+
 
 def _trigger(text: str) -> int | Literal["all"]:
     if text == "all":
@@ -35,27 +38,41 @@ def _trigger(text: str) -> int | Literal["all"]:
 
 @cli_command
 def simulate(
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="A named set of settings; every flag given explicitly still wins. 'paper': "
+            "the vanishing-variance paper's regime: one SGD step of batch 64 per round for every "
+            "method, --data dirichlet-pool:0.5, --self-weight 0.5, SGD --lr 0.01 --momentum 0.9 "
+            "--no-nesterov --weight-decay 5e-4, --weight-init xavier, --fedavg-weights equal, "
+            "--augment, --test-subset balanced."
+        ),
+    ] = None,
     nodes: Annotated[
-        int, typer.Option(min=1, max=10_000, help="Number of simulated devices.")
-    ] = 50,
+        int | None,
+        typer.Option(min=1, max=10_000, help="Number of simulated devices (default 50)."),
+    ] = None,
     topology: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="rrg:D, ring, full, star, scale-free:M, or auto: rrg:8 for 10 or more nodes, "
-            "full below (on 9 nodes or fewer rrg:min(8, nodes-1) is the full graph anyway)."
+            "full below (on 9 nodes or fewer rrg:min(8, nodes-1) is the full graph anyway) "
+            "(default auto)."
         ),
-    ] = "auto",
+    ] = None,
     data: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="iid, dirichlet:ALPHA or shards:K split the training set among the nodes; "
             "dirichlet-pool:ALPHA lets every node draw from all of it with its own label "
-            "probabilities ~ Dir(ALPHA)."
+            "probabilities ~ Dir(ALPHA) (default dirichlet:0.5)."
         ),
-    ] = "dirichlet:0.5",
-    merge: Annotated[str, typer.Option(help="vc, avg or fedavg.")] = "vc",
-    model: Annotated[str, typer.Option(help="Registered model.")] = "lenet5",
-    dataset: Annotated[str, typer.Option(help="Dataset (digits is bundled).")] = "digits",
+    ] = None,
+    merge: Annotated[str | None, typer.Option(help="vc, avg or fedavg (default vc).")] = None,
+    model: Annotated[str | None, typer.Option(help="Registered model (default lenet5).")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset (digits is bundled) (default digits).")
+    ] = None,
     data_root: Annotated[
         Path | None, typer.Option(help="Folder with the dataset files (not needed for digits).")
     ] = None,
@@ -63,53 +80,138 @@ def simulate(
         float | None, typer.Option(callback=number(gt=0), help="ResNet width multiplier.")
     ] = None,
     stem: Annotated[str | None, typer.Option(help="ResNet stem: cifar or imagenet.")] = None,
-    rounds: Annotated[int, typer.Option(min=1, help="Communication rounds.")] = 50,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Rounds (each node trains --local-steps SGD steps a round) (default 50)."
+        ),
+    ] = None,
     seed: Annotated[
-        int, typer.Option(min=0, help="Seed for data split, graph, init and messages.")
-    ] = 0,
-    local_steps: Annotated[int, typer.Option(min=1, help="Local SGD steps per round.")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Local batch size.")] = 32,
-    lr: Annotated[float, typer.Option(callback=number(gt=0), help="Local learning rate.")] = 0.05,
-    optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
+        int | None,
+        typer.Option(min=0, help="Seed for data split, graph, init and messages (default 0)."),
+    ] = None,
+    local_steps: Annotated[
+        int | None, typer.Option(min=1, help="Local SGD steps per round (default 20; paper 1).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Local batch size (default 32; paper 64).")
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(callback=number(gt=0), help="Local learning rate (default 0.05; paper 0.01)."),
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd or adam (default sgd).")] = None,
+    momentum: Annotated[
+        float | None,
+        typer.Option(callback=number(ge=0), help="SGD momentum (default 0; paper 0.9)."),
+    ] = None,
+    nesterov: Annotated[
+        bool | None,
+        typer.Option(
+            "--nesterov/--no-nesterov",
+            help="Nesterov momentum; --no-nesterov: classic momentum, the paper's "
+            "(default on; paper off).",
+        ),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(
+            callback=number(ge=0), help="Weight decay of float weights (default 0; paper 5e-4)."
+        ),
+    ] = None,
+    weight_init: Annotated[
+        str | None,
+        typer.Option(
+            help="default (the model's own) or xavier (Xavier-uniform weights, zero biases) "
+            "(default: default; paper xavier)."
+        ),
+    ] = None,
     self_weight: Annotated[
-        float,
-        typer.Option(callback=number(ge=0, lt=1), help="Weight of a node's own model in a merge."),
-    ] = 0.1,
+        float | None,
+        typer.Option(
+            callback=number(ge=0, lt=1),
+            help="Weight of a node's own model in a merge (default 0.1; paper 0.5).",
+        ),
+    ] = None,
     variance: Annotated[
-        str, typer.Option(help="VC target: others, self or conservative.")
-    ] = "others",
-    peers: Annotated[int, typer.Option(min=0, help="Neighbours per push (0: all).")] = 0,
+        str | None, typer.Option(help="VC target: others, self or conservative (default others).")
+    ] = None,
+    vc_rule: Annotated[
+        str | None,
+        typer.Option(
+            help="VC rescaling rule: bitfleet (every tensor, ddof 1, eps 1e-4; DFL_torch's) or "
+            "dfl2 (weights only, ddof 0, no eps; the paper's first simulator) (default bitfleet)."
+        ),
+    ] = None,
+    peers: Annotated[
+        int | None, typer.Option(min=0, help="Neighbours per push (0: all) (default 0).")
+    ] = None,
     trigger: Annotated[
-        str, typer.Option(help="Models to buffer before merging: 'all' or K.")
-    ] = "all",
+        str | None, typer.Option(help="Models to buffer before merging: 'all' or K (default all).")
+    ] = None,
     init: Annotated[
-        str, typer.Option(help="independent (gossip) or common (FL) initialisation.")
-    ] = "independent",
+        str | None,
+        typer.Option(
+            help="independent (gossip) or common (FL) initialisation (default independent)."
+        ),
+    ] = None,
     drop: Annotated[
-        float, typer.Option(callback=number(ge=0, lt=1), help="Probability a message is lost.")
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            callback=number(ge=0, lt=1), help="Probability a message is lost (default 0)."
+        ),
+    ] = None,
     churn: Annotated[
-        float,
-        typer.Option(callback=number(ge=0, lt=1), help="Probability a node is offline in a round."),
-    ] = 0.0,
-    delay: Annotated[int, typer.Option(min=0, help="Rounds a message takes to arrive.")] = 0,
+        float | None,
+        typer.Option(
+            callback=number(ge=0, lt=1),
+            help="Probability a node is offline in a round (default 0).",
+        ),
+    ] = None,
+    delay: Annotated[
+        int | None, typer.Option(min=0, help="Rounds a message takes to arrive (default 0).")
+    ] = None,
     rescale_binary: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--rescale-binary/--no-rescale-binary",
-            help="VC also rescales binary layers' latent weights (--no-: average them only).",
+            help="VC also rescales binary layers' latent weights (--no-: average them only) "
+            "(default on).",
         ),
-    ] = True,
-    codec: Annotated[str, typer.Option(help="Wire format: fp32, fp16, int8 or sign.")] = "fp32",
+    ] = None,
+    codec: Annotated[
+        str | None, typer.Option(help="Wire format: fp32, fp16, int8 or sign (default fp32).")
+    ] = None,
     augment: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--augment/--no-augment",
-            help="Rotate training batches up to 5 degrees and shift them up to 2 pixels.",
+            help="Rotate training batches up to 5 degrees and shift them up to 2 pixels "
+            "(default off; paper on).",
         ),
-    ] = False,
+    ] = None,
+    fedavg_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="FedAvg weights each client by its shard size (samples) or equally (equal; "
+            "always for dirichlet-pool) (default samples; paper equal)."
+        ),
+    ] = None,
+    test_subset: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate every node on all of the test split, a fixed class-balanced subset "
+            "(balanced: the largest, 430 images on digits) or balanced:N (N per class) "
+            "(default all; paper balanced)."
+        ),
+    ] = None,
     compare: Annotated[
-        bool, typer.Option("--compare", help="Run vc, avg and fedavg on this setup.")
+        bool,
+        typer.Option(
+            "--compare",
+            help="Run vc, avg, avg_common (plain gossip from a common initialisation) and fedavg "
+            "on this setup.",
+        ),
     ] = False,
     target: Annotated[
         float | None,
@@ -126,40 +228,55 @@ def simulate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Simulate a fleet learning together: rounds to a target accuracy, per method."""
+    """Simulate a fleet learning together: rounds to a target accuracy, per method.
+
+    Defaults are in parentheses; --preset paper changes those marked 'paper', and any flag you
+    pass overrides the preset.
+    """
+    from toolkit.sim_report import COMPARED, summarise, write_results
     from toolkit.sim_report import compare as run_methods
-    from toolkit.sim_report import summarise, write_results
-    from toolkit.simulate import SimulationConfig
+    from toolkit.simulate import preset as configure
 
     check_out_dir(out)  # now, not after the whole simulation
-    config = SimulationConfig(
+    given = {
+        "nodes": nodes,
+        "topology": topology,
+        "data": data,
+        "dataset": dataset,
+        "data_root": str(data_root) if data_root is not None else None,
+        "model": model,
+        "merge": merge,
+        "rounds": rounds,
+        "local_steps": local_steps,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "lr": lr,
+        "momentum": momentum,
+        "nesterov": nesterov,
+        "weight_decay": weight_decay,
+        "weight_init": weight_init,
+        "self_weight": self_weight,
+        "variance": variance,
+        "vc_rule": vc_rule,
+        "rescale_binary": rescale_binary,
+        "peers": peers,
+        "trigger": _trigger(trigger) if trigger is not None else None,
+        "init": init,
+        "drop": drop,
+        "churn": churn,
+        "delay": delay,
+        "codec": codec,
+        "augment": augment,
+        "fedavg_weights": fedavg_weights,
+        "test_subset": test_subset,
+        "seed": seed,
+    }
+    config = configure(
+        preset,
         model_args=resnet_args(stem, width),
-        nodes=nodes,
-        topology=topology,
-        data=data,
-        dataset=dataset,
-        data_root=str(data_root) if data_root is not None else None,
-        model=model,
-        merge=merge,
-        rounds=rounds,
-        local_steps=local_steps,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        self_weight=self_weight,
-        variance=variance,
-        rescale_binary=rescale_binary,
-        peers=peers,
-        trigger=_trigger(trigger),
-        init=init,
-        drop=drop,
-        churn=churn,
-        delay=delay,
-        codec=codec,
-        augment=augment,
-        seed=seed,
+        **{name: value for name, value in given.items() if value is not None},
     )
-    methods = ("vc", "avg", "fedavg") if compare else (merge,)
+    methods = COMPARED if compare else (config.merge,)
     show = progress and not as_json
     if show:
         from rich.progress import (
@@ -177,7 +294,7 @@ def simulate(
             TimeRemainingColumn(),
             console=err_console,
         )
-        tasks = {m: bar.add_task(m, total=rounds) for m in methods}
+        tasks = {m: bar.add_task(m, total=config.rounds) for m in methods}
         with bar:
             try:
                 results = run_methods(
@@ -197,7 +314,19 @@ def simulate(
     if as_json:
         print_json(summary)
         return
-    title = f"{model}, {nodes} nodes, {config.topology}, {data}, init {init}, seed {seed}"
+    console.print(_table(config, summary))
+    if summary["target_accuracy"] is not None:
+        console.print(f"target accuracy {summary['target_accuracy']:.4f}")
+    if out is not None:
+        say(f"histories, summary.json and curves.png written to {literal(out)}")
+
+
+def _table(config: SimulationConfig, summary: dict[str, Any]) -> Table:
+    """One row per method: final accuracy (mean, min, max), rounds to target, bytes."""
+    title = (
+        f"{config.model}, {config.nodes} nodes, {config.topology}, {config.data}, "
+        f"init {config.init}, seed {config.seed}"
+    )
     table = Table(title=literal(title))
     for column in ("method", "final mean acc", "min", "max", "rounds to target", "MB sent"):
         table.add_column(column, justify="right")
@@ -211,8 +340,4 @@ def simulate(
             "-" if reached is None else str(reached),
             f"{row['bytes_sent'] / 1e6:.1f}",
         )
-    console.print(table)
-    if summary["target_accuracy"] is not None:
-        console.print(f"target accuracy {summary['target_accuracy']:.4f}")
-    if out is not None:
-        say(f"histories, summary.json and curves.png written to {literal(out)}")
+    return table

@@ -375,3 +375,12 @@ def test_simulate_without_a_preset_keeps_the_defaults(runner, tmp_path):
 )
 def test_simulate_bad_settings_are_one_line(runner, args, fragment):
     assert_one_line_error(invoke(runner, *TINY, *args), fragment)
+
+
+def test_simulate_table_shows_the_curve_metrics(runner):
+    result = runner.invoke(
+        app, [*TINY, "--merge", "fedavg", "--local-steps", "1"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    for text in ("rounds to 50/80/90/95% of ref", "AUC", "reference accuracy (FedAvg's final)"):
+        assert text in result.output, result.output

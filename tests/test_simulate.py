@@ -240,13 +240,21 @@ def test_cli_compare_json(tmp_path):
     import json
 
     doc = json.loads(result.stdout)
-    assert set(doc["methods"]) == {"vc", "avg", "fedavg"}
-    assert doc["target_accuracy"] == pytest.approx(0.9 * doc["methods"]["fedavg"]["final_accuracy"])
+    assert set(doc["methods"]) == {"vc", "avg", "avg_common", "fedavg"}
+    fedavg_final = doc["methods"]["fedavg"]["final_accuracy"]
+    assert doc["target_accuracy"] == pytest.approx(0.9 * fedavg_final)
+    assert doc["reference_accuracy"] == fedavg_final and doc["reference"] == "fedavg"
     for row in doc["methods"].values():
         assert 0.0 <= row["final_accuracy"] <= 1.0
         assert row["rounds_to_target"] is None or 1 <= row["rounds_to_target"] <= 2
+        assert list(row["rounds_to"]) == ["0.5", "0.8", "0.9", "0.95"]
+        assert row["rounds_to"]["0.9"] == row["rounds_to_target"]
+        assert 0.0 <= row["auc"] <= 1.0
+        assert row["steps"] == 4  # 2 rounds of 2 local steps
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "vc.json").is_file()
+    common = json.loads((tmp_path / "avg_common.json").read_text())["config"]
+    assert (common["merge"], common["init"]) == ("avg", "common")
 
 
 def test_cli_bad_topology_or_data_fails_before_any_work():

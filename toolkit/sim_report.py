@@ -2,8 +2,23 @@
 
 ``compare`` runs each method as its own process (two at a time on a 2-core machine, each with
 one torch thread: LeNet-sized models do not scale across threads, whole simulations do) and
-reports, per method, the final mean accuracy and the rounds needed to reach the target
-accuracy: by default 90% of FedAvg's final mean accuracy on the same setup.
+:func:`summarise` reports, per method:
+
+- the final mean accuracy across nodes (and its min and max);
+- ``rounds_to_target``: the first round whose mean accuracy reaches the target, by default 90%
+  of FedAvg's final mean accuracy on the same setup;
+- ``rounds_to``: the same for 50, 80, 90 and 95% of a reference accuracy, keyed ``"0.5"``,
+  ``"0.8"``, ``"0.9"``, ``"0.95"``. The reference is FedAvg's final mean accuracy when FedAvg
+  ran; otherwise, with an explicit target, ``target / 0.9`` (so ``rounds_to["0.9"]`` is
+  ``rounds_to_target``); otherwise there is none and every entry is None, as
+  ``rounds_to_target`` is;
+- ``auc``: the area under the mean-accuracy curve divided by the number of rounds, in [0, 1]
+  (:attr:`toolkit.simulate.SimulationResult.auc`);
+- ``steps``: SGD steps per node (rounds x local steps), the axis every method shares.
+
+Methods are the simulator's merge methods (``vc``, ``avg``, ``fedavg``) and ``avg_common``:
+plain gossip averaging from a common initialisation, the FL-like start that isolates what the
+independent start costs.
 """
 
 from __future__ import annotations
@@ -21,20 +36,39 @@ from bitfleet.fsutil import atomic_write_bytes, atomic_write_json
 
 from .simulate import SimulationConfig, SimulationResult, simulate
 
-__all__ = ["COMPARED", "compare", "summarise", "plot", "write_results"]
+__all__ = [
+    "COMPARED",
+    "FRACTIONS",
+    "METHOD_SETTINGS",
+    "compare",
+    "summarise",
+    "plot",
+    "write_results",
+]
 
-COMPARED = ("vc", "avg", "fedavg")
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "vc": {"merge": "vc"},
+    "avg": {"merge": "avg"},
+    "avg_common": {"merge": "avg", "init": "common"},
+    "fedavg": {"merge": "fedavg"},
+}
+"""What each method name sets in the shared :class:`SimulationConfig`."""
+
+COMPARED = ("vc", "avg", "avg_common", "fedavg")
 """The methods ``bitfleet simulate --compare`` runs."""
 
+FRACTIONS = (0.5, 0.8, 0.9, 0.95)
+"""Fractions of the reference accuracy reported in ``rounds_to``."""
 
-def _run(config: SimulationConfig, events: Any) -> dict[str, Any]:
+
+def _run(method: str, config: SimulationConfig, events: Any) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
 
     def report(round_index: int, record: dict[str, Any]) -> None:
         if events is not None:
-            events.put((config.merge, round_index))
+            events.put((method, round_index))
 
     return simulate(config, progress=report).to_dict()
 
@@ -50,9 +84,16 @@ def compare(
     workers: int | None = None,
     on_round: Any = None,
 ) -> dict[str, SimulationResult]:
-    """Run ``config`` once per method (in parallel processes); results by method."""
+    """Run ``config`` once per method (in parallel processes); results by method.
+
+    ``methods`` are names of :data:`METHOD_SETTINGS`; each run is ``config`` with that method's
+    settings. Raises ValueError for an unknown name, before anything runs.
+    """
+    unknown = [m for m in methods if m not in METHOD_SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; use one of {', '.join(METHOD_SETTINGS)}")
     workers = workers or min(len(methods), os.cpu_count() or 1)
-    configs = {m: replace(config, merge=m) for m in methods}
+    configs = {m: replace(config, **METHOD_SETTINGS[m]) for m in methods}
     results: dict[str, SimulationResult] = {}
     if workers <= 1:
         for method, cfg in configs.items():
@@ -61,7 +102,7 @@ def compare(
         return results
     with Manager() as manager, ProcessPoolExecutor(max_workers=workers) as pool:
         events = manager.Queue()
-        futures = {m: pool.submit(_run, cfg, events) for m, cfg in configs.items()}
+        futures = {m: pool.submit(_run, m, cfg, events) for m, cfg in configs.items()}
         while not all(f.done() for f in futures.values()):
             try:
                 method, round_index = events.get(timeout=0.2)
@@ -76,9 +117,18 @@ def compare(
 
 
 def summarise(results: dict[str, SimulationResult], target: float | None = None) -> dict[str, Any]:
-    """The ``--json`` document: target accuracy and, per method, final accuracy and rounds."""
-    if target is None and "fedavg" in results:
-        target = 0.9 * results["fedavg"].final_accuracy
+    """The ``--json`` document: target and reference accuracy, and per method its metrics.
+
+    See the module doc for what each key means and where the reference comes from.
+    """
+    reference: float | None = None
+    source: str | None = None
+    if "fedavg" in results:
+        reference, source = results["fedavg"].final_accuracy, "fedavg"
+    elif target is not None:
+        reference, source = target / 0.9, "target"
+    if target is None and reference is not None:
+        target = 0.9 * reference
     methods = {}
     for method, result in results.items():
         last = result.history[-1]
@@ -87,16 +137,34 @@ def summarise(results: dict[str, SimulationResult], target: float | None = None)
             "final_min_accuracy": last["min_accuracy"],
             "final_max_accuracy": last["max_accuracy"],
             "rounds_to_target": result.rounds_to(target) if target is not None else None,
+            "rounds_to": {
+                f"{f:g}": result.rounds_to(f * reference) if reference is not None else None
+                for f in FRACTIONS
+            },
+            "auc": result.auc,
             "rounds": last["round"],
+            "steps": last.get("steps"),
             "bytes_sent": last["bytes_sent"],
         }
-    return {"target_accuracy": target, "methods": methods}
+    return {
+        "target_accuracy": target,
+        "reference_accuracy": reference,
+        "reference": source,
+        "methods": methods,
+    }
 
 
 def plot(
-    results: dict[str, SimulationResult], path: str | os.PathLike[str], target: float | None
+    results: dict[str, SimulationResult],
+    path: str | os.PathLike[str],
+    target: float | None,
+    reference: float | None = None,
 ) -> None:
-    """Accuracy vs round and mean weight variance vs round, one line per method, as a PNG."""
+    """Accuracy vs round and mean weight variance vs round, one line per method, as a PNG.
+
+    The accuracy legend gives each method's AUC; with a ``reference`` accuracy, dotted lines
+    mark its 50 / 80 / 90 / 95% and a dot marks where each method first reaches each of them.
+    """
     import io
 
     import matplotlib
@@ -107,19 +175,34 @@ def plot(
     fig, (acc_ax, var_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for method, result in results.items():
         rounds = [r["round"] for r in result.history]
-        acc_ax.plot(rounds, [r["mean_accuracy"] for r in result.history], label=method)
+        (line,) = acc_ax.plot(
+            rounds,
+            [r["mean_accuracy"] for r in result.history],
+            label=f"{method} (AUC {result.auc:.3f})",
+        )
+        if reference is not None:
+            reached = [(result.rounds_to(f * reference), f * reference) for f in FRACTIONS]
+            points = [(x, y) for x, y in reached if x is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                acc_ax.scatter(xs, ys, color=line.get_color(), s=14, zorder=3)
         variances = [
             sum(r["variance"].values()) / max(len(r["variance"]), 1) for r in result.history
         ]
         var_ax.plot(rounds, variances, label=method)
     if target is not None:
         acc_ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
-    acc_ax.set(xlabel="round", ylabel="mean test accuracy across nodes", ylim=(0, 1))
-    var_ax.set(xlabel="round", ylabel="mean weight variance (per tensor)", yscale="log")
+    if reference is not None:
+        for fraction in FRACTIONS:
+            acc_ax.axhline(fraction * reference, color="grey", linestyle=":", linewidth=0.7)
+    config = next(iter(results.values())).config
+    steps = config.local_steps
+    xlabel = f"round ({steps} local SGD step{'s' if steps > 1 else ''} per node each)"
+    acc_ax.set(xlabel=xlabel, ylabel="mean test accuracy across nodes", ylim=(0, 1))
+    var_ax.set(xlabel=xlabel, ylabel="mean weight variance (per tensor)", yscale="log")
     for ax in (acc_ax, var_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    config = next(iter(results.values())).config
     fig.suptitle(
         f"{config.model}, {config.nodes} nodes, {config.topology}, {config.data}, "
         f"init {config.init}, seed {config.seed}"
@@ -139,4 +222,9 @@ def write_results(
     for method, result in results.items():
         atomic_write_json(root / f"{method}.json", result.to_dict())
     atomic_write_json(root / "summary.json", summary)
-    plot(results, root / "curves.png", summary.get("target_accuracy"))
+    plot(
+        results,
+        root / "curves.png",
+        summary.get("target_accuracy"),
+        summary.get("reference_accuracy"),
+    )

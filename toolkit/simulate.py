@@ -373,6 +373,22 @@ class SimulationResult:
                 return int(record["round"])
         return None
 
+    @property
+    def auc(self) -> float:
+        """Area under the mean-accuracy curve over the run, normalised to [0, 1].
+
+        ``(1 / R) * integral from round 0 to R of mean_accuracy(r) dr``, with ``R`` the last
+        round, by the trapezoidal rule over the evaluated rounds (round 0 is the initial
+        models). 1 would be perfect accuracy from the start; a method that learns faster has
+        the larger area even when every method ends at the same accuracy.
+        """
+        rounds = np.asarray([r["round"] for r in self.history], dtype=np.float64)
+        accuracy = np.asarray([r["mean_accuracy"] for r in self.history], dtype=np.float64)
+        if rounds.size < 2 or rounds[-1] <= rounds[0]:
+            return float(accuracy[-1])
+        area = float(np.sum((accuracy[1:] + accuracy[:-1]) * np.diff(rounds)) / 2.0)
+        return area / float(rounds[-1] - rounds[0])
+
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "history": self.history}
 

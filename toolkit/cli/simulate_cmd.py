@@ -317,27 +317,40 @@ def simulate(
     console.print(_table(config, summary))
     if summary["target_accuracy"] is not None:
         console.print(f"target accuracy {summary['target_accuracy']:.4f}")
+    if summary["reference_accuracy"] is not None:
+        whose = "FedAvg's final" if summary["reference"] == "fedavg" else "target / 0.9"
+        console.print(f"reference accuracy ({whose}) {summary['reference_accuracy']:.4f}")
     if out is not None:
         say(f"histories, summary.json and curves.png written to {literal(out)}")
 
 
 def _table(config: SimulationConfig, summary: dict[str, Any]) -> Table:
-    """One row per method: final accuracy (mean, min, max), rounds to target, bytes."""
+    """The table of ``bitfleet simulate``: one row per method.
+
+    Final accuracy, rounds to the target and to fractions of the reference accuracy, area
+    under the curve, bytes sent.
+    """
     title = (
         f"{config.model}, {config.nodes} nodes, {config.topology}, {config.data}, "
         f"init {config.init}, seed {config.seed}"
     )
     table = Table(title=literal(title))
-    for column in ("method", "final mean acc", "min", "max", "rounds to target", "MB sent"):
+    columns = ("method", "final mean acc", "min", "max", "rounds to target")
+    for column in (*columns, "rounds to 50/80/90/95% of ref", "AUC", "MB sent"):
         table.add_column(column, justify="right")
+
+    def rounds(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
     for method, row in summary["methods"].items():
-        reached = row["rounds_to_target"]
         table.add_row(
             literal(method),
             f"{row['final_accuracy']:.4f}",
             f"{row['final_min_accuracy']:.4f}",
             f"{row['final_max_accuracy']:.4f}",
-            "-" if reached is None else str(reached),
+            rounds(row["rounds_to_target"]),
+            " / ".join(rounds(v) for v in row["rounds_to"].values()),
+            f"{row['auc']:.4f}",
             f"{row['bytes_sent'] / 1e6:.1f}",
         )
     return table

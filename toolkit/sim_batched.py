@@ -1,0 +1,781 @@
+"""The batched engine of the gossip simulator: every node of a round in one computation.
+
+:mod:`toolkit.simulate` runs a Python loop over nodes (train, encode, decode, merge, one node at
+a time): the reference, and what the MQTT agent does. At 1,000 LeNet-5 nodes that loop spends
+more time in per-node bookkeeping than in arithmetic. This engine keeps the ``N`` models as
+stacked tensors (``name -> (N, ...)``) and runs
+
+- training as one computation per chunk of nodes: :func:`torch.func.functional_call` of the same
+  model (built by the loop's factory, :func:`toolkit.train.make_model`) under
+  :func:`torch.func.vmap`, the loss summed over nodes and differentiated with
+  :mod:`torch.autograd` (node ``n``'s loss depends on node ``n``'s parameters only, so each
+  node gets its own gradient), then SGD with momentum, Nesterov and weight decay on the stacked
+  tensors in ``torch.optim.SGD``'s order, and the binary layers' latent-weight clipping
+  that :func:`models.training.train_steps` applies after each step;
+- merging as gathers over a padded neighbour table: plain and variance-corrected averaging
+  exactly as :func:`edge_agent.merge.merge` computes them (float64, the received models summed in
+  the Merger's sorted-sender order, the same tensors rescaled, ``ddof=1``, the same epsilon),
+  and FedAvg's weighted or equal-weight mean.
+
+Two layers of the model are swapped, inside this engine only, for exact equivalents that are
+faster under ``vmap`` on a CPU (measured on 2 Zen 5 vCPUs, LeNet-5, batch 64):
+
+- ``nn.Conv2d``: vmap's batching rule turns N convolutions into one grouped convolution, which
+  oneDNN runs about 2x slower than N ordinary ones; the rule here runs one convolution per node
+  (forward and backward are the loop's kernels);
+- ``nn.MaxPool2d(2)``: ``max_pool2d``'s forward took 30% of a LeNet-5 step; here the maxima come
+  from four strided views, the argmax (first maximum in scan order, as PyTorch's) from three
+  comparisons, and the backward is PyTorch's own ``max_pool2d_with_indices_backward``.
+
+Batches are the loop's: each step takes the next batch of every node's own stream
+(:class:`models.training.BatchSampler`), so both engines see the same samples from the same
+seed, and their parameters agree within float tolerance (tests/test_sim_batched.py).
+
+What the engine does not do, it refuses with a ValueError naming ``--engine loop``: message drops,
+delays, churn, peer sampling, a trigger other than ``"all"``, codecs other than ``fp32`` (all of
+which make nodes differ in what they receive), optimizers other than SGD, and models that
+``vmap`` cannot run or whose training updates buffers (batch-norm running statistics, dropout's
+randomness, custom autograd functions without a vmap rule such as the binary quantizers').
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from edge_agent import codecs
+from edge_agent.merge import EPS, RULES, VARIANCE_MODES, is_rescaled, keeps_own
+from models.constraints import latent_weight_parameters
+
+__all__ = [
+    "ENGINE_HINT",
+    "NeighbourTable",
+    "StackedModels",
+    "check_supported",
+    "fedavg_average",
+    "gossip_merge",
+    "simulate_batched",
+]
+
+#: Appended to every refusal: the loop engine runs every setting.
+ENGINE_HINT = "use --engine loop (the reference engine), which runs every setting"
+
+#: Nodes trained (and evaluated) per vmapped call: small enough that a chunk's activations stay
+#: in cache, large enough that per-call overhead is shared.
+DEFAULT_CHUNK = 8
+
+Stacked = dict[str, Tensor]
+
+
+# ------------------------------------------------------------------------- which settings
+
+
+def check_supported(config: Any) -> None:
+    """Raise ValueError if the batched engine cannot run ``config`` exactly as the loop does.
+
+    ``config`` is a :class:`toolkit.simulate.SimulationConfig`. The batched engine assumes every
+    node receives every neighbour's model every round, as fp32, and merges at once.
+    """
+    problems = []
+    if config.drop:
+        problems.append(f"drop={config.drop}")
+    if config.churn:
+        problems.append(f"churn={config.churn}")
+    if config.delay:
+        problems.append(f"delay={config.delay}")
+    if config.codec != "fp32":
+        problems.append(f"codec={config.codec!r}")
+    if config.optimizer != "sgd":
+        problems.append(f"optimizer={config.optimizer!r}")
+    if config.merge != "fedavg":
+        if config.trigger != "all":
+            problems.append(f"trigger={config.trigger!r}")
+        if config.peers:
+            problems.append(f"peers={config.peers}")
+    if problems:
+        raise ValueError(
+            f"the batched engine cannot run {', '.join(problems)} (it models a fleet in which "
+            f"every node receives every neighbour's fp32 model every round, trained with SGD); "
+            f"{ENGINE_HINT}"
+        )
+
+
+# ------------------------------------------------------------------ fast, exact layers
+
+
+class _Conv2dPerNode(torch.autograd.Function):
+    """``F.conv2d`` whose vmap rule runs one convolution per node instead of a grouped one."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, conf: tuple[Any, ...]) -> Tensor:
+        return F.conv2d(x, weight, bias, *conf)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, bias, conf = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conf = conf
+        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # outside vmap only
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            ctx.bias_sizes,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
+        )
+        return gx, gw, gb, None
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        conf: tuple[Any, ...],
+    ) -> tuple[Tensor, int]:
+        count = info.batch_size
+        if in_dims[0] is None and in_dims[1] is not None and conf[3] == 1:
+            # one input for every node (evaluation on the shared test set): one convolution
+            # with every node's filters side by side
+            w = weight.movedim(in_dims[1], 0)
+            b = None if bias is None else _nodes_first(bias, in_dims[2], count)
+            out = F.conv2d(x, w.flatten(0, 1), None if b is None else b.flatten(), *conf)
+            out = out.unflatten(-3, (count, w.shape[1]))
+            return out.movedim(-4, 0), 0
+        xs = _nodes_first(x, in_dims[0], count)
+        ws = _nodes_first(weight, in_dims[1], count)
+        bs = None if bias is None else _nodes_first(bias, in_dims[2], count)
+        outs = [F.conv2d(xs[i], ws[i], None if bs is None else bs[i], *conf) for i in range(count)]
+        return torch.stack(outs), 0
+
+
+def _nodes_first(t: Tensor, dim: int | None, count: int) -> Tensor:
+    """``t`` with the vmapped dimension first (an unbatched ``t`` repeated, without a copy)."""
+    return t.expand(count, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+class _PerNodeConv2d(nn.Module):
+    """Stands in for an ``nn.Conv2d`` (same parameter names) inside the batched engine."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.conf = (conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _Conv2dPerNode.apply(x, self.weight, self.bias, self.conf)
+
+
+def _pool_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """2x2 max pooling, stride 2, and the argmax ``max_pool2d`` would return.
+
+    The maxima come from four strided views; the argmax is the first maximum in scan order
+    (a, b, c, d), as in PyTorch's kernel, found by counting the leading misses.
+    """
+    rows, cols = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    even = x[..., :rows, :cols]
+    a, b = even[..., 0::2, 0::2], even[..., 0::2, 1::2]
+    c, d = even[..., 1::2, 0::2], even[..., 1::2, 1::2]
+    out = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+    miss_a = a != out
+    miss_ab = miss_a & (b != out)
+    code = miss_a.to(torch.int64) + miss_ab + (miss_ab & (c != out))
+    width = x.shape[-1]
+    corner = torch.arange(0, rows, 2).unsqueeze(1) * width + torch.arange(0, cols, 2)
+    return out, corner + (code >> 1) * width + (code & 1)
+
+
+class _MaxPool2x2(torch.autograd.Function):
+    """``max_pool2d(x, 2)`` with a faster forward; under vmap, nodes join the image batch."""
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        return _pool_2x2(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> Tensor:
+        x, index = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), x, [2, 2], [2, 2], [0, 0], [1, 1], False, index
+        )
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None], x: Tensor
+    ) -> tuple[tuple[Tensor, Tensor], tuple[int | None, int | None]]:
+        if in_dims[0] is None:
+            out, index = _MaxPool2x2.apply(x)
+            return (out, index), (None, None)
+        x = x.movedim(in_dims[0], 0)
+        lead = x.shape[:-3]
+        out, index = _MaxPool2x2.apply(x.reshape(-1, *x.shape[-3:]))
+        shape = (*lead, *out.shape[-3:])
+        return (out.reshape(shape), index.reshape(shape)), (0, 0)
+
+
+class _FastMaxPool2d(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return _MaxPool2x2.apply(x)[0]
+
+
+def _is_plain_pool(m: nn.Module) -> bool:
+    if type(m) is not nn.MaxPool2d:
+        return False
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    return (
+        pair(m.kernel_size) == (2, 2)
+        and pair(m.stride) == (2, 2)
+        and pair(m.padding) == (0, 0)
+        and pair(m.dilation) == (1, 1)
+        and not m.ceil_mode
+        and not m.return_indices
+    )
+
+
+def _batched_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its plain convolutions and 2x2 max-pools swapped (see above)."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if type(module) is nn.Conv2d and module.padding_mode == "zeros":
+            replacement: nn.Module = _PerNodeConv2d(module)
+        elif _is_plain_pool(module):
+            replacement = _FastMaxPool2d()
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name), child, replacement)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@dataclass(frozen=True)
+class _SGD:
+    """One tensor's ``torch.optim.SGD`` settings (its parameter group's)."""
+
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+
+
+def _sgd_settings(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, _SGD]:
+    if type(optimizer) is not torch.optim.SGD:
+        raise ValueError(
+            f"the batched engine runs SGD only, not {type(optimizer).__name__}; {ENGINE_HINT}"
+        )
+    names = {id(p): n for n, p in model.named_parameters()}
+    settings = {}
+    for group in optimizer.param_groups:
+        sgd = _SGD(
+            float(group["lr"]),
+            float(group["momentum"]),
+            float(group["dampening"]),
+            float(group["weight_decay"]),
+            bool(group["nesterov"]),
+            bool(group["maximize"]),
+        )
+        for p in group["params"]:
+            settings[names[id(p)]] = sgd
+    return settings
+
+
+class StackedModels:
+    """``N`` models of one architecture as stacked tensors, trained with per-node SGD.
+
+    Built from the loop's own models and optimizers (:meth:`from_modules`), so both engines
+    start from the same weights, hyperparameters and momentum buffers. Parameters and buffers
+    are ``name -> (N, ...)`` tensors; :meth:`state` gives them in ``state_dict`` order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Stacked,
+        buffers: Stacked,
+        sgd: Mapping[str, _SGD],
+        momentum: Mapping[str, Tensor | None],
+        sample_shape: Sequence[int],
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        _check_buffers(model)
+        self.params = params
+        self.buffers = buffers
+        self.sgd = dict(sgd)
+        self.momentum: dict[str, Tensor | None] = dict(momentum)
+        self.chunk = chunk
+        self.order = list(model.state_dict())
+        self.count = len(next(iter(params.values())))
+        latent = {id(p): bound for p, bound in latent_weight_parameters(model)}
+        self.clip = {n: latent[id(p)] for n, p in model.named_parameters() if id(p) in latent}
+        self._train_twin = _batched_twin(model).train()
+        self._eval_twin = _batched_twin(model).eval()
+        self._probe(tuple(sample_shape))
+
+    @classmethod
+    def from_modules(
+        cls,
+        models: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        sample_shape: Sequence[int],
+        chunk: int = DEFAULT_CHUNK,
+    ) -> StackedModels:
+        """Stack ``models`` (one architecture) and their SGD optimizers' settings and state.
+
+        Raises ValueError (naming ``--engine loop``) for an optimizer other than SGD, settings
+        that differ between nodes, or a model the engine cannot run.
+        """
+        if len(models) == 0 or len(models) != len(optimizers):
+            raise ValueError("from_modules needs one optimizer per model, and a model")
+        first = models[0]
+        sgd = _sgd_settings(first, optimizers[0])
+        for model, optimizer in zip(models[1:], optimizers[1:], strict=True):
+            if _sgd_settings(model, optimizer) != sgd:
+                raise ValueError(f"nodes differ in their SGD settings; {ENGINE_HINT}")
+        params = {
+            name: torch.stack([dict(m.named_parameters())[name].detach() for m in models])
+            for name, _ in first.named_parameters()
+        }
+        buffers = {
+            name: torch.stack([dict(m.named_buffers())[name].detach() for m in models])
+            for name, _ in first.named_buffers()
+        }
+        momentum: dict[str, Tensor | None] = {}
+        for name, _ in first.named_parameters():
+            bufs = [
+                opt.state.get(dict(m.named_parameters())[name], {}).get("momentum_buffer")
+                for m, opt in zip(models, optimizers, strict=True)
+            ]
+            if all(b is None for b in bufs):
+                momentum[name] = None
+            elif any(b is None for b in bufs):
+                raise ValueError(f"nodes differ in their optimizer state; {ENGINE_HINT}")
+            else:
+                momentum[name] = torch.stack([b.detach() for b in bufs if b is not None])
+        return cls(first, params, buffers, sgd, momentum, sample_shape, chunk)
+
+    # -- one SGD step per node
+
+    def train_step(self, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """One SGD step of every node, node ``n`` on ``batches[n] = (x, y)``.
+
+        Nodes whose batches have the same size are stacked and run together, ``chunk`` at a
+        time; the loss of each is the mean cross-entropy of its batch, as in ``train_steps``.
+        """
+        if len(batches) != self.count:
+            raise ValueError(f"got {len(batches)} batches for {self.count} nodes")
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for node, (x, _) in enumerate(batches):
+            by_size.setdefault(tuple(x.shape), []).append(node)
+        for nodes in by_size.values():
+            for start in range(0, len(nodes), self.chunk):
+                part = nodes[start : start + self.chunk]
+                x = torch.stack([batches[n][0] for n in part])
+                y = torch.stack([batches[n][1] for n in part])
+                self._step(torch.tensor(part), x, y)
+
+    def train(self, streams: Sequence[Iterator[tuple[Tensor, Tensor]]], steps: int) -> None:
+        """``steps`` SGD steps of every node, each on the next batch of the node's stream."""
+        for _ in range(steps):
+            self.train_step([next(s) for s in streams])
+
+    def _step(self, nodes: Tensor, x: Tensor, y: Tensor) -> None:
+        params = {n: t.index_select(0, nodes).requires_grad_() for n, t in self.params.items()}
+        buffers = {n: t.index_select(0, nodes) for n, t in self.buffers.items()}
+        logits = self._forward(self._train_twin, params, buffers, x, 0)
+        # the sum of per-node means: node n's gradient is that of its own mean loss
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        grads = torch.autograd.grad(loss.view(y.shape).mean(1).sum(), list(params.values()))
+        with torch.no_grad():
+            for (name, p), g in zip(params.items(), grads, strict=True):
+                self._sgd_update(name, nodes, p.detach(), g)
+
+    def _sgd_update(self, name: str, nodes: Tensor, p: Tensor, grad: Tensor) -> None:
+        """``torch.optim.SGD``'s update (weight decay, momentum, Nesterov) for these nodes."""
+        s = self.sgd[name]
+        d_p = -grad if s.maximize else grad
+        if s.weight_decay != 0:
+            d_p = d_p.add(p, alpha=s.weight_decay)
+        if s.momentum != 0:
+            stacked = self.momentum[name]
+            if stacked is None:  # first step: the buffer starts as the gradient
+                stacked = torch.zeros_like(self.params[name])
+                self.momentum[name] = stacked
+                buf = d_p.clone()
+            else:
+                buf = stacked.index_select(0, nodes)
+                buf.mul_(s.momentum).add_(d_p, alpha=1 - s.dampening)
+            stacked.index_copy_(0, nodes, buf)
+            d_p = d_p.add(buf, alpha=s.momentum) if s.nesterov else buf
+        p = p.add(d_p, alpha=-s.lr)
+        if name in self.clip:
+            p = p.clamp(-self.clip[name], self.clip[name])
+        self.params[name].index_copy_(0, nodes, p)
+
+    def _forward(
+        self, twin: nn.Module, params: Stacked, buffers: Stacked, x: Tensor, x_dim: int | None
+    ) -> Tensor:
+        def one(p: Stacked, b: Stacked, xi: Tensor) -> Tensor:
+            return functional_call(twin, (p, b), (xi,))
+
+        return vmap(one, in_dims=(0, 0, x_dim), randomness="error")(params, buffers, x)
+
+    def _probe(self, sample_shape: tuple[int, ...]) -> None:
+        """Run two nodes once on zeros, to refuse a model vmap cannot run with a clear error."""
+        nodes = torch.arange(min(2, self.count))
+        params = {n: t.index_select(0, nodes).requires_grad_() for n, t in self.params.items()}
+        buffers = {n: t.index_select(0, nodes) for n, t in self.buffers.items()}
+        x = torch.zeros(len(nodes), 2, *sample_shape)
+        try:
+            out = self._forward(self._train_twin, params, buffers, x, 0)
+            torch.autograd.grad(out.sum(), list(params.values()), allow_unused=True)
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"the batched engine cannot run this model under torch.func.vmap ({reason}); "
+                f"{ENGINE_HINT}"
+            ) from None
+
+    # -- evaluation and state
+
+    @torch.no_grad()
+    def accuracies(
+        self, x: Tensor, y: Tensor, nodes: Sequence[int] | None = None, batch_size: int = 512
+    ) -> np.ndarray:
+        """Top-1 accuracy of each node on ``(x, y)`` in eval mode (as ``evaluate``)."""
+        chosen = list(range(self.count)) if nodes is None else list(nodes)
+        correct = np.zeros(len(chosen), dtype=np.int64)
+        for start in range(0, len(chosen), self.chunk):
+            part = torch.tensor(chosen[start : start + self.chunk])
+            params = {n: t.index_select(0, part) for n, t in self.params.items()}
+            buffers = {n: t.index_select(0, part) for n, t in self.buffers.items()}
+            hits = torch.zeros(len(part), dtype=torch.int64)
+            for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+                logits = self._forward(self._eval_twin, params, buffers, xb, None)
+                hits += (logits.argmax(-1) == yb).sum(1)
+            correct[start : start + len(part)] = hits.numpy()
+        return correct / len(y)
+
+    def state(self) -> Stacked:
+        """Every node's ``state_dict`` stacked, ``name -> (N, ...)``, in ``state_dict`` order."""
+        merged = {**self.params, **self.buffers}
+        return {name: merged[name] for name in self.order}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Set every node's parameters and buffers from ``name -> (N, ...)``.
+
+        One model's ``name -> (...)`` is broadcast to every node. Optimizer state (momentum)
+        is kept, as the loop's optimizers keep theirs when a merge loads new weights.
+        """
+        for name, target in ((n, self.params if n in self.params else self.buffers) for n in state):
+            value = state[name]
+            target[name] = value.to(target[name].dtype).expand_as(target[name]).clone()
+
+    def node_states(self) -> list[dict[str, np.ndarray]]:
+        """Each node's state as ``name -> numpy array`` (the loop's ``state_to_numpy``)."""
+        arrays = {name: t.numpy() for name, t in self.state().items()}
+        return [{n: a[i].copy() for n, a in arrays.items()} for i in range(self.count)]
+
+
+def _check_buffers(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise ValueError(
+                f"the batched engine does not update batch-norm running statistics (layer "
+                f"{name!r} of {type(model).__name__}); {ENGINE_HINT}"
+            )
+
+
+# ------------------------------------------------------------------------------- merging
+
+
+@dataclass(frozen=True)
+class NeighbourTable:
+    """Who each node merges, as a padded gather table.
+
+    ``index[n, j]`` is node ``n``'s ``j``-th neighbour in the order the Merger sums them
+    (sorted by sender name, the decimal node number as a string); ``weight[n, j]`` is its weight
+    in the mean, ``1 / degree(n)``, and 0 for padding (which points at node ``n`` itself), so
+    irregular graphs need no special case.
+    """
+
+    index: Tensor  # (N, D) int64
+    weight: Tensor  # (N, D) float64
+
+    @classmethod
+    def from_lists(cls, neighbours: Sequence[Sequence[int]]) -> NeighbourTable:
+        if any(len(peers) == 0 for peers in neighbours):
+            raise ValueError("every node needs at least one neighbour to merge")
+        width = max(len(peers) for peers in neighbours)
+        index = torch.zeros(len(neighbours), width, dtype=torch.int64)
+        weight = torch.zeros(len(neighbours), width, dtype=torch.float64)
+        for node, peers in enumerate(neighbours):
+            ordered = sorted((int(p) for p in peers), key=str)
+            index[node] = torch.tensor(ordered + [node] * (width - len(ordered)))
+            weight[node, : len(ordered)] = 1.0 / len(ordered)
+        return cls(index, weight)
+
+
+def gossip_merge(
+    state: Mapping[str, Tensor],
+    table: NeighbourTable,
+    method: str = "vc",
+    self_weight: float = 0.5,
+    variance: str = "others",
+    no_rescale: Sequence[str] = (),
+    rule: str = "bitfleet",
+    chunk: int = 128,
+) -> Stacked:
+    """Every node merges all its neighbours' models at once, as ``Merger.merge_into`` does.
+
+    ``state`` is ``name -> (N, ...)``; the result has the same names, shapes and dtypes. The
+    arithmetic is :func:`edge_agent.merge.merge`'s: float64, ``s * own + (1 - s) * mean``,
+    then for ``"vc"`` each rescaled tensor moved to the target variance by ``rule``:
+    ``"bitfleet"`` (``ddof=1``, :data:`edge_agent.merge.EPS`) or ``"dfl2"`` (biases not
+    rescaled, ``ddof=0``, no epsilon, a mix without spread left as it is). Batch-norm statistics
+    and counters are kept from the own model. Nodes are processed ``chunk`` at a time to bound
+    the float64 gathers' memory.
+    """
+    if method not in ("avg", "vc"):
+        raise ValueError(f"unknown merge method {method!r}; valid: avg, vc")
+    if variance not in VARIANCE_MODES:
+        raise ValueError(f"unknown variance mode {variance!r}; valid: {', '.join(VARIANCE_MODES)}")
+    if rule not in RULES:
+        raise ValueError(f"unknown rescaling rule {rule!r}; valid: {', '.join(RULES)}")
+    if not 0.0 <= self_weight < 1.0:
+        raise ValueError(f"self_weight must be in [0, 1), not {self_weight!r}")
+    s = float(self_weight)
+    exempt = frozenset(no_rescale)
+    if rule == "dfl2":  # weights only
+        exempt = exempt | {name for name in state if name.endswith("bias")}
+    ddof = 1 if rule == "bitfleet" else 0
+    merged: Stacked = {}
+    for name, stacked in state.items():
+        if keeps_own(name):
+            merged[name] = stacked.clone()
+            continue
+        flat = stacked.reshape(len(stacked), -1).to(torch.float64)
+        rescale = (
+            method == "vc"
+            and name not in exempt
+            and is_rescaled(name, np.empty(stacked.shape[1:], _numpy_dtype(stacked.dtype)))
+        )
+        own_var = flat.var(dim=1, correction=ddof) if rescale else None
+        out = torch.empty_like(flat)
+        for start in range(0, len(flat), chunk):
+            rows = slice(start, start + chunk)
+            index, weight = table.index[rows], table.weight[rows]
+            mean = torch.zeros_like(flat[rows])
+            for j in range(index.shape[1]):  # the Merger's order: sorted senders
+                mean = mean + weight[:, j : j + 1] * flat[index[:, j]]
+            mixed = s * flat[rows] + (1.0 - s) * mean
+            if own_var is not None:
+                mixed = _rescale(mixed, own_var, index, weight, rows, s, variance, rule)
+            out[rows] = mixed
+        merged[name] = _cast(out.reshape(stacked.shape), stacked.dtype)
+    return merged
+
+
+def _rescale(
+    mixed: Tensor,
+    own_var: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    rows: slice,
+    s: float,
+    variance: str,
+    rule: str,
+) -> Tensor:
+    """Variance correction of the mixed tensors of nodes ``rows`` (one row per node)."""
+    others = torch.zeros(len(index), dtype=torch.float64)
+    for j in range(index.shape[1]):
+        others = others + weight[:, j] * own_var[index[:, j]]
+    if variance == "others":
+        target = others
+    elif variance == "self":
+        target = own_var[rows]
+    else:  # conservative
+        target = s * own_var[rows] + (1.0 - s) * others
+    center = mixed.mean(dim=1, keepdim=True)
+    if rule == "bitfleet":
+        scale = torch.sqrt((target + EPS) / (mixed.var(dim=1, correction=1) + EPS))
+    else:  # dfl2: no epsilon; a mix with no spread has nothing to stretch
+        spread = mixed.var(dim=1, correction=0)
+        scale = torch.where(spread > 0, torch.sqrt(target / spread), torch.ones_like(spread))
+    return (mixed - center) * scale.unsqueeze(1) + center
+
+
+def fedavg_average(state: Mapping[str, Tensor], weights: Sequence[float] | None = None) -> Stacked:
+    """FedAvg's server model: the weighted mean over nodes of every tensor, one model.
+
+    As :func:`edge_agent.merge.weighted_average`: float64, weights normalised to sum 1 (equal
+    when None), every tensor averaged (batch-norm statistics too), integers rounded half to
+    even. ``state`` is ``name -> (N, ...)``; the result is ``name -> (...)``.
+    """
+    count = len(next(iter(state.values())))
+    if weights is None:
+        w = torch.full((count,), 1.0 / count, dtype=torch.float64)
+    else:
+        w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+        if w.shape != (count,) or not bool(torch.all(torch.isfinite(w) & (w > 0))):
+            raise ValueError(f"need {count} positive finite weights, got {list(weights)}")
+        w = w / w.sum()
+    return {
+        name: _cast((w @ t.reshape(count, -1).to(torch.float64)).reshape(t.shape[1:]), t.dtype)
+        for name, t in state.items()
+    }
+
+
+def _cast(value: Tensor, dtype: torch.dtype) -> Tensor:
+    if not (dtype.is_floating_point or dtype.is_complex):
+        value = torch.round(value)  # half to even, as numpy's rint
+    return value.to(dtype)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+# ---------------------------------------------------------------------------- simulation
+
+
+def simulate_batched(
+    config: Any,
+    *,
+    progress: Callable[[int, dict[str, Any]], None] | None = None,
+    train_data: Any = None,
+    test_data: Any = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> Any:
+    """:func:`toolkit.simulate.simulate` on the batched engine: same config, same result.
+
+    Builds the loop's fleet (models, optimizers, batch streams, graph) from the config, then
+    trains, merges and evaluates every node at once. Returns a
+    :class:`toolkit.simulate.SimulationResult` whose history has the same records as the
+    loop's (agreeing within float tolerance). Raises ValueError naming ``--engine loop`` for a
+    setting the engine cannot run (:func:`check_supported`).
+    """
+    # the loop's module owns the config and builds the fleet; imported here, as it will import
+    # this module to offer the engine
+    from .simulate import (
+        SimulationResult,
+        _eval_set,
+        _Fleet,
+        load_dataset,
+        parse_partition,
+        parse_topology,
+    )
+
+    check_supported(config)
+    train = train_data or load_dataset(config.dataset, "train", root=config.data_root)
+    test = test_data or load_dataset(config.dataset, "test", root=config.data_root)
+    eval_x, eval_y = (torch.as_tensor(a) for a in _eval_set(config, test))
+    spec = parse_partition(config.data)
+    if spec.pooled:
+        shards, probs = None, spec.label_probs(train.y, config.nodes, seed=config.seed)
+    else:
+        shards, probs = spec.apply(train.y, config.nodes, seed=config.seed), None
+    fleet = _Fleet(config, train, shards, probs)
+    stacked = StackedModels.from_modules(
+        fleet.models, fleet.optimizers, tuple(train.x.shape[1:]), chunk
+    )
+    payload = codecs.encoded_size(
+        {n: t[0].numpy() for n, t in stacked.state().items()}, config.codec, fleet.binary_names
+    )
+    fedavg = config.merge == "fedavg"
+    if fedavg:
+        server = {n: t[0].clone() for n, t in stacked.state().items()}
+        per_round = 2 * payload * config.nodes
+    else:
+        topology = parse_topology(config.topology, config.nodes, seed=config.seed)
+        table = NeighbourTable.from_lists(topology.neighbours)
+        no_rescale = () if config.rescale_binary else fleet.binary_names
+        per_round = payload * sum(len(p) for p in topology.neighbours)
+
+    def step() -> None:
+        if fedavg:
+            stacked.load_state(server)
+        stacked.train(fleet.streams, config.local_steps)
+        if fedavg:
+            server.update(fedavg_average(stacked.state(), fleet.sample_weights))
+            stacked.load_state(server)
+        else:
+            state = stacked.state()
+            stacked.load_state(
+                gossip_merge(
+                    state,
+                    table,
+                    config.merge,
+                    config.self_weight,
+                    config.variance,
+                    no_rescale,
+                    config.vc_rule,
+                )
+            )
+
+    history: list[dict[str, Any]] = []
+    sent = 0
+    for round_index in range(0, config.rounds + 1):
+        if round_index:
+            step()
+            sent += per_round
+        if round_index % config.eval_every and round_index != config.rounds:
+            continue
+        nodes = [0] if fedavg and round_index else None
+        accuracies = stacked.accuracies(eval_x, eval_y, nodes)
+        record = {
+            "round": round_index,
+            "steps": round_index * config.local_steps,
+            "mean_accuracy": float(np.mean(accuracies)),
+            "min_accuracy": float(np.min(accuracies)),
+            "max_accuracy": float(np.max(accuracies)),
+            "bytes_sent": sent,
+            "variance": _mean_variance(stacked.state()),
+        }
+        history.append(record)
+        if progress is not None:
+            progress(round_index, record)
+    return SimulationResult(config, history, stacked.node_states())
+
+
+def _mean_variance(state: Mapping[str, Tensor]) -> dict[str, float]:
+    """The loop's record: mean over nodes of each rescaled tensor's variance (ddof 1)."""
+    out = {}
+    for name, t in state.items():
+        if is_rescaled(name, np.empty(t.shape[1:], _numpy_dtype(t.dtype))):
+            flat = t.reshape(len(t), -1).to(torch.float64)
+            out[name] = float(flat.var(dim=1, correction=1).mean())
+    return out

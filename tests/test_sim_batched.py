@@ -272,3 +272,23 @@ def test_node_states_are_the_loop_format(digits):
     assert list(states[1]) == list(want)
     for name, value in want.items():
         np.testing.assert_array_equal(states[1][name], value)
+
+
+def test_per_node_layer_outside_vmap_is_the_plain_layer():
+    from toolkit.sim_batched import _PerNode
+
+    torch.manual_seed(1)
+    for fn, shapes, conf in (
+        (F.linear, ((5, 7), (3, 7), (3,)), ()),
+        (F.conv2d, ((2, 3, 8, 8), (4, 3, 3, 3), (4,)), ((1, 1), (1, 1), (1, 1), 1)),
+    ):
+        inputs = [torch.randn(s, requires_grad=True) for s in shapes]
+        copies = [t.detach().clone().requires_grad_() for t in inputs]
+        want = fn(*inputs, *conf)
+        got = _PerNode.apply(fn, *copies, conf)
+        torch.testing.assert_close(got, want)
+        weights = torch.randn(want.shape)
+        (want * weights).sum().backward()
+        (got * weights).sum().backward()
+        for a, b in zip(inputs, copies, strict=True):
+            torch.testing.assert_close(b.grad, a.grad)

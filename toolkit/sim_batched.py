@@ -41,6 +41,8 @@ randomness, custom autograd functions without a vmap rule such as the binary qua
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +59,7 @@ from models.constraints import latent_weight_parameters
 
 __all__ = [
     "ENGINE_HINT",
+    "BatchedSimulation",
     "NeighbourTable",
     "StackedModels",
     "check_supported",
@@ -111,61 +114,63 @@ def check_supported(config: Any) -> None:
 # ------------------------------------------------------------------ fast, exact layers
 
 
-class _Conv2dPerNode(torch.autograd.Function):
-    """``F.conv2d`` whose vmap rule runs one convolution per node instead of a grouped one."""
+class _PerNode(torch.autograd.Function):
+    """``fn(x, weight, bias, *conf)``, a convolution or linear layer, run per node under vmap.
+
+    The vmap rule makes one call per node instead of the default rule's grouped convolution
+    (see the module doc); the per-node calls record their own autograd graph.
+    """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, conf: tuple[Any, ...]) -> Tensor:
-        return F.conv2d(x, weight, bias, *conf)
+    def forward(
+        fn: Callable[..., Tensor],
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        conf: tuple[Any, ...],
+    ) -> Tensor:
+        return fn(x, weight, bias, *conf)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, conf = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.conf = conf
-        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+        fn, x, weight, bias, conf = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.fn, ctx.conf = fn, conf
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # outside vmap only
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conf
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad,
-            x,
-            weight,
-            ctx.bias_sizes,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
-            groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
-        )
-        return gx, gw, gb, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # reached outside vmap only (under vmap, the per-node calls record their own graph)
+        inputs = [None if t is None else t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = ctx.fn(*inputs, *ctx.conf)
+        wanted = [t for t in inputs if t is not None]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None, *(None if t is None else next(grads) for t in inputs), None)
 
     @staticmethod
     def vmap(
         info: Any,
         in_dims: tuple[int | None, ...],
+        fn: Callable[..., Tensor],
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
         conf: tuple[Any, ...],
     ) -> tuple[Tensor, int]:
         count = info.batch_size
-        if in_dims[0] is None and in_dims[1] is not None and conf[3] == 1:
+        x_dim, w_dim, b_dim = in_dims[1:4]
+        if fn is F.conv2d and x_dim is None and w_dim is not None and conf[3] == 1:
             # one input for every node (evaluation on the shared test set): one convolution
             # with every node's filters side by side
-            w = weight.movedim(in_dims[1], 0)
-            b = None if bias is None else _nodes_first(bias, in_dims[2], count)
+            w = weight.movedim(w_dim, 0)
+            b = None if bias is None else _nodes_first(bias, b_dim, count)
             out = F.conv2d(x, w.flatten(0, 1), None if b is None else b.flatten(), *conf)
             out = out.unflatten(-3, (count, w.shape[1]))
             return out.movedim(-4, 0), 0
-        xs = _nodes_first(x, in_dims[0], count)
-        ws = _nodes_first(weight, in_dims[1], count)
-        bs = None if bias is None else _nodes_first(bias, in_dims[2], count)
-        outs = [F.conv2d(xs[i], ws[i], None if bs is None else bs[i], *conf) for i in range(count)]
+        xs = _nodes_first(x, x_dim, count)
+        ws = _nodes_first(weight, w_dim, count)
+        bs = None if bias is None else _nodes_first(bias, b_dim, count)
+        outs = [fn(xs[i], ws[i], None if bs is None else bs[i], *conf) for i in range(count)]
         return torch.stack(outs), 0
 
 
@@ -174,17 +179,21 @@ def _nodes_first(t: Tensor, dim: int | None, count: int) -> Tensor:
     return t.expand(count, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
-class _PerNodeConv2d(nn.Module):
-    """Stands in for an ``nn.Conv2d`` (same parameter names) inside the batched engine."""
+class _PerNodeLayer(nn.Module):
+    """Stands in for an ``nn.Conv2d`` or ``nn.Linear`` (same parameter names) when batched."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.Linear) -> None:
         super().__init__()
-        self.weight = conv.weight
-        self.bias = conv.bias
-        self.conf = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.fn: Callable[..., Tensor] = F.linear
+        self.conf: tuple[Any, ...] = ()
+        if isinstance(layer, nn.Conv2d):
+            self.fn = F.conv2d
+            self.conf = (layer.stride, layer.padding, layer.dilation, layer.groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _Conv2dPerNode.apply(x, self.weight, self.bias, self.conf)
+        return _PerNode.apply(self.fn, x, self.weight, self.bias, self.conf)
 
 
 def _pool_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -258,12 +267,14 @@ def _is_plain_pool(m: nn.Module) -> bool:
     )
 
 
-def _batched_twin(model: nn.Module) -> nn.Module:
+def _batched_twin(model: nn.Module, per_node_linear: bool = True) -> nn.Module:
     """A copy of ``model`` with its plain convolutions and 2x2 max-pools swapped (see above)."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
-        if type(module) is nn.Conv2d and module.padding_mode == "zeros":
-            replacement: nn.Module = _PerNodeConv2d(module)
+        if (type(module) is nn.Conv2d and module.padding_mode == "zeros") or (
+            type(module) is nn.Linear and per_node_linear
+        ):
+            replacement: nn.Module = _PerNodeLayer(module)
         elif _is_plain_pool(module):
             replacement = _FastMaxPool2d()
         else:
@@ -524,29 +535,83 @@ def _check_buffers(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class NeighbourTable:
-    """Who each node merges, as a padded gather table.
+    """Who each node merges, and with which weight.
 
     ``index[n, j]`` is node ``n``'s ``j``-th neighbour in the order the Merger sums them
     (sorted by sender name, the decimal node number as a string); ``weight[n, j]`` is its weight
     in the mean, ``1 / degree(n)``, and 0 for padding (which points at node ``n`` itself), so
-    irregular graphs need no special case.
+    irregular graphs need no special case. ``matrix`` is the same as a sparse ``(N, N)`` row
+    (CSR) matrix: the mean of the neighbours' tensors is one sparse product with it.
     """
 
     index: Tensor  # (N, D) int64
     weight: Tensor  # (N, D) float64
+    matrix: Tensor  # (N, N) float64, sparse CSR
+    block: int = 8  # rows per block of :meth:`blocks`
 
     @classmethod
     def from_lists(cls, neighbours: Sequence[Sequence[int]]) -> NeighbourTable:
         if any(len(peers) == 0 for peers in neighbours):
             raise ValueError("every node needs at least one neighbour to merge")
-        width = max(len(peers) for peers in neighbours)
-        index = torch.zeros(len(neighbours), width, dtype=torch.int64)
-        weight = torch.zeros(len(neighbours), width, dtype=torch.float64)
+        count, width = len(neighbours), max(len(peers) for peers in neighbours)
+        index = torch.zeros(count, width, dtype=torch.int64)
+        weight = torch.zeros(count, width, dtype=torch.float64)
+        rows, columns, values = [0], [], []
         for node, peers in enumerate(neighbours):
             ordered = sorted((int(p) for p in peers), key=str)
             index[node] = torch.tensor(ordered + [node] * (width - len(ordered)))
             weight[node, : len(ordered)] = 1.0 / len(ordered)
-        return cls(index, weight)
+            columns += sorted(ordered)
+            values += [1.0 / len(ordered)] * len(ordered)
+            rows.append(len(columns))
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is not
+            warnings.simplefilter("ignore", UserWarning)
+            matrix = torch.sparse_csr_tensor(
+                torch.tensor(rows),
+                torch.tensor(columns, dtype=torch.int64),
+                torch.tensor(values, dtype=torch.float64),
+                (count, count),
+            )
+        return cls(index, weight, matrix)
+
+    def mean(self, rows: Tensor, nodes: slice | None = None) -> Tensor:
+        """The weighted mean of each node's neighbours' ``rows`` (``(N, K)`` float64).
+
+        Only for the nodes of ``nodes`` (a slice of whole :meth:`blocks`) when given.
+        """
+        if nodes is None:
+            return torch.sparse.mm(self.matrix, rows)
+        return torch.sparse.mm(self._blocks[nodes.start // self.block], rows)
+
+    def blocks(self) -> Iterator[slice]:
+        """Consecutive ranges of ``block`` nodes.
+
+        A merge works one block at a time, so that its float64 temporaries stay in cache.
+        """
+        count = len(self.index)
+        return (slice(i, min(i + self.block, count)) for i in range(0, count, self.block))
+
+    @functools.cached_property
+    def _blocks(self) -> list[Tensor]:
+        crow, col, val = (
+            self.matrix.crow_indices(),
+            self.matrix.col_indices(),
+            self.matrix.values(),
+        )
+        out = []
+        for rows in self.blocks():
+            lo, hi = int(crow[rows.start]), int(crow[rows.stop])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                out.append(
+                    torch.sparse_csr_tensor(
+                        crow[rows.start : rows.stop + 1] - lo,
+                        col[lo:hi],
+                        val[lo:hi],
+                        (rows.stop - rows.start, len(self.index)),
+                    )
+                )
+        return out
 
 
 def gossip_merge(
@@ -557,7 +622,6 @@ def gossip_merge(
     variance: str = "others",
     no_rescale: Sequence[str] = (),
     rule: str = "bitfleet",
-    chunk: int = 128,
 ) -> Stacked:
     """Every node merges all its neighbours' models at once, as ``Merger.merge_into`` does.
 
@@ -566,8 +630,9 @@ def gossip_merge(
     then for ``"vc"`` each rescaled tensor moved to the target variance by ``rule``:
     ``"bitfleet"`` (``ddof=1``, :data:`edge_agent.merge.EPS`) or ``"dfl2"`` (biases not
     rescaled, ``ddof=0``, no epsilon, a mix without spread left as it is). Batch-norm statistics
-    and counters are kept from the own model. Nodes are processed ``chunk`` at a time to bound
-    the float64 gathers' memory.
+    and counters are kept from the own model. The neighbours' mean is a sparse product
+    (:meth:`NeighbourTable.mean`), so it sums in node order where the Merger sums in sender-name
+    order: the float64 results differ in the last bits, float32 ones hardly ever.
     """
     if method not in ("avg", "vc"):
         raise ValueError(f"unknown merge method {method!r}; valid: avg, vc")
@@ -593,49 +658,37 @@ def gossip_merge(
             and name not in exempt
             and is_rescaled(name, np.empty(stacked.shape[1:], _numpy_dtype(stacked.dtype)))
         )
-        own_var = flat.var(dim=1, correction=ddof) if rescale else None
-        out = torch.empty_like(flat)
-        for start in range(0, len(flat), chunk):
-            rows = slice(start, start + chunk)
-            index, weight = table.index[rows], table.weight[rows]
-            mean = torch.zeros_like(flat[rows])
-            for j in range(index.shape[1]):  # the Merger's order: sorted senders
-                mean = mean + weight[:, j : j + 1] * flat[index[:, j]]
-            mixed = s * flat[rows] + (1.0 - s) * mean
+        own_var = (
+            torch.cat([_row_var(flat[rows], ddof) for rows in table.blocks()]) if rescale else None
+        )
+        out = torch.empty(flat.shape, dtype=stacked.dtype)
+        for rows in table.blocks():
+            mixed = flat[rows] * s + table.mean(flat, rows) * (1.0 - s)
             if own_var is not None:
-                mixed = _rescale(mixed, own_var, index, weight, rows, s, variance, rule)
-            out[rows] = mixed
-        merged[name] = _cast(out.reshape(stacked.shape), stacked.dtype)
+                others = table.mean(own_var.unsqueeze(1), rows).squeeze(1)
+                if variance == "others":
+                    target = others
+                elif variance == "self":
+                    target = own_var[rows]
+                else:  # conservative
+                    target = s * own_var[rows] + (1.0 - s) * others
+                center = mixed.mean(dim=1, keepdim=True)
+                spread = mixed - center
+                if rule == "bitfleet":
+                    scale = torch.sqrt((target + EPS) / (_row_var(mixed, 1) + EPS))
+                else:  # dfl2: no epsilon; a mix with no spread has nothing to stretch
+                    var = _row_var(mixed, 0)
+                    scale = torch.where(var > 0, torch.sqrt(target / var), 1.0)
+                mixed = spread.mul_(scale.unsqueeze(1)).add_(center)
+            out[rows] = _cast(mixed, stacked.dtype)
+        merged[name] = out.reshape(stacked.shape)
     return merged
 
 
-def _rescale(
-    mixed: Tensor,
-    own_var: Tensor,
-    index: Tensor,
-    weight: Tensor,
-    rows: slice,
-    s: float,
-    variance: str,
-    rule: str,
-) -> Tensor:
-    """Variance correction of the mixed tensors of nodes ``rows`` (one row per node)."""
-    others = torch.zeros(len(index), dtype=torch.float64)
-    for j in range(index.shape[1]):
-        others = others + weight[:, j] * own_var[index[:, j]]
-    if variance == "others":
-        target = others
-    elif variance == "self":
-        target = own_var[rows]
-    else:  # conservative
-        target = s * own_var[rows] + (1.0 - s) * others
-    center = mixed.mean(dim=1, keepdim=True)
-    if rule == "bitfleet":
-        scale = torch.sqrt((target + EPS) / (mixed.var(dim=1, correction=1) + EPS))
-    else:  # dfl2: no epsilon; a mix with no spread has nothing to stretch
-        spread = mixed.var(dim=1, correction=0)
-        scale = torch.where(spread > 0, torch.sqrt(target / spread), torch.ones_like(spread))
-    return (mixed - center) * scale.unsqueeze(1) + center
+def _row_var(rows: Tensor, ddof: int) -> Tensor:
+    """Each row's variance as numpy's ``var`` takes it: squared deviations from the mean."""
+    spread = rows - rows.mean(dim=1, keepdim=True)
+    return (spread * spread).sum(dim=1) / (rows.shape[1] - ddof)
 
 
 def fedavg_average(state: Mapping[str, Tensor], weights: Sequence[float] | None = None) -> Stacked:
@@ -672,6 +725,91 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
 # ---------------------------------------------------------------------------- simulation
 
 
+class BatchedSimulation:
+    """One simulated fleet on the batched engine, a round at a time.
+
+    Built from the config exactly as :func:`toolkit.simulate.simulate` builds the loop's fleet
+    (the loop's own ``_Fleet``: models, optimizers, batch streams with their augmentation), then
+    stacked. :meth:`train_round` and :meth:`merge_round` are the two halves of a round (the
+    benchmark times them apart), :meth:`record` one history record.
+    """
+
+    def __init__(
+        self, config: Any, train: Any = None, test: Any = None, chunk: int = DEFAULT_CHUNK
+    ) -> None:
+        # the loop's module owns the config and builds the fleet; imported here, as it will
+        # import this module to offer the engine
+        from .simulate import _eval_set, _Fleet, load_dataset, parse_partition, parse_topology
+
+        check_supported(config)
+        self.config = config
+        train = train or load_dataset(config.dataset, "train", root=config.data_root)
+        test = test or load_dataset(config.dataset, "test", root=config.data_root)
+        self.eval_x, self.eval_y = (torch.as_tensor(a) for a in _eval_set(config, test))
+        spec = parse_partition(config.data)
+        if spec.pooled:
+            shards, probs = None, spec.label_probs(train.y, config.nodes, seed=config.seed)
+        else:
+            shards, probs = spec.apply(train.y, config.nodes, seed=config.seed), None
+        self.fleet = _Fleet(config, train, shards, probs)
+        self.models = StackedModels.from_modules(
+            self.fleet.models, self.fleet.optimizers, tuple(train.x.shape[1:]), chunk
+        )
+        self.fleet.models, self.fleet.optimizers = [], []  # the stacked copy is the fleet now
+        payload = codecs.encoded_size(
+            {n: t[0].numpy() for n, t in self.models.state().items()},
+            config.codec,
+            self.fleet.binary_names,
+        )
+        self.fedavg = config.merge == "fedavg"
+        if self.fedavg:
+            self.server = {n: t[0].clone() for n, t in self.models.state().items()}
+            self.bytes_per_round = 2 * payload * config.nodes  # model down, update up
+        else:
+            topology = parse_topology(config.topology, config.nodes, seed=config.seed)
+            self.table = NeighbourTable.from_lists(topology.neighbours)
+            self.bytes_per_round = payload * sum(len(p) for p in topology.neighbours)
+
+    def train_round(self) -> None:
+        """Every node's ``local_steps`` SGD steps (FedAvg clients start from the server)."""
+        if self.fedavg:
+            self.models.load_state(self.server)
+        self.models.train(self.fleet.streams, self.config.local_steps)
+
+    def merge_round(self) -> int:
+        """Every node merges its neighbours' models (FedAvg: the server averages); bytes sent."""
+        config = self.config
+        if self.fedavg:
+            self.server.update(fedavg_average(self.models.state(), self.fleet.sample_weights))
+            self.models.load_state(self.server)
+        else:
+            merged = gossip_merge(
+                self.models.state(),
+                self.table,
+                config.merge,
+                config.self_weight,
+                config.variance,
+                () if config.rescale_binary else self.fleet.binary_names,
+                config.vc_rule,
+            )
+            self.models.load_state(merged)
+        return self.bytes_per_round
+
+    def record(self, round_index: int, sent: int) -> dict[str, Any]:
+        """The loop's history record of this round (FedAvg: the one global model after 0)."""
+        nodes = [0] if self.fedavg and round_index else None
+        accuracies = self.models.accuracies(self.eval_x, self.eval_y, nodes)
+        return {
+            "round": round_index,
+            "steps": round_index * self.config.local_steps,
+            "mean_accuracy": float(np.mean(accuracies)),
+            "min_accuracy": float(np.min(accuracies)),
+            "max_accuracy": float(np.max(accuracies)),
+            "bytes_sent": sent,
+            "variance": _mean_variance(self.models.state()),
+        }
+
+
 def simulate_batched(
     config: Any,
     *,
@@ -682,93 +820,27 @@ def simulate_batched(
 ) -> Any:
     """:func:`toolkit.simulate.simulate` on the batched engine: same config, same result.
 
-    Builds the loop's fleet (models, optimizers, batch streams, graph) from the config, then
-    trains, merges and evaluates every node at once. Returns a
-    :class:`toolkit.simulate.SimulationResult` whose history has the same records as the
-    loop's (agreeing within float tolerance). Raises ValueError naming ``--engine loop`` for a
+    Returns a :class:`toolkit.simulate.SimulationResult` whose history has the loop's records
+    (agreeing within float tolerance). Raises ValueError naming ``--engine loop`` for a
     setting the engine cannot run (:func:`check_supported`).
     """
-    # the loop's module owns the config and builds the fleet; imported here, as it will import
-    # this module to offer the engine
-    from .simulate import (
-        SimulationResult,
-        _eval_set,
-        _Fleet,
-        load_dataset,
-        parse_partition,
-        parse_topology,
-    )
+    from .simulate import SimulationResult
 
-    check_supported(config)
-    train = train_data or load_dataset(config.dataset, "train", root=config.data_root)
-    test = test_data or load_dataset(config.dataset, "test", root=config.data_root)
-    eval_x, eval_y = (torch.as_tensor(a) for a in _eval_set(config, test))
-    spec = parse_partition(config.data)
-    if spec.pooled:
-        shards, probs = None, spec.label_probs(train.y, config.nodes, seed=config.seed)
-    else:
-        shards, probs = spec.apply(train.y, config.nodes, seed=config.seed), None
-    fleet = _Fleet(config, train, shards, probs)
-    stacked = StackedModels.from_modules(
-        fleet.models, fleet.optimizers, tuple(train.x.shape[1:]), chunk
-    )
-    payload = codecs.encoded_size(
-        {n: t[0].numpy() for n, t in stacked.state().items()}, config.codec, fleet.binary_names
-    )
-    fedavg = config.merge == "fedavg"
-    if fedavg:
-        server = {n: t[0].clone() for n, t in stacked.state().items()}
-        per_round = 2 * payload * config.nodes
-    else:
-        topology = parse_topology(config.topology, config.nodes, seed=config.seed)
-        table = NeighbourTable.from_lists(topology.neighbours)
-        no_rescale = () if config.rescale_binary else fleet.binary_names
-        per_round = payload * sum(len(p) for p in topology.neighbours)
-
-    def step() -> None:
-        if fedavg:
-            stacked.load_state(server)
-        stacked.train(fleet.streams, config.local_steps)
-        if fedavg:
-            server.update(fedavg_average(stacked.state(), fleet.sample_weights))
-            stacked.load_state(server)
-        else:
-            state = stacked.state()
-            stacked.load_state(
-                gossip_merge(
-                    state,
-                    table,
-                    config.merge,
-                    config.self_weight,
-                    config.variance,
-                    no_rescale,
-                    config.vc_rule,
-                )
-            )
-
+    run = BatchedSimulation(config, train_data, test_data, chunk)
     history: list[dict[str, Any]] = []
     sent = 0
     for round_index in range(0, config.rounds + 1):
+        # round 0 records the initial models, before any training or merging
         if round_index:
-            step()
-            sent += per_round
+            run.train_round()
+            sent += run.merge_round()
         if round_index % config.eval_every and round_index != config.rounds:
             continue
-        nodes = [0] if fedavg and round_index else None
-        accuracies = stacked.accuracies(eval_x, eval_y, nodes)
-        record = {
-            "round": round_index,
-            "steps": round_index * config.local_steps,
-            "mean_accuracy": float(np.mean(accuracies)),
-            "min_accuracy": float(np.min(accuracies)),
-            "max_accuracy": float(np.max(accuracies)),
-            "bytes_sent": sent,
-            "variance": _mean_variance(stacked.state()),
-        }
+        record = run.record(round_index, sent)
         history.append(record)
         if progress is not None:
             progress(round_index, record)
-    return SimulationResult(config, history, stacked.node_states())
+    return SimulationResult(config, history, run.models.node_states())
 
 
 def _mean_variance(state: Mapping[str, Tensor]) -> dict[str, float]:

@@ -41,6 +41,7 @@ __all__ = [
     "FORMAT_PORTABLE",
     "FORMAT_TRT",
     "FORMAT_TENSORRT",
+    "FORMAT_TFLITE",
     "ONNX_FORMATS",
     "FORMATS",
     "Padding",
@@ -51,6 +52,7 @@ __all__ = [
     "onnx_pads",
     "from_onnx_pads",
     "conv_output_size",
+    "pool_extra_padding",
 ]
 
 CUSTOM_DOMAIN = "bitfleet"
@@ -80,10 +82,14 @@ between Q/DQ pairs of scale 1 (explicit quantization: exact int32 accumulation).
 FORMAT_TENSORRT = "tensorrt"
 """A TensorRT engine built from the ``onnx-trt`` graph on the machine that runs it."""
 
+FORMAT_TFLITE = "tflite"
+"""A TFLite flatbuffer of builtin ops (LiteRT, tflite-runtime): binary layers in exact int8
+or float forms, translated from the ``onnx-trt`` graph."""
+
 ONNX_FORMATS = (FORMAT_FAST, FORMAT_PORTABLE, FORMAT_TRT)
 """The formats whose model is an ONNX graph (what the ONNX writer produces)."""
 
-FORMATS = (*ONNX_FORMATS, FORMAT_TENSORRT)
+FORMATS = (*ONNX_FORMATS, FORMAT_TENSORRT, FORMAT_TFLITE)
 
 Padding = tuple[int, int, int, int]
 """Spatial padding in bitfleet's (PyTorch's) order: ``(left, right, top, bottom)``."""
@@ -148,3 +154,21 @@ def conv_output_size(
     for width.
     """
     return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pool_extra_padding(
+    size: int, kernel: int, stride: int, pad: tuple[int, int], ceil_mode: bool
+) -> int:
+    """Padding a pooling needs past ``pad[1]`` for ``ceil_mode``'s last, partial window.
+
+    Only windows that start inside the input or its declared padding are kept (the ONNX spec,
+    PyTorch's rule); floor mode needs none. Runtimes without a ceil mode pad by this much and
+    pool in floor mode.
+    """
+    total = size + pad[0] + pad[1]
+    if not ceil_mode:
+        return 0
+    out = -(-(total - kernel) // stride) + 1
+    if (out - 1) * stride >= size + pad[0]:  # the last window would start in the padding
+        out -= 1
+    return max(0, (out - 1) * stride + kernel - total)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .conventions import pool_extra_padding
 from .onnx_proto import Node
 
 __all__ = ["supported", "run", "OPS"]
@@ -129,19 +130,11 @@ def _pool_geometry(node: Node, height: int, width: int) -> tuple[Any, ...]:
     kernel = (int(node.attributes["kernel_shape"][0]), int(node.attributes["kernel_shape"][1]))
     strides = _pair(node, "strides")
     top, left, bottom, right = _pads2d(node)
-    extra = []
-    for size, k, s, before, after in (
-        (height, kernel[0], strides[0], top, bottom),
-        (width, kernel[1], strides[1], left, right),
-    ):
-        total = size + before + after
-        if node.attributes.get("ceil_mode", 0):
-            out = -(-(total - k) // s) + 1
-            if (out - 1) * s >= size + before:  # the last window would start in the padding
-                out -= 1
-        else:
-            out = (total - k) // s + 1
-        extra.append(max(0, (out - 1) * s + k - total))
+    ceil = bool(node.attributes.get("ceil_mode", 0))
+    extra = (
+        pool_extra_padding(height, kernel[0], strides[0], (top, bottom), ceil),
+        pool_extra_padding(width, kernel[1], strides[1], (left, right), ceil),
+    )
     return kernel, strides, (top, left, bottom, right), (extra[0], extra[1])
 
 

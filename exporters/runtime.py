@@ -1,6 +1,6 @@
 """Load an artifact and run it: ``load(artifact, threads=N).predict(batch) -> logits``.
 
-Three predictors:
+Four predictors:
 
 - ``onnx-portable`` and ``onnx-trt`` run in one stock ONNX Runtime session.
 - ``onnx`` (fast) splits the graph: maximal runs of standard ops become ONNX Runtime
@@ -9,6 +9,8 @@ Three predictors:
   runs as a native XNOR-popcount kernel (:mod:`exporters.kernels`, C built at install time,
   the CPU's best instruction set chosen at run time) between them.
 - ``tensorrt`` runs its engine on the GPU (:mod:`exporters.tensorrt_engine`).
+- ``tflite`` runs in LiteRT's interpreter (``ai-edge-litert``), or ``tflite-runtime``'s where
+  that is what the device has.
 
 Why split the graph rather than register a custom op with onnxruntime-extensions? Importing
 onnxruntime-extensions alone adds ~250 MB of resident memory on this class of machine, more
@@ -43,6 +45,7 @@ from .conventions import (
     CUSTOM_OPS,
     FORMAT_PORTABLE,
     FORMAT_TENSORRT,
+    FORMAT_TFLITE,
     FORMAT_TRT,
     from_onnx_pads,
 )
@@ -150,6 +153,53 @@ class TensorRTPredictor(Predictor):
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self._runner(x)
+
+
+TFLITE_RUNTIMES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
+"""Where a TFLite interpreter is looked for, in order: LiteRT, then the older tflite-runtime."""
+
+
+def tflite_interpreter_class() -> Any:
+    """The ``Interpreter`` class of the first TFLite runtime installed, or a one-line error."""
+    import importlib
+
+    for module in TFLITE_RUNTIMES:
+        try:
+            return importlib.import_module(module).Interpreter
+        except ImportError:
+            continue
+    raise RuntimeLoadError(
+        "running a tflite artifact needs a TFLite interpreter: pip install 'bitfleet[tflite]' "
+        "(ai-edge-litert), or tflite-runtime where its wheel exists"
+    )
+
+
+class TFLitePredictor(Predictor):
+    """The ``tflite`` flavour: one TFLite interpreter, resized when the batch size changes."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
+        super().__init__(root, manifest, threads)
+        interpreter = tflite_interpreter_class()
+        try:
+            self._interpreter = interpreter(
+                model_content=(root / manifest["model_file"]).read_bytes(), num_threads=threads
+            )
+            self._interpreter.allocate_tensors()
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeLoadError(f"the TFLite interpreter cannot load {root}: {first}") from None
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._batch = 1
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[0] != self._batch:
+            self._interpreter.resize_tensor_input(self._input, list(x.shape), strict=False)
+            self._interpreter.allocate_tensors()
+            self._batch = x.shape[0]
+        self._interpreter.set_tensor(self._input, x)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output).copy()
 
 
 @dataclass
@@ -499,4 +549,6 @@ def load(
         return PortablePredictor(root, manifest, threads)
     if manifest["format"] == FORMAT_TENSORRT:
         return TensorRTPredictor(root, manifest, threads)
+    if manifest["format"] == FORMAT_TFLITE:
+        return TFLitePredictor(root, manifest, threads)
     return FastPredictor(root, manifest, threads, float_ops)

@@ -32,7 +32,14 @@ from models import training
 from models.checkpoint import load as load_checkpoint
 
 from .artifact import MANIFEST_FILE, WEIGHTS_FILE, write_artifact
-from .conventions import CUSTOM_DOMAIN, FORMAT_FAST, FORMAT_TENSORRT, FORMAT_TRT, FORMATS
+from .conventions import (
+    CUSTOM_DOMAIN,
+    FORMAT_FAST,
+    FORMAT_TENSORRT,
+    FORMAT_TFLITE,
+    FORMAT_TRT,
+    FORMATS,
+)
 from .float_parts import FLOAT_PARTS, quantize_float_weights
 from .onnx_writer import ExportError, opset_of, to_onnx
 
@@ -53,12 +60,15 @@ def export(
     allow_resize: bool = False,
     weights: bool = False,
     float_parts: str = "fp32",
+    binary_form: str = "auto",
 ) -> Path:
     """Export a model or checkpoint to an artifact directory; return its path.
 
     ``weights=True`` adds the float training state as ``weights.safetensors`` (see the module's
     doc), named by the manifest's ``weights_file``. ``float_parts="int8"`` stores the float
     convolutions' and dense layers' weights as per-channel int8 (:mod:`exporters.float_parts`).
+    ``binary_form`` (``tflite`` only): ``auto``, ``int8`` or ``float``, the exact form of the
+    binary layers (:mod:`exporters.tflite_binary`).
 
     Raises :class:`ExportError` for an ``input_shape`` the network cannot take or does not
     record (see the module's doc), and for an ``out_dir`` that is the checkpoint itself, holds
@@ -69,6 +79,11 @@ def export(
     if float_parts not in FLOAT_PARTS:
         raise ExportError(
             f"unknown float_parts {float_parts!r}; use one of {', '.join(FLOAT_PARTS)}"
+        )
+    if binary_form != "auto" and format != FORMAT_TFLITE:
+        raise ExportError(
+            f"binary_form applies to the tflite format only, not {format!r} (--binary-form "
+            "goes with --format tflite)"
         )
     meta: dict[str, Any] = {}
     if isinstance(model_or_checkpoint, nn.Module):
@@ -90,15 +105,26 @@ def export(
             "the input shape is unknown: pass input_shape=(C, H, W) (--input-shape C,H,W)"
         )
     _check_forward(model, shape, spec["name"])
-    proto = to_onnx(model.eval(), shape, FORMAT_TRT if format == FORMAT_TENSORRT else format)
+    graph_format = FORMAT_TRT if format in (FORMAT_TENSORRT, FORMAT_TFLITE) else format
+    proto = to_onnx(model.eval(), shape, graph_format)
     if float_parts == "int8":
         quantize_float_weights(proto)
-    files = {"model.onnx": proto.SerializeToString()}
-    engine_info = None
-    if format == FORMAT_TENSORRT:  # built before anything is written: no half artifact
+    files: dict[str, bytes] = {}
+    extra: dict[str, Any] = {}
+    model_file = "model.onnx"
+    # engines and flatbuffers are built before anything is written: no half artifact
+    if format == FORMAT_TFLITE:
+        from .tflite_writer import TFLITE_FILE, to_tflite
+
+        files[TFLITE_FILE], extra["tflite"] = to_tflite(proto, binary_form)
+        model_file = TFLITE_FILE
+    else:
+        files["model.onnx"] = proto.SerializeToString()
+    if format == FORMAT_TENSORRT:
         from .tensorrt_engine import ENGINE_FILE, build_engine
 
-        files[ENGINE_FILE], engine_info = build_engine(files["model.onnx"], shape)
+        files[ENGINE_FILE], extra["tensorrt"] = build_engine(files["model.onnx"], shape)
+        model_file = ENGINE_FILE
     custom_ops = sorted(
         {f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain == CUSTOM_DOMAIN}
     )
@@ -106,8 +132,8 @@ def export(
         "name": name or spec["name"],
         "version": str(version),
         "format": format,
-        "model_file": "model.engine" if format == FORMAT_TENSORRT else "model.onnx",
-        "opset": opset_of(format),
+        "model_file": model_file,
+        "opset": None if format == FORMAT_TFLITE else opset_of(format),
         "custom_ops": custom_ops,
         "float_parts": float_parts,
         "input": {
@@ -125,8 +151,7 @@ def export(
         "training": {k: meta[k] for k in ("dataset", "epoch", "metrics") if k in meta},
         "toolkit_version": bitfleet.version(),
     }
-    if engine_info is not None:
-        manifest["tensorrt"] = engine_info
+    manifest.update(extra)
     if weights:
         files[WEIGHTS_FILE] = safetensors_save(training.state_to_numpy(model))
         manifest["weights_file"] = WEIGHTS_FILE

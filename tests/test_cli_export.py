@@ -51,10 +51,10 @@ def test_export_then_inspect(run_dir, fmt):
 
 def test_export_bad_input(run_dir, tmp_path):
     result = runner.invoke(
-        app, ["export", str(run_dir), "--format", "tflite", "--out", str(tmp_path / "x")]
+        app, ["export", str(run_dir), "--format", "coreml", "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 1
-    assert "unknown format 'tflite'" in result.output and "Traceback" not in result.output
+    assert "unknown format 'coreml'" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["export", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "does not exist" in result.output
     result = runner.invoke(app, ["export", str(run_dir), "--input-shape", "3x32x32"])
@@ -172,3 +172,66 @@ def test_bad_float_parts_is_one_line(run_dir, tmp_path):
     assert result.exit_code == 1
     assert "unknown float_parts 'int4'; use one of fp32, int8" in result.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("form", ["int8", "float"])
+def test_tflite_matches_pytorch_on_the_digits_test_set(run_dir, tmp_path, form):
+    import torch
+
+    from exporters import runtime
+    from models.checkpoint import load as load_checkpoint
+    from toolkit.data import load_dataset
+
+    data = load_dataset("digits", "test", channels=3)
+    out = tmp_path / form
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(run_dir),
+            "--format",
+            "tflite",
+            "--binary-form",
+            form,
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["format"] == "tflite" and manifest["model_file"] == "model.tflite"
+    assert manifest["tflite"]["binary_layers"] == {form: 16}
+    assert manifest["labels"] and manifest["input"]["normalisation"]
+    got = runtime.load(out, threads=1).predict(data.x)
+    with torch.no_grad():
+        want = load_checkpoint(run_dir).model.eval()(torch.from_numpy(data.x)).numpy()
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_binary_form_goes_with_tflite_only(run_dir, tmp_path):
+    result = runner.invoke(
+        app, ["export", str(run_dir), "--binary-form", "int8", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 1
+    assert "binary_form applies to the tflite format only" in result.output
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(run_dir),
+            "--format",
+            "tflite",
+            "--binary-form",
+            "int4",
+            "--out",
+            str(tmp_path / "y"),
+        ],
+    )
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert (
+        len(lines) == 1 and "unknown binary form 'int4'; use one of auto, float, int8" in lines[0]
+    )
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -32,7 +32,7 @@ def test_every_module_uses_the_one_definition():
     assert runtime.CUSTOM_OPS is conventions.CUSTOM_OPS
     assert onnx_fusion.CUSTOM_OPS is conventions.CUSTOM_OPS
     assert conventions.CUSTOM_OPS == ("BinaryConv2d", "BinaryDense")
-    assert conventions.FORMATS == ("onnx", "onnx-portable", "onnx-trt", "tensorrt")
+    assert conventions.FORMATS == ("onnx", "onnx-portable", "onnx-trt", "tensorrt", "tflite")
     assert conventions.ONNX_FORMATS == conventions.FORMATS[:3]
 
 

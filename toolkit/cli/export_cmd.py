@@ -32,9 +32,10 @@ def export(
             "-f",
             help=(
                 "onnx (fast, bitfleet runtime), onnx-portable (any ONNX runtime), onnx-trt "
-                "(TensorRT's parser: int8 +-1 convolutions between Q/DQ at scale 1) or tensorrt "
+                "(TensorRT's parser: int8 +-1 convolutions between Q/DQ at scale 1), tensorrt "
                 "(an INT8/FP16 engine built from it; needs tensorrt and a GPU: run it on the "
-                "device)."
+                "device) or tflite (LiteRT / tflite-runtime on a Raspberry Pi: binary layers as "
+                "exact int8 or float convolutions, see --binary-form)."
             ),
         ),
     ] = "onnx",
@@ -78,9 +79,19 @@ def export(
             "float.",
         ),
     ] = "fp32",
+    binary_form: Annotated[
+        str,
+        typer.Option(
+            "--binary-form",
+            help="tflite only: how binary layers run. int8: +-1 int8 convolutions over channel "
+            "groups small enough to be exact, summed in float (fastest measured); float: one "
+            "float convolution of +-1 values (exact, float speed); auto: int8 wherever a kernel "
+            "fits an exact group.",
+        ),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """Export a trained network as packed-bit ONNX with a verified manifest."""
+    """Export a trained network: packed-bit ONNX, TensorRT ONNX or engine, or TFLite."""
     import exporters
     from edge_agent.protocol import validate_name
     from exporters.artifact import read_manifest
@@ -102,6 +113,7 @@ def export(
         overwrite=overwrite,
         weights=with_weights,
         float_parts=float_parts,
+        binary_form=binary_form,
     )
     manifest = read_manifest(path)
     if as_json:

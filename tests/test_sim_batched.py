@@ -292,3 +292,33 @@ def test_per_node_layer_outside_vmap_is_the_plain_layer():
         (got * weights).sum().backward()
         for a, b in zip(inputs, copies, strict=True):
             torch.testing.assert_close(b.grad, a.grad)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(data="dirichlet-pool:0.5", batch_size=64, augment=True),  # one size: stacked
+        dict(data="dirichlet:0.1", batch_size=250, augment=True),  # shards of 210..342: per node
+        dict(data="iid", batch_size=32, augment=False),
+    ],
+)
+def test_node_batches_are_the_loop_streams(digits, settings):
+    from toolkit.sim_batched import NodeBatches
+    from toolkit.simulate import _Fleet, parse_partition
+
+    config = SimulationConfig(nodes=5, topology="ring", seed=3, **settings)
+    spec = parse_partition(config.data)
+    if spec.pooled:
+        shards, probs = None, spec.label_probs(digits.y, config.nodes, seed=config.seed)
+    else:
+        shards, probs = spec.apply(digits.y, config.nodes, seed=config.seed), None
+    streams = _Fleet(config, digits, shards, probs).streams
+    batches = NodeBatches(config, digits, shards, probs)
+    for _ in range(3):
+        got = batches.next()
+        pairs = got if isinstance(got, list) else list(zip(*got, strict=True))
+        assert isinstance(got, list) == (config.batch_size == 250)
+        for (x, y), stream in zip(pairs, streams, strict=True):
+            want_x, want_y = next(stream)
+            assert torch.equal(y, want_y)
+            torch.testing.assert_close(x, want_x, atol=1e-6, rtol=0)

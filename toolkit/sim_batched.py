@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from torch.func import functional_call, vmap
 from edge_agent import codecs
 from edge_agent.merge import EPS, RULES, VARIANCE_MODES, is_rescaled, keeps_own
 from models.constraints import latent_weight_parameters
+from models.training import BatchSampler
 
 __all__ = [
     "ENGINE_HINT",
@@ -411,19 +413,37 @@ class StackedModels:
         by_size: dict[tuple[int, ...], list[int]] = {}
         for node, (x, _) in enumerate(batches):
             by_size.setdefault(tuple(x.shape), []).append(node)
+        first = self._start_momentum()
         for nodes in by_size.values():
             for start in range(0, len(nodes), self.chunk):
                 part = nodes[start : start + self.chunk]
                 x = torch.stack([batches[n][0] for n in part])
                 y = torch.stack([batches[n][1] for n in part])
-                self._step(torch.tensor(part), x, y)
+                self._step(torch.tensor(part), x, y, first)
+
+    def train_stacked(self, x: Tensor, y: Tensor) -> None:
+        """One SGD step of every node, node ``n`` on ``(x[n], y[n])`` (batches of one size)."""
+        if len(x) != self.count or len(y) != self.count:
+            raise ValueError(f"got batches for {len(x)} nodes, not {self.count}")
+        first = self._start_momentum()
+        for start in range(0, self.count, self.chunk):
+            part = torch.arange(start, min(start + self.chunk, self.count))
+            self._step(part, x[start : start + self.chunk], y[start : start + self.chunk], first)
+
+    def _start_momentum(self) -> dict[str, bool]:
+        """Which momentum buffers start this step (as the gradient); every node steps at once."""
+        first = {name: buf is None for name, buf in self.momentum.items()}
+        for name, starts in first.items():
+            if starts and self.sgd[name].momentum != 0:
+                self.momentum[name] = torch.zeros_like(self.params[name])
+        return first
 
     def train(self, streams: Sequence[Iterator[tuple[Tensor, Tensor]]], steps: int) -> None:
         """``steps`` SGD steps of every node, each on the next batch of the node's stream."""
         for _ in range(steps):
             self.train_step([next(s) for s in streams])
 
-    def _step(self, nodes: Tensor, x: Tensor, y: Tensor) -> None:
+    def _step(self, nodes: Tensor, x: Tensor, y: Tensor, first: Mapping[str, bool]) -> None:
         params = {n: t.index_select(0, nodes).requires_grad_() for n, t in self.params.items()}
         buffers = {n: t.index_select(0, nodes) for n, t in self.buffers.items()}
         logits = self._forward(self._train_twin, params, buffers, x, 0)
@@ -432,9 +452,9 @@ class StackedModels:
         grads = torch.autograd.grad(loss.view(y.shape).mean(1).sum(), list(params.values()))
         with torch.no_grad():
             for (name, p), g in zip(params.items(), grads, strict=True):
-                self._sgd_update(name, nodes, p.detach(), g)
+                self._sgd_update(name, nodes, p.detach(), g, first[name])
 
-    def _sgd_update(self, name: str, nodes: Tensor, p: Tensor, grad: Tensor) -> None:
+    def _sgd_update(self, name: str, nodes: Tensor, p: Tensor, grad: Tensor, first: bool) -> None:
         """``torch.optim.SGD``'s update (weight decay, momentum, Nesterov) for these nodes."""
         s = self.sgd[name]
         d_p = -grad if s.maximize else grad
@@ -442,9 +462,8 @@ class StackedModels:
             d_p = d_p.add(p, alpha=s.weight_decay)
         if s.momentum != 0:
             stacked = self.momentum[name]
-            if stacked is None:  # first step: the buffer starts as the gradient
-                stacked = torch.zeros_like(self.params[name])
-                self.momentum[name] = stacked
+            assert stacked is not None  # train_step made it
+            if first:  # the buffer starts as the gradient
                 buf = d_p.clone()
             else:
                 buf = stacked.index_select(0, nodes)
@@ -484,9 +503,13 @@ class StackedModels:
 
     @torch.no_grad()
     def accuracies(
-        self, x: Tensor, y: Tensor, nodes: Sequence[int] | None = None, batch_size: int = 512
+        self, x: Tensor, y: Tensor, nodes: Sequence[int] | None = None, batch_size: int = 128
     ) -> np.ndarray:
-        """Top-1 accuracy of each node on ``(x, y)`` in eval mode (as ``evaluate``)."""
+        """Top-1 accuracy of each node on ``(x, y)`` in eval mode (as ``evaluate``).
+
+        Test images go ``batch_size`` at a time (smaller than ``evaluate``'s 512: a chunk of
+        nodes' activations then stay in cache; the accuracies do not depend on it).
+        """
         chosen = list(range(self.count)) if nodes is None else list(nodes)
         correct = np.zeros(len(chosen), dtype=np.int64)
         for start in range(0, len(chosen), self.chunk):
@@ -725,13 +748,105 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
 # ---------------------------------------------------------------------------- simulation
 
 
+class NodeBatches:
+    """Every node's next training batch, drawn as the loop's streams draw them, built at once.
+
+    The loop's fleet gives node ``n`` a :class:`models.training.BatchSampler` stream seeded by
+    ``seed * 7919 + n`` (``endless`` over its shard, or ``pooled`` with its label
+    probabilities) and, with ``augment``, a torch generator of the same seed for
+    :func:`toolkit.simulate.augment_batch`. Here the samplers run over sample *positions*, so
+    they yield the very indices the loop's streams gather; the images of all nodes are then
+    gathered in one indexing, and augmented in one resampling with each node's angles and shifts
+    drawn from its own generator in augment_batch's order. The result equals the loop's batches
+    (tests/test_sim_batched.py runs both engines on the paper preset, augmentation included).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        train: Any,
+        shards: Sequence[np.ndarray] | None,
+        label_probs: np.ndarray | None,
+    ) -> None:
+        positions = np.arange(len(train.x))
+        self.x = torch.as_tensor(train.x)
+        self.sources: list[Iterator[tuple[Tensor, Tensor]]] = []
+        self.generators: list[torch.Generator] = []
+        for node in range(config.nodes):
+            data_seed = config.seed * 7_919 + node
+            rng = np.random.default_rng(data_seed)
+            if label_probs is not None:
+                sampler = BatchSampler(positions, train.y, config.batch_size)
+                self.sources.append(sampler.pooled(label_probs[node], rng))
+            else:
+                assert shards is not None
+                sampler = BatchSampler(positions, train.y, config.batch_size, shards[node])
+                self.sources.append(sampler.endless(rng))
+            if config.augment:
+                self.generators.append(torch.Generator().manual_seed(data_seed))
+        self.fill = torch.tensor([-m / s for m, s in zip(train.mean, train.std, strict=True)])
+
+    def next(self) -> tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]:
+        """Stacked ``(x, y)`` of shape ``(N, B, ...)``, or per-node pairs if sizes differ."""
+        drawn = [next(source) for source in self.sources]
+        if len({len(index) for index, _ in drawn}) > 1:  # shards smaller than a batch
+            pairs = []
+            for node, (index, labels) in enumerate(drawn):
+                x = self.x[index]
+                if self.generators:
+                    x = _augment(x, *_augment_draws(len(x), self.generators[node]), self.fill)
+                pairs.append((x, labels))
+            return pairs
+        index = torch.stack([index for index, _ in drawn])
+        x = self.x[index]
+        if self.generators:
+            draws = [_augment_draws(index.shape[1], g) for g in self.generators]
+            angles = torch.cat([angle for angle, _ in draws])
+            shifts = torch.cat([shift for _, shift in draws])
+            x = _augment(x.flatten(0, 1), angles, shifts, self.fill).unflatten(0, index.shape)
+        return x, torch.stack([labels for _, labels in drawn])
+
+
+def _augment_draws(
+    count: int, generator: torch.Generator, degrees: float = 5.0, padding: int = 2
+) -> tuple[Tensor, Tensor]:
+    """The random part of :func:`toolkit.simulate.augment_batch`, in its order: angles, shifts."""
+    angle = (torch.rand(count, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(
+        degrees
+    )
+    shift = torch.randint(-padding, padding + 1, (count, 2), generator=generator)
+    return angle, shift.to(torch.float64)
+
+
+def _augment(x: Tensor, angle: Tensor, shift: Tensor, fill: Tensor) -> Tensor:
+    """The geometric part of :func:`toolkit.simulate.augment_batch`, the same operations."""
+    n, channels, height, width = x.shape
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    a = torch.stack(
+        [
+            torch.stack([cos, sin * height / width], dim=1),
+            torch.stack([-sin * width / height, cos], dim=1),
+        ],
+        dim=1,
+    )
+    d = torch.stack([shift[:, 0] * 2 / width, shift[:, 1] * 2 / height], dim=1)
+    theta = torch.cat([a, -(a @ d.unsqueeze(2))], dim=2).to(x.dtype)
+    grid = F.affine_grid(theta, [n, channels, height, width], align_corners=False)
+    base = fill.to(x.dtype).reshape(-1, 1, 1)
+    moved = F.grid_sample(
+        x - base, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return moved + base
+
+
 class BatchedSimulation:
     """One simulated fleet on the batched engine, a round at a time.
 
     Built from the config exactly as :func:`toolkit.simulate.simulate` builds the loop's fleet
-    (the loop's own ``_Fleet``: models, optimizers, batch streams with their augmentation), then
-    stacked. :meth:`train_round` and :meth:`merge_round` are the two halves of a round (the
-    benchmark times them apart), :meth:`record` one history record.
+    (the loop's own ``_Fleet``: models with their initialisation, optimizers, FedAvg weights),
+    then stacked; the batches come from :class:`NodeBatches`, the loop's draws built at once.
+    :meth:`train_round` and :meth:`merge_round` are the two halves of a round (the benchmark
+    times them apart), :meth:`record` one history record.
     """
 
     def __init__(
@@ -752,6 +867,7 @@ class BatchedSimulation:
         else:
             shards, probs = spec.apply(train.y, config.nodes, seed=config.seed), None
         self.fleet = _Fleet(config, train, shards, probs)
+        self.batches = NodeBatches(config, train, shards, probs)
         self.models = StackedModels.from_modules(
             self.fleet.models, self.fleet.optimizers, tuple(train.x.shape[1:]), chunk
         )
@@ -774,7 +890,12 @@ class BatchedSimulation:
         """Every node's ``local_steps`` SGD steps (FedAvg clients start from the server)."""
         if self.fedavg:
             self.models.load_state(self.server)
-        self.models.train(self.fleet.streams, self.config.local_steps)
+        for _ in range(self.config.local_steps):
+            batch = self.batches.next()
+            if isinstance(batch, list):
+                self.models.train_step(batch)
+            else:
+                self.models.train_stacked(*batch)
 
     def merge_round(self) -> int:
         """Every node merges its neighbours' models (FedAvg: the server averages); bytes sent."""

@@ -818,8 +818,12 @@ def _augment_draws(
     return angle, shift.to(torch.float64)
 
 
-def _augment(x: Tensor, angle: Tensor, shift: Tensor, fill: Tensor) -> Tensor:
-    """The geometric part of :func:`toolkit.simulate.augment_batch`, the same operations."""
+def _augment(x: Tensor, angle: Tensor, shift: Tensor, fill: Tensor, chunk: int = 512) -> Tensor:
+    """The geometric part of :func:`toolkit.simulate.augment_batch`, ``chunk`` images at a time.
+
+    The same affine matrices and bilinear resampling; the sampling grid is written out (what
+    ``affine_grid`` computes with a batched matmul, slow on a CPU for a 3-term product).
+    """
     n, channels, height, width = x.shape
     cos, sin = torch.cos(angle), torch.sin(angle)
     a = torch.stack(
@@ -831,12 +835,29 @@ def _augment(x: Tensor, angle: Tensor, shift: Tensor, fill: Tensor) -> Tensor:
     )
     d = torch.stack([shift[:, 0] * 2 / width, shift[:, 1] * 2 / height], dim=1)
     theta = torch.cat([a, -(a @ d.unsqueeze(2))], dim=2).to(x.dtype)
-    grid = F.affine_grid(theta, [n, channels, height, width], align_corners=False)
+    # affine_grid's base grid (align_corners=False): pixel centres in [-1, 1]
+    xs = (torch.linspace(-1, 1, width, dtype=x.dtype) * ((width - 1) / width)).view(1, 1, width)
+    ys = (torch.linspace(-1, 1, height, dtype=x.dtype) * ((height - 1) / height)).view(1, -1, 1)
     base = fill.to(x.dtype).reshape(-1, 1, 1)
-    moved = F.grid_sample(
-        x - base, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return moved + base
+    out = torch.empty_like(x)
+    for start in range(0, n, chunk):
+        t = theta[start : start + chunk].reshape(-1, 1, 1, 2, 3)
+        grid = torch.stack(
+            [
+                t[..., 0, 0] * xs + t[..., 0, 1] * ys + t[..., 0, 2],
+                t[..., 1, 0] * xs + t[..., 1, 1] * ys + t[..., 1, 2],
+            ],
+            dim=-1,
+        )
+        moved = F.grid_sample(
+            x[start : start + chunk] - base,
+            grid,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
+        out[start : start + chunk] = moved + base
+    return out
 
 
 class BatchedSimulation:

@@ -15,6 +15,10 @@ and the int8 output it requantises to holds 256 values. Both forms below are exa
     when ``K`` is even, and at scale 1 ``K <= 127`` taps of any parity. Each partial sum is
     dequantized and ADDs sum them in float (exact). Runs on the int8 kernels (XNNPACK's QS8
     path on ARM and x86), at the cost of one small conv per group.
+``int4``
+    The ``int8`` form with its +-1 weights stored two to a byte (TFLite's INT4 filters,
+    unpacked by the interpreter at prepare). The smallest file, but XNNPACK does not take int4
+    convolutions, so they run in TFLite's own int8 kernels: measured slower than float.
 
 :func:`channel_groups` cuts the channels; :func:`choose_form` is the per-layer rule of
 ``binary_form="auto"``, from the measurements in BENCHMARKS.md.
@@ -28,7 +32,7 @@ __all__ = [
     "choose_form",
 ]
 
-BINARY_FORMS = ("auto", "float", "int8")
+BINARY_FORMS = ("auto", "float", "int8", "int4")
 
 
 def channel_groups(channels: int, taps: int) -> list[tuple[int, float]]:
@@ -66,15 +70,17 @@ def channel_groups(channels: int, taps: int) -> list[tuple[int, float]]:
 def choose_form(wanted: str, channels: int, taps: int) -> str:
     """The form a layer gets: ``wanted``, or for ``auto`` int8 wherever exact groups exist.
 
+    ``int8`` and ``int4`` layers whose kernel has no exact group fall back to ``float``.
+
     Measured on Bi-Real-18's 3x3 layers in LiteRT (BENCHMARKS.md), the int8 form was faster
     at every width, 3 to 19 groups: 2.0-2.4x at one thread, 1.4-1.7x at two.
     """
     if wanted not in BINARY_FORMS:
         raise ValueError(f"unknown binary form {wanted!r}; use one of {', '.join(BINARY_FORMS)}")
-    if wanted != "auto":
+    if wanted == "float":
         return wanted
     try:
         channel_groups(channels, taps)
     except ValueError:
         return "float"
-    return "int8"
+    return "int8" if wanted == "auto" else wanted

@@ -97,7 +97,7 @@ class _Translator:
         self.values: dict[str, _Value] = {}
         self.layers: list[dict[str, Any]] = []
         self._signs: dict[tuple[str, str, tuple[int, ...]], int] = {}
-        self._scalars: dict[tuple[str, float], int] = {}
+        self._shared: dict[tuple[str, float], int] = {}
 
     # --- constants ------------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
@@ -133,13 +133,29 @@ class _Translator:
         axis = int(_attrs(node).get("axis", 1)) if scale.size > 1 else 0
         return q, Quant(tuple(float(s) for s in scale), (0,) * scale.size, axis)
 
+    def zero_bias(self, outputs: int) -> int:
+        """An int32 zero bias of scale 1 for ``outputs`` channels, one per width, shared."""
+        key = ("zero_bias", float(outputs))
+        if key not in self._shared:
+            self._shared[key] = self.out.constant(
+                "zero_bias", np.zeros(outputs, np.int32), quant=Quant.per_tensor(1.0)
+            )
+        return self._shared[key]
+
+    def scalar_vector(self, value: float, size: int) -> int:
+        """A float32 vector of ``size`` copies of ``value``, shared (zero biases)."""
+        key = (f"vector{size}", float(value))
+        if key not in self._shared:
+            self._shared[key] = self.out.constant("bias", np.full(size, value, np.float32))
+        return self._shared[key]
+
     def scalar(self, value: float, dtype: str = "float32", quant: Quant | None = None) -> int:
         key = (dtype, float(value))
-        if key not in self._scalars:
-            self._scalars[key] = self.out.constant(
+        if key not in self._shared:
+            self._shared[key] = self.out.constant(
                 f"const_{dtype}_{value:g}", np.array(value, dtype=dtype), quant=quant
             )
-        return self._scalars[key]
+        return self._shared[key]
 
     def layout_const(self, array: np.ndarray, like: _Value) -> int:
         """An elementwise operand broadcast against ``like``, in ``like``'s TFLite layout."""
@@ -348,9 +364,10 @@ class _Translator:
         channels = int(weights.shape[1])
         form = choose_form(self.binary_form, channels, taps)
         name = node.output[0]
-        groups = channel_groups(channels, taps) if form == "int8" else [(channels, 0.0)]
+        integer = form in ("int8", "int4")
+        groups = channel_groups(channels, taps) if integer else [(channels, 0.0)]
         self.layers.append({"name": node.name or name, "form": form, "groups": len(groups)})
-        signs, shape = self.signs(layer.source, form if form == "int8" else "float32", layer.pads)
+        signs, shape = self.signs(layer.source, "int8" if integer else "float32", layer.pads)
         out_shape = (
             self._conv_shape(shape, weights.shape, attrs, (0, 0, 0, 0))
             if conv
@@ -365,10 +382,12 @@ class _Translator:
                 [stored],
                 self.out.tensor("binary_weights_f32", self._layout_shape(weights.shape, conv)),
             )
-            zero_bias = self.out.constant("bias", np.zeros(weights.shape[0], np.float32))
+            zero_bias = self.scalar_vector(0.0, weights.shape[0])
             result = self._linear(conv, signs, widened, zero_bias, out_shape, attrs, name)
         else:
-            result = self._int8_binary(conv, signs, shape, weights, groups, out_shape, attrs, name)
+            result = self._int8_binary(
+                conv, signs, shape, weights, groups, out_shape, attrs, name, form
+            )
         return _Value(result, out_shape)
 
     def _int8_binary(
@@ -381,6 +400,7 @@ class _Translator:
         out_shape: tuple[int, ...],
         attrs: dict[str, Any],
         name: str,
+        storage: str,
     ) -> int:
         unit = Quant.per_tensor(1.0)
         axis = 3 if conv else 1
@@ -404,14 +424,12 @@ class _Translator:
         for part, (count, scale) in zip(parts, groups, strict=True):
             block = weights[:, start : start + count]
             start += count
-            outputs = weights.shape[0]
-            # scale 1 everywhere, so the int32 sum is the +-1 dot product itself; per-channel
-            # scales for CONV_2D (its int8 kernels' usual form), one for FULLY_CONNECTED
-            unit_scales = Quant.per_channel(np.ones(outputs), 0) if conv else unit
+            # scale 1 everywhere (one per tensor: per-channel parameters would cost 12 bytes a
+            # channel a group), so the int32 sum is the +-1 dot product itself
             stored = self.out.constant(
-                "binary_weights", self._layout(block, conv), "int8", quant=unit_scales
+                "binary_weights", self._layout(block, conv), storage, quant=unit
             )
-            bias = self.out.constant("zero_bias", np.zeros(outputs, np.int32), quant=unit_scales)
+            bias = self.zero_bias(weights.shape[0])
             summed = self.new("partial_sum", out_shape, "int8", quant=Quant.per_tensor(scale))
             if conv:
                 self.out.op(

@@ -224,14 +224,13 @@ def test_binary_form_goes_with_tflite_only(run_dir, tmp_path):
             "--format",
             "tflite",
             "--binary-form",
-            "int4",
+            "int2",
             "--out",
             str(tmp_path / "y"),
         ],
     )
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert (
-        len(lines) == 1 and "unknown binary form 'int4'; use one of auto, float, int8" in lines[0]
-    )
+    assert len(lines) == 1
+    assert "unknown binary form 'int2'; use one of auto, float, int8, int4" in lines[0]
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -94,7 +94,7 @@ class _OddWidths(nn.Module):
         return self.d(self.c(self.b(self.a(x))).flatten(1))
 
 
-@pytest.mark.parametrize("form", ["int8", "float"])
+@pytest.mark.parametrize("form", ["int8", "int4", "float"])
 def test_odd_channel_counts_strides_and_dense_layers_are_exact(form):
     torch.manual_seed(1)
     model = _OddWidths().eval()
@@ -103,7 +103,7 @@ def test_odd_channel_counts_strides_and_dense_layers_are_exact(form):
         want = model(x).numpy()
     data, info = to_tflite(to_onnx(model, (31, 10, 10), "onnx-trt"), form)
     assert info["binary_layers"] == {form: 4}
-    if form == "int8":
+    if form != "float":
         assert [layer["groups"] for layer in info["layers"]] == [2, 3, 1, 2]
     got = _run(data, x.numpy())
     # +-1 sums times +-1 weights are integers: the binary path is exact, only the dense
@@ -130,8 +130,9 @@ def test_kernels_too_large_for_an_exact_group_fall_back_to_float():
         channel_groups(8, 169)  # 13x13: 169 taps, odd, above 127
     assert choose_form("auto", 8, 169) == "float"
     assert choose_form("int8", 8, 9) == "int8" and choose_form("float", 8, 9) == "float"
-    with pytest.raises(ValueError, match="unknown binary form 'int4'"):
-        choose_form("int4", 8, 9)
+    assert choose_form("int4", 8, 169) == "float"
+    with pytest.raises(ValueError, match="unknown binary form 'int2'"):
+        choose_form("int2", 8, 9)
 
 
 def test_flatbuffer_round_trip_through_the_schema_module():

@@ -83,10 +83,10 @@ def export(
         str,
         typer.Option(
             "--binary-form",
-            help="tflite only: how binary layers run. int8: +-1 int8 convolutions over channel "
-            "groups small enough to be exact, summed in float (fastest measured); float: one "
-            "float convolution of +-1 values (exact, float speed); auto: int8 wherever a kernel "
-            "fits an exact group.",
+            help="tflite only: how binary layers run, all exact. int8: +-1 int8 convolutions over "
+            "channel groups small enough to be exact, summed in float (fastest); int4: the same "
+            "with weights stored two to a byte (smallest file, slower than float); float: one "
+            "float convolution of +-1 values; auto: int8 wherever a kernel fits an exact group.",
         ),
     ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,

@@ -173,9 +173,10 @@ def test_sigint_while_the_fleet_learns_stops_every_process(tmp_path):
     import subprocess
     import time
 
-    command = [sys.executable, "-m", "toolkit.cli", "demo", "--nodes", "2", "--rounds", "500"]
+    # -X faulthandler: if it hangs, SIGABRT makes it print every thread's stack
+    command = [sys.executable, "-X", "faulthandler", "-m", "toolkit.cli", "demo", "--nodes", "2"]
     proc = subprocess.Popen(
-        [*command, "--out", str(tmp_path / "d"), "--json"],
+        [*command, "--rounds", "500", "--out", str(tmp_path / "d"), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -188,8 +189,19 @@ def test_sigint_while_the_fleet_learns_stops_every_process(tmp_path):
                 break
         started = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         assert len(started) == 3, started  # the broker and two learning agents
+        # Python installs its KeyboardInterrupt handler only if SIGINT was not ignored when it
+        # started (an ignored disposition is inherited across exec)
+        status = dict(line.split(":\t", 1) for line in open(f"/proc/{proc.pid}/status"))
+        bit = 1 << (signal.SIGINT - 1)
+        assert int(status["SigCgt"], 16) & bit, f"the demo does not catch SIGINT: {status}"
+        assert not int(status["SigBlk"], 16) & bit, f"the demo blocks SIGINT: {status}"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"the demo did not exit within 60 s of SIGINT; its threads:\n{err}")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -198,17 +198,25 @@ class _PerNodeLayer(nn.Module):
         return _PerNode.apply(self.fn, x, self.weight, self.bias, self.conf)
 
 
-def _pool_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
-    """2x2 max pooling, stride 2, and the argmax ``max_pool2d`` would return.
-
-    The maxima come from four strided views; the argmax is the first maximum in scan order
-    (a, b, c, d), as in PyTorch's kernel, found by counting the leading misses.
-    """
+def _pool_max(x: Tensor) -> Tensor:
+    """2x2 max pooling, stride 2 (odd last rows and columns dropped): maxima of four views."""
     rows, cols = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
     even = x[..., :rows, :cols]
     a, b = even[..., 0::2, 0::2], even[..., 0::2, 1::2]
     c, d = even[..., 1::2, 0::2], even[..., 1::2, 1::2]
-    out = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+    return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+
+
+def _pool_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_pool_max` and the argmax ``max_pool2d`` would return.
+
+    The argmax is the first maximum in scan order (a, b, c, d), as in PyTorch's kernel, found
+    by counting the leading misses.
+    """
+    out = _pool_max(x)
+    rows, cols = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    even = x[..., :rows, :cols]
+    a, b, c = even[..., 0::2, 0::2], even[..., 0::2, 1::2], even[..., 1::2, 0::2]
     miss_a = a != out
     miss_ab = miss_a & (b != out)
     code = miss_a.to(torch.int64) + miss_ab + (miss_ab & (c != out))
@@ -252,6 +260,8 @@ class _MaxPool2x2(torch.autograd.Function):
 
 class _FastMaxPool2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # evaluation: no argmax needed
+            return _pool_max(x)
         return _MaxPool2x2.apply(x)[0]
 
 

@@ -59,8 +59,14 @@ def _randomise_batch_norms(model: nn.Module) -> None:
             module.bias.data.uniform_(-0.3, 0.3)
 
 
-@pytest.mark.parametrize("form", ["int8", "float"])
-@pytest.mark.parametrize("name", BINARY)
+# int4 is the int8 form with another storage: two models with convs, dense layers and cells
+CASES = [(name, form) for name in BINARY for form in ("int8", "float")] + [
+    ("bireal18", "int4"),
+    ("nasb", "int4"),
+]
+
+
+@pytest.mark.parametrize(("name", "form"), CASES)
 def test_every_registered_binary_model_matches_pytorch(name, form):
     torch.manual_seed(0)
     args = {"width": 0.25} if name.startswith("bireal") else {}

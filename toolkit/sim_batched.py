@@ -40,10 +40,14 @@ randomness, custom autograd functions without a vmap rule such as the binary qua
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
+import sys
+import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -348,17 +352,23 @@ class StackedModels:
         params: Stacked,
         buffers: Stacked,
         sgd: Mapping[str, _SGD],
-        momentum: Mapping[str, Tensor | None],
+        momentum: Mapping[str, Tensor],
+        started: bool,
         sample_shape: Sequence[int],
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         _check_buffers(model)
+        self.model = model
         self.params = params
         self.buffers = buffers
         self.sgd = dict(sgd)
-        self.momentum: dict[str, Tensor | None] = dict(momentum)
+        # a buffer per parameter with momentum; until the first step (``started``) it is
+        # unused, and the first step sets it to the gradient, as torch.optim.SGD does
+        self.momentum = dict(momentum)
+        self.started = started
+        self.sample_shape = tuple(sample_shape)
         self.chunk = chunk
         self.order = list(model.state_dict())
         self.count = len(next(iter(params.values())))
@@ -396,19 +406,51 @@ class StackedModels:
             name: torch.stack([dict(m.named_buffers())[name].detach() for m in models])
             for name, _ in first.named_buffers()
         }
-        momentum: dict[str, Tensor | None] = {}
+        momentum: dict[str, Tensor] = {}
+        started: set[bool] = set()
         for name, _ in first.named_parameters():
+            if sgd[name].momentum == 0:
+                continue
             bufs = [
                 opt.state.get(dict(m.named_parameters())[name], {}).get("momentum_buffer")
                 for m, opt in zip(models, optimizers, strict=True)
             ]
-            if all(b is None for b in bufs):
-                momentum[name] = None
-            elif any(b is None for b in bufs):
+            started.update(b is not None for b in bufs)
+            if len(started) > 1:
                 raise ValueError(f"nodes differ in their optimizer state; {ENGINE_HINT}")
-            else:
-                momentum[name] = torch.stack([b.detach() for b in bufs if b is not None])
-        return cls(first, params, buffers, sgd, momentum, sample_shape, chunk)
+            momentum[name] = (
+                torch.stack([b.detach() for b in bufs if b is not None])
+                if bufs[0] is not None
+                else torch.zeros_like(params[name])
+            )
+        return cls(first, params, buffers, sgd, momentum, True in started, sample_shape, chunk)
+
+    def nodes(self, start: int, stop: int) -> StackedModels:
+        """The nodes ``start .. stop - 1`` as a StackedModels whose tensors are views of these.
+
+        Training the part trains these nodes here too (a worker process trains its part of
+        tensors in shared memory, :meth:`share_memory`).
+        """
+
+        def part(tensors: Mapping[str, Tensor]) -> Stacked:
+            return {name: t[start:stop] for name, t in tensors.items()}
+
+        return StackedModels(
+            self.model,
+            part(self.params),
+            part(self.buffers),
+            self.sgd,
+            part(self.momentum),
+            self.started,
+            self.sample_shape,
+            self.chunk,
+        )
+
+    def share_memory(self) -> None:
+        """Move every stacked tensor to shared memory, for worker processes (in place)."""
+        for tensors in (self.params, self.buffers, self.momentum):
+            for t in tensors.values():
+                t.share_memory_()
 
     # -- one SGD step per node
 
@@ -440,12 +482,12 @@ class StackedModels:
             part = torch.arange(start, min(start + self.chunk, self.count))
             self._step(part, x[start : start + self.chunk], y[start : start + self.chunk], first)
 
-    def _start_momentum(self) -> dict[str, bool]:
-        """Which momentum buffers start this step (as the gradient); every node steps at once."""
-        first = {name: buf is None for name, buf in self.momentum.items()}
-        for name, starts in first.items():
-            if starts and self.sgd[name].momentum != 0:
-                self.momentum[name] = torch.zeros_like(self.params[name])
+    def _start_momentum(self) -> bool:
+        """Whether this is the first step, which starts the momentum buffers.
+
+        All nodes step together, so one flag serves them all.
+        """
+        first, self.started = not self.started, True
         return first
 
     def train(self, streams: Sequence[Iterator[tuple[Tensor, Tensor]]], steps: int) -> None:
@@ -453,7 +495,7 @@ class StackedModels:
         for _ in range(steps):
             self.train_step([next(s) for s in streams])
 
-    def _step(self, nodes: Tensor, x: Tensor, y: Tensor, first: Mapping[str, bool]) -> None:
+    def _step(self, nodes: Tensor, x: Tensor, y: Tensor, first: bool) -> None:
         params = {n: t.index_select(0, nodes).requires_grad_() for n, t in self.params.items()}
         buffers = {n: t.index_select(0, nodes) for n, t in self.buffers.items()}
         logits = self._forward(self._train_twin, params, buffers, x, 0)
@@ -462,7 +504,7 @@ class StackedModels:
         grads = torch.autograd.grad(loss.view(y.shape).mean(1).sum(), list(params.values()))
         with torch.no_grad():
             for (name, p), g in zip(params.items(), grads, strict=True):
-                self._sgd_update(name, nodes, p.detach(), g, first[name])
+                self._sgd_update(name, nodes, p.detach(), g, first)
 
     def _sgd_update(self, name: str, nodes: Tensor, p: Tensor, grad: Tensor, first: bool) -> None:
         """``torch.optim.SGD``'s update (weight decay, momentum, Nesterov) for these nodes."""
@@ -472,7 +514,6 @@ class StackedModels:
             d_p = d_p.add(p, alpha=s.weight_decay)
         if s.momentum != 0:
             stacked = self.momentum[name]
-            assert stacked is not None  # train_step made it
             if first:  # the buffer starts as the gradient
                 buf = d_p.clone()
             else:
@@ -544,9 +585,9 @@ class StackedModels:
         One model's ``name -> (...)`` is broadcast to every node. Optimizer state (momentum)
         is kept, as the loop's optimizers keep theirs when a merge loads new weights.
         """
-        for name, target in ((n, self.params if n in self.params else self.buffers) for n in state):
-            value = state[name]
-            target[name] = value.to(target[name].dtype).expand_as(target[name]).clone()
+        for name, value in state.items():
+            target = self.params[name] if name in self.params else self.buffers[name]
+            target.copy_(value.expand_as(target))  # in place: workers share these tensors
 
     def node_states(self) -> list[dict[str, np.ndarray]]:
         """Each node's state as ``name -> numpy array`` (the loop's ``state_to_numpy``)."""
@@ -761,6 +802,8 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
 class NodeBatches:
     """Every node's next training batch, drawn as the loop's streams draw them, built at once.
 
+    ``nodes`` limits it to some nodes (a worker process's part of the fleet).
+
     The loop's fleet gives node ``n`` a :class:`models.training.BatchSampler` stream seeded by
     ``seed * 7919 + n`` (``endless`` over its shard, or ``pooled`` with its label
     probabilities) and, with ``augment``, a torch generator of the same seed for
@@ -777,12 +820,13 @@ class NodeBatches:
         train: Any,
         shards: Sequence[np.ndarray] | None,
         label_probs: np.ndarray | None,
+        nodes: Sequence[int] | None = None,
     ) -> None:
         positions = np.arange(len(train.x))
         self.x = torch.as_tensor(train.x)
         self.sources: list[Iterator[tuple[Tensor, Tensor]]] = []
         self.generators: list[torch.Generator] = []
-        for node in range(config.nodes):
+        for node in range(config.nodes) if nodes is None else nodes:
             data_seed = config.seed * 7_919 + node
             rng = np.random.default_rng(data_seed)
             if label_probs is not None:
@@ -870,6 +914,144 @@ def _augment(x: Tensor, angle: Tensor, shift: Tensor, fill: Tensor, chunk: int =
     return out
 
 
+class _WorkerPool:
+    """Processes that train (and evaluate) contiguous parts of the fleet side by side.
+
+    The stacked tensors live in shared memory; worker ``i`` holds views of its nodes
+    (:meth:`StackedModels.nodes`), draws its nodes' batches (:class:`NodeBatches`, seeded per
+    node, so the split does not change them) and runs torch on one thread. Merging stays in
+    the parent, between rounds. Used when there are more cores than one: a second core speeds
+    small per-node kernels up far less than a second process does.
+    """
+
+    def __init__(
+        self, count: int, models: StackedModels, batches: dict[str, Any], eval_set: Any
+    ) -> None:
+        models.share_memory()
+        context = torch.multiprocessing.get_context(
+            "spawn"
+        )  # forking a process that ran OpenMP hangs
+        bounds = np.linspace(0, models.count, count + 1).round().astype(int)
+        self.parts = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        self.pipes: list[Any] = []
+        self.processes: list[Any] = []
+        with _main_module_hidden():
+            for start, stop in self.parts:
+                here, there = context.Pipe()
+                process = context.Process(
+                    target=_worker,
+                    args=(there, models, start, stop, batches, eval_set),
+                    daemon=True,
+                )
+                process.start()
+                there.close()
+                self.pipes.append(here)
+                self.processes.append(process)
+        self._finalizer = weakref.finalize(self, _stop_workers, self.pipes, self.processes)
+        self.ask("ready")
+
+    def ask(self, command: str, *args: Any) -> list[Any]:
+        """Send ``command`` to every worker and return their answers, in node order."""
+        answers = []
+        try:
+            for pipe in self.pipes:
+                pipe.send((command, args))
+            for pipe, process in zip(self.pipes, self.processes, strict=True):
+                while not pipe.poll(1.0):  # a worker that dies never answers
+                    if not process.is_alive():
+                        raise EOFError
+                status, value = pipe.recv()
+                if status != "ok":
+                    self.close()
+                    raise RuntimeError(f"a batched-engine worker failed:\n{value}")
+                answers.append(value)
+        except (OSError, EOFError):  # a broken pipe, a reset connection: a dead worker
+            codes = [p.exitcode for p in self.processes if not p.is_alive()]
+            self.close()
+            raise RuntimeError(
+                f"a batched-engine worker process died (exit codes {codes})"
+            ) from None
+        return answers
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start spawned workers without re-running the parent's ``__main__`` in them.
+
+    ``spawn`` re-imports the main module in every child, which runs a script without an
+    ``if __name__ == "__main__"`` guard, or ``python -m toolkit.cli`` (the CLI itself), again.
+    The workers need nothing from it (their code is this module's), so the main module's name
+    and path are hidden while they start.
+    """
+    main = sys.modules["__main__"]
+    saved: dict[str, Any] = {
+        key: main.__dict__[key] for key in ("__spec__", "__file__") if key in main.__dict__
+    }
+    main.__dict__["__spec__"] = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+def _stop_workers(pipes: list[Any], processes: list[Any]) -> None:
+    for pipe in pipes:
+        try:
+            pipe.send(("stop", ()))
+        except (BrokenPipeError, OSError):
+            pass
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.terminate()
+
+
+def _worker(
+    pipe: Any,
+    models: StackedModels,
+    start: int,
+    stop: int,
+    batches: dict[str, Any],
+    eval_set: Any,
+) -> None:
+    """A worker process's loop: answer the parent's commands until ``stop``."""
+    torch.set_num_threads(1)
+    try:
+        part = models.nodes(start, stop)
+        source = NodeBatches(**batches, nodes=range(start, stop))
+    except Exception:  # reported to the parent, which raises it
+        pipe.send(("error", traceback.format_exc()))
+        return
+    while True:
+        command, args = pipe.recv()
+        if command == "stop":
+            return
+        try:
+            value = None
+            if command == "train":
+                for _ in range(args[0]):
+                    _train_on(part, source.next())
+            elif command == "eval":
+                value = part.accuracies(*eval_set)
+            pipe.send(("ok", value))
+        except Exception:
+            pipe.send(("error", traceback.format_exc()))
+
+
+def _train_on(
+    models: StackedModels, batch: tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]
+) -> None:
+    if isinstance(batch, list):
+        models.train_step(batch)
+    else:
+        models.train_stacked(*batch)
+
+
 class BatchedSimulation:
     """One simulated fleet on the batched engine, a round at a time.
 
@@ -881,7 +1063,12 @@ class BatchedSimulation:
     """
 
     def __init__(
-        self, config: Any, train: Any = None, test: Any = None, chunk: int = DEFAULT_CHUNK
+        self,
+        config: Any,
+        train: Any = None,
+        test: Any = None,
+        chunk: int = DEFAULT_CHUNK,
+        workers: int = 1,
     ) -> None:
         # the loop's module owns the config and builds the fleet; imported here, as it will
         # import this module to offer the engine
@@ -903,6 +1090,12 @@ class BatchedSimulation:
             self.fleet.models, self.fleet.optimizers, tuple(train.x.shape[1:]), chunk
         )
         self.fleet.models, self.fleet.optimizers = [], []  # the stacked copy is the fleet now
+        self.pool = None
+        if workers > 1 and config.nodes > 1:
+            source = {"config": config, "train": train, "shards": shards, "label_probs": probs}
+            self.pool = _WorkerPool(
+                min(workers, config.nodes), self.models, source, (self.eval_x, self.eval_y)
+            )
         payload = codecs.encoded_size(
             {n: t[0].numpy() for n, t in self.models.state().items()},
             config.codec,
@@ -921,12 +1114,11 @@ class BatchedSimulation:
         """Every node's ``local_steps`` SGD steps (FedAvg clients start from the server)."""
         if self.fedavg:
             self.models.load_state(self.server)
+        if self.pool is not None:
+            self.pool.ask("train", self.config.local_steps)
+            return
         for _ in range(self.config.local_steps):
-            batch = self.batches.next()
-            if isinstance(batch, list):
-                self.models.train_step(batch)
-            else:
-                self.models.train_stacked(*batch)
+            _train_on(self.models, self.batches.next())
 
     def merge_round(self) -> int:
         """Every node merges its neighbours' models (FedAvg: the server averages); bytes sent."""
@@ -947,10 +1139,23 @@ class BatchedSimulation:
             self.models.load_state(merged)
         return self.bytes_per_round
 
+    def accuracies(self) -> np.ndarray:
+        """Every node's accuracy on the evaluation set (the workers' parts, if any)."""
+        if self.pool is not None:
+            return np.concatenate(self.pool.ask("eval"))
+        return self.models.accuracies(self.eval_x, self.eval_y)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (also done when the simulation is collected)."""
+        if self.pool is not None:
+            self.pool.close()
+
     def record(self, round_index: int, sent: int) -> dict[str, Any]:
         """The loop's history record of this round (FedAvg: the one global model after 0)."""
-        nodes = [0] if self.fedavg and round_index else None
-        accuracies = self.models.accuracies(self.eval_x, self.eval_y, nodes)
+        if self.fedavg and round_index:
+            accuracies = self.models.accuracies(self.eval_x, self.eval_y, [0])
+        else:
+            accuracies = self.accuracies()
         return {
             "round": round_index,
             "steps": round_index * self.config.local_steps,
@@ -969,8 +1174,12 @@ def simulate_batched(
     train_data: Any = None,
     test_data: Any = None,
     chunk: int = DEFAULT_CHUNK,
+    workers: int = 1,
 ) -> Any:
     """:func:`toolkit.simulate.simulate` on the batched engine: same config, same result.
+
+    ``workers`` > 1 trains and evaluates parts of the fleet in that many processes (one torch
+    thread each): the way to use a second core (see :class:`_WorkerPool`).
 
     Returns a :class:`toolkit.simulate.SimulationResult` whose history has the loop's records
     (agreeing within float tolerance). Raises ValueError naming ``--engine loop`` for a
@@ -978,21 +1187,24 @@ def simulate_batched(
     """
     from .simulate import SimulationResult
 
-    run = BatchedSimulation(config, train_data, test_data, chunk)
-    history: list[dict[str, Any]] = []
-    sent = 0
-    for round_index in range(0, config.rounds + 1):
-        # round 0 records the initial models, before any training or merging
-        if round_index:
-            run.train_round()
-            sent += run.merge_round()
-        if round_index % config.eval_every and round_index != config.rounds:
-            continue
-        record = run.record(round_index, sent)
-        history.append(record)
-        if progress is not None:
-            progress(round_index, record)
-    return SimulationResult(config, history, run.models.node_states())
+    run = BatchedSimulation(config, train_data, test_data, chunk, workers)
+    try:
+        history: list[dict[str, Any]] = []
+        sent = 0
+        for round_index in range(0, config.rounds + 1):
+            # round 0 records the initial models, before any training or merging
+            if round_index:
+                run.train_round()
+                sent += run.merge_round()
+            if round_index % config.eval_every and round_index != config.rounds:
+                continue
+            record = run.record(round_index, sent)
+            history.append(record)
+            if progress is not None:
+                progress(round_index, record)
+        return SimulationResult(config, history, run.models.node_states())
+    finally:
+        run.close()
 
 
 def _mean_variance(state: Mapping[str, Tensor]) -> dict[str, float]:

@@ -12,6 +12,9 @@ the whole fleet), since a run evaluates every ``eval_every`` rounds.
     python benchmarks/sim_scale.py --nodes 50,200,1000 --threads 1,2 --repeats 5 \\
         --loop-repeats-at-1000 2
 
+With 2 threads the batched engine runs twice: one process with 2 torch threads, and 2 worker
+processes with one thread each (``workers=2``); the ratio takes the faster.
+
 The last lines estimate a 1,000-node, 500-round run on the batched engine from the measured
 round and evaluation times (with evaluation every 10 rounds and every round).
 """
@@ -87,8 +90,8 @@ class LoopRun:
 
 
 class BatchedRun:
-    def __init__(self, config: Any, train: Any, test: Any, chunk: int) -> None:
-        self.sim = BatchedSimulation(config, train, test, chunk)
+    def __init__(self, config: Any, train: Any, test: Any, chunk: int, workers: int) -> None:
+        self.sim = BatchedSimulation(config, train, test, chunk, workers)
 
     def round(self) -> tuple[float, float]:
         start = time.perf_counter()
@@ -99,37 +102,48 @@ class BatchedRun:
 
     def evaluate(self) -> float:
         start = time.perf_counter()
-        self.sim.models.accuracies(self.sim.eval_x, self.sim.eval_y)
+        self.sim.accuracies()
         return time.perf_counter() - start
 
 
-def measure(
-    nodes: int, merge: str, repeats: int, loop_repeats: int, chunk: int, evaluate: bool
-) -> tuple[Timings, Timings, float, float]:
-    config = preset("paper", nodes=nodes, merge=merge, seed=0)
-    train, test = load_dataset(config.dataset, "train"), load_dataset(config.dataset, "test")
+@dataclass
+class Measured:
+    loop: Timings
+    batched: dict[str, Timings]  # "1 process", "N workers"
+    setup: dict[str, float]
+
+
+def measure(nodes: int, threads: int, args: argparse.Namespace, train: Any, test: Any) -> Measured:
+    config = preset("paper", nodes=nodes, merge=args.merge, seed=0)
+    setup: dict[str, float] = {}
     start = time.perf_counter()
-    loop = LoopRun(config, train, test)
-    loop_setup = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = BatchedRun(config, train, test, chunk)
-    batched_setup = time.perf_counter() - start
-    timings = Timings(), Timings()
-    runs: tuple[LoopRun | BatchedRun, ...] = (loop, batched)
-    for run in runs:  # warm-up: first calls allocate and pick kernels
+    runs: dict[str, LoopRun | BatchedRun] = {"loop": LoopRun(config, train, test)}
+    setup["loop"] = time.perf_counter() - start
+    variants = {"1 process": 1} | ({f"{threads} workers": threads} if threads > 1 else {})
+    for name, workers in variants.items():
+        start = time.perf_counter()
+        runs[name] = BatchedRun(config, train, test, args.chunk, workers)
+        setup[name] = time.perf_counter() - start
+    timings = {name: Timings() for name in runs}
+    for run in runs.values():  # warm-up: first calls allocate and pick kernels
         run.round()
-    for i in range(repeats):  # interleaved, so a busy moment of the machine hits both
-        for run, t in zip(runs, timings, strict=True):
-            if run is loop and i >= loop_repeats:
+    loop_repeats = args.loop_repeats_at_1000 if nodes >= 1000 else args.repeats
+    for i in range(args.repeats):  # interleaved, so a busy moment of the machine hits all
+        for name, run in runs.items():
+            if name == "loop" and i >= loop_repeats:
                 continue
             total, trained = run.round()
-            t.rounds.append(total)
-            t.train.append(trained)
-    if evaluate:
-        timings[1].evaluation = batched.evaluate()
-        if nodes <= 200:
-            timings[0].evaluation = loop.evaluate()
-    return timings[0], timings[1], loop_setup, batched_setup
+            timings[name].rounds.append(total)
+            timings[name].train.append(trained)
+    if not args.no_eval:
+        for name, run in runs.items():
+            if name != "loop" or nodes <= 200:  # the loop's evaluation at 1000: 5x the 200's
+                timings[name].evaluation = run.evaluate()
+    for run in runs.values():
+        if isinstance(run, BatchedRun):
+            run.sim.close()
+    loop = timings.pop("loop")
+    return Measured(loop, timings, setup)
 
 
 def main() -> None:
@@ -144,42 +158,49 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=8, help="nodes per vmapped call")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation timing")
     args = parser.parse_args()
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
 
+    header = (
+        "| torch threads | nodes | loop node-steps/s | batched, 1 process | batched, workers "
+        "| best / loop | merge share loop / batched | eval s, all nodes: loop / batched "
+        "| setup s |"
+    )
     rows = []
-    estimate = None
+    estimates = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for nodes in (int(n) for n in args.nodes.split(",")):
-            loop_repeats = args.loop_repeats_at_1000 if nodes >= 1000 else args.repeats
-            loop, batched, loop_setup, batched_setup = measure(
-                nodes, args.merge, args.repeats, loop_repeats, args.chunk, not args.no_eval
-            )
-            loop_rate, loop_share = loop.row(nodes, 1)
-            rate, share = batched.row(nodes, 1)
+            m = measure(nodes, threads, args, train, test)
+            loop_rate, loop_share = m.loop.row(nodes, 1)
+            rates = {name: t.row(nodes, 1) for name, t in m.batched.items()}
+            best = max(rates, key=lambda name: rates[name][0])
+            workers = [name for name in rates if name != "1 process"]
+            worker_cell = f"{rates[workers[0]][0]:.0f} ({workers[0]})" if workers else "-"
+            evaluation = m.batched[best].evaluation
             rows.append(
-                f"| {threads} | {nodes} | {loop_rate:.0f} | {rate:.0f} | {rate / loop_rate:.2f}x "
-                f"| {loop_share:.0%} | {share:.0%} | {loop.evaluation:.2f} | "
-                f"{batched.evaluation:.2f} | {loop_setup:.1f} / {batched_setup:.1f} |"
+                f"| {threads} | {nodes} | {loop_rate:.0f} | {rates['1 process'][0]:.0f} "
+                f"| {worker_cell} | {rates[best][0] / loop_rate:.2f}x "
+                f"| {loop_share:.0%} / {rates[best][1]:.0%} "
+                f"| {m.loop.evaluation:.2f} / {evaluation:.2f} "
+                f"| {' / '.join(f'{v:.0f}' for v in m.setup.values())} |"
             )
             print(rows[-1], flush=True)
             if nodes == 1000:
-                estimate = (threads, statistics.median(batched.rounds), batched.evaluation)
+                per_round = statistics.median(m.batched[best].rounds)
+                estimates.append((threads, best, per_round, evaluation))
     print()
-    print(
-        "| threads | nodes | loop node-steps/s | batched node-steps/s | ratio | loop merge share "
-        "| batched merge share | loop eval s | batched eval s | setup s (loop / batched) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(header)
+    print("|" + "---|" * 9)
     for row in rows:
         print(row)
-    if estimate is not None:
-        threads, per_round, per_eval = estimate
+    for threads, best, per_round, per_eval in estimates:
         for every in (10, 1):
-            total = 500 * per_round + (500 // every + 1) * per_eval
+            evals = 500 // every + 1
+            total = 500 * per_round + evals * per_eval
             print(
-                f"\n1000 nodes x 500 rounds, batched, {threads} thread(s), evaluation every "
-                f"{every} round(s): {500 * per_round / 60:.1f} min training and merging + "
-                f"{(500 // every + 1) * per_eval / 60:.1f} min evaluation = {total / 60:.1f} min"
+                f"\n1000 nodes x 500 rounds, batched ({best}), {threads} torch thread(s), "
+                f"evaluation every {every} round(s): {500 * per_round / 60:.1f} min training and "
+                f"merging + {evals * per_eval / 60:.1f} min evaluation = {total / 60:.1f} min"
             )
 
 

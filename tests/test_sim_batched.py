@@ -316,7 +316,7 @@ def test_node_batches_are_the_loop_streams(digits, settings):
     batches = NodeBatches(config, digits, shards, probs)
     for _ in range(3):
         got = batches.next()
-        pairs = got if isinstance(got, list) else list(zip(*got, strict=True))
+        pairs = got if isinstance(got, list) else list(zip(*got.take(0, 5), strict=True))
         assert isinstance(got, list) == (config.batch_size == 250)
         for (x, y), stream in zip(pairs, streams, strict=True):
             want_x, want_y = next(stream)

@@ -473,14 +473,14 @@ class StackedModels:
                 y = torch.stack([batches[n][1] for n in part])
                 self._step(torch.tensor(part), x, y, first)
 
-    def train_stacked(self, x: Tensor, y: Tensor) -> None:
-        """One SGD step of every node, node ``n`` on ``(x[n], y[n])`` (batches of one size)."""
-        if len(x) != self.count or len(y) != self.count:
-            raise ValueError(f"got batches for {len(x)} nodes, not {self.count}")
+    def train_stacked(self, batch: StackedBatch) -> None:
+        """One SGD step of every node on its batch of ``batch`` (all of one size)."""
+        if len(batch) != self.count:
+            raise ValueError(f"got batches for {len(batch)} nodes, not {self.count}")
         first = self._start_momentum()
         for start in range(0, self.count, self.chunk):
-            part = torch.arange(start, min(start + self.chunk, self.count))
-            self._step(part, x[start : start + self.chunk], y[start : start + self.chunk], first)
+            stop = min(start + self.chunk, self.count)
+            self._step(torch.arange(start, stop), *batch.take(start, stop), first)
 
     def _start_momentum(self) -> bool:
         """Whether this is the first step, which starts the momentum buffers.
@@ -840,10 +840,13 @@ class NodeBatches:
                 self.generators.append(torch.Generator().manual_seed(data_seed))
         self.fill = torch.tensor([-m / s for m, s in zip(train.mean, train.std, strict=True)])
 
-    def next(self) -> tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]:
-        """Stacked ``(x, y)`` of shape ``(N, B, ...)``, or per-node pairs if sizes differ."""
+    def next(self) -> StackedBatch | list[tuple[Tensor, Tensor]]:
+        """The next batch of every node: a :class:`StackedBatch`.
+
+        ``(x, y)`` pairs instead if the nodes' batch sizes differ (shards smaller than a batch).
+        """
         drawn = [next(source) for source in self.sources]
-        if len({len(index) for index, _ in drawn}) > 1:  # shards smaller than a batch
+        if len({len(index) for index, _ in drawn}) > 1:
             pairs = []
             for node, (index, labels) in enumerate(drawn):
                 x = self.x[index]
@@ -852,13 +855,44 @@ class NodeBatches:
                 pairs.append((x, labels))
             return pairs
         index = torch.stack([index for index, _ in drawn])
-        x = self.x[index]
+        angles = shifts = None
         if self.generators:
             draws = [_augment_draws(index.shape[1], g) for g in self.generators]
             angles = torch.cat([angle for angle, _ in draws])
             shifts = torch.cat([shift for _, shift in draws])
-            x = _augment(x.flatten(0, 1), angles, shifts, self.fill).unflatten(0, index.shape)
-        return x, torch.stack([labels for _, labels in drawn])
+        labels = torch.stack([labels for _, labels in drawn])
+        return StackedBatch(self.x, index, labels, angles, shifts, self.fill)
+
+
+@dataclass(frozen=True)
+class StackedBatch:
+    """One batch per node, all of one size, whose images are made a part of the fleet at a time.
+
+    The indices and the augmentation's random draws are taken for every node at once (in the
+    loop's order); gathering and resampling the images waits for :meth:`take`, so that a chunk
+    of nodes' images is made right before it trains, while it fits in cache.
+    """
+
+    images: Tensor  # the training split
+    index: Tensor  # (N, B)
+    labels: Tensor  # (N, B)
+    angles: Tensor | None  # (N * B,), or None without augmentation
+    shifts: Tensor | None  # (N * B, 2)
+    fill: Tensor
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Images ``(n, B, C, H, W)`` and labels ``(n, B)`` of nodes ``start .. stop - 1``."""
+        index = self.index[start:stop]
+        x = self.images[index]
+        if self.angles is not None and self.shifts is not None:
+            size = index.shape[1]
+            rows = slice(start * size, start * size + index.numel())
+            moved = _augment(x.flatten(0, 1), self.angles[rows], self.shifts[rows], self.fill)
+            x = moved.unflatten(0, index.shape)
+        return x, self.labels[start:stop]
 
 
 def _augment_draws(
@@ -1043,13 +1077,11 @@ def _worker(
             pipe.send(("error", traceback.format_exc()))
 
 
-def _train_on(
-    models: StackedModels, batch: tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]
-) -> None:
+def _train_on(models: StackedModels, batch: StackedBatch | list[tuple[Tensor, Tensor]]) -> None:
     if isinstance(batch, list):
         models.train_step(batch)
     else:
-        models.train_stacked(*batch)
+        models.train_stacked(batch)
 
 
 class BatchedSimulation:

@@ -302,7 +302,7 @@ BAD = [
     (("export", "MISSING"), "does not exist"),
     (("export", "FILE"), "not a directory"),
     (("export", "RUN", "--format", ""), "unknown format ''"),
-    (("export", "RUN", "--format", "tflite"), "unknown format 'tflite'"),
+    (("export", "RUN", "--format", "coreml"), "unknown format 'coreml'"),
     (("export", "RUN", "--out", "FILE"), "already exists"),
     (("export", "RUN", "--out", "FILE", "--overwrite"), "not an artifact"),
     (("export", "RUN", "--out", "RUN", "--overwrite"), "checkpoint"),

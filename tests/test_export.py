@@ -124,8 +124,8 @@ def test_unknown_layer_is_refused_with_its_type():
 
 def test_unknown_format_and_missing_shape(tmp_path):
     model = models.create("lenet5")
-    with pytest.raises(ExportError, match="unknown format 'tflite'"):
-        exporters.export(model, tmp_path / "a", "tflite", input_shape=(1, 32, 32))
+    with pytest.raises(ExportError, match="unknown format 'coreml'"):
+        exporters.export(model, tmp_path / "a", "coreml", input_shape=(1, 32, 32))
     bare = models.create("bireal18")
     with pytest.raises(ExportError, match="input shape is unknown"):
         exporters.export(bare, tmp_path / "b", "onnx")

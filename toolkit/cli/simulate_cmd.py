@@ -230,8 +230,9 @@ def simulate(
 ) -> None:
     """Simulate a fleet learning together: rounds to a target accuracy, per method.
 
-    Defaults are in parentheses; --preset paper changes those marked 'paper', and any flag you
-    pass overrides the preset.
+    Defaults are in parentheses; --preset paper changes those marked 'paper'.
+
+    Any flag you pass overrides the preset.
     """
     from toolkit.sim_report import COMPARED, summarise, write_results
     from toolkit.sim_report import compare as run_methods

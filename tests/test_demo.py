@@ -260,3 +260,28 @@ def test_the_compare_figure_draws_each_run_as_fleet_metrics_does(tmp_path, monke
 
 def test_the_help_reads_as_paragraphs():
     assert broken_help_lines("demo") == []
+
+
+@pytest.mark.parametrize("partition", ["dirichlet:1.0", "dirichlet-pool:0.5"])
+def test_node_data_is_what_the_agents_read_for_shards_and_pools(tmp_path, partition):
+    from safetensors.numpy import load_file
+
+    from edge_agent.learning import LABEL_PROBS
+    from toolkit.data import load_dataset
+    from toolkit.demo import DemoConfig, _write_node_data
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    config = DemoConfig(nodes=3, out=tmp_path, partition=partition)
+    rest = np.arange(300, len(train.y))
+    dirs = _write_node_data(config, train, test, rest)
+    assert sorted(dirs) == config.device_ids()
+    files = [load_file(dirs[device] / "train.safetensors") for device in config.device_ids()]
+    if partition.startswith("dirichlet-pool"):
+        for data in files:  # the whole split, drawn from with the node's own label odds
+            assert np.array_equal(data["y"], train.y[rest])
+            assert data[LABEL_PROBS].shape == (10,) and abs(data[LABEL_PROBS].sum() - 1) < 1e-5
+        assert not np.allclose(files[0][LABEL_PROBS], files[1][LABEL_PROBS])
+    else:  # disjoint shards that cover the split
+        assert all(LABEL_PROBS not in data for data in files)
+        assert sum(len(data["y"]) for data in files) == len(rest)
+    assert load_file(dirs["node-01"] / "test.safetensors")["y"].shape == test.y.shape

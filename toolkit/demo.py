@@ -405,21 +405,26 @@ def _matching_seed(
 def _write_node_data(
     config: DemoConfig, train: ArrayDataset, test: ArrayDataset, rest: np.ndarray
 ) -> dict[str, Path]:
-    """Each node's label-skewed shard and the shared test set, as the agents read them."""
+    """Each node's training data and the shared test set, as the agents read them.
+
+    A node's data is its label-skewed shard or, with ``dirichlet-pool``, the whole split and
+    the node's own label probabilities.
+    """
     from safetensors.numpy import save
 
-    from toolkit.partition import partition
+    from toolkit.partition import node_train_sets
 
-    parts = partition(config.partition, train.y[rest], config.nodes, seed=config.seed)
+    sets = node_train_sets(
+        config.partition, train.x[rest], train.y[rest], config.nodes, seed=config.seed
+    )
     root = config.out / "data"
     shutil.rmtree(root, ignore_errors=True)
     test_bytes = save({"x": np.ascontiguousarray(test.x), "y": np.ascontiguousarray(test.y)})
     dirs = {}
-    for device, part in zip(config.device_ids(), parts, strict=True):
-        idx = rest[part]
+    for device, arrays in zip(config.device_ids(), sets, strict=True):
         folder = root / device
         folder.mkdir(parents=True)
-        shard = {"x": np.ascontiguousarray(train.x[idx]), "y": np.ascontiguousarray(train.y[idx])}
+        shard = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
         atomic_write_bytes(folder / "train.safetensors", save(shard))
         atomic_write_bytes(folder / "test.safetensors", test_bytes)
         dirs[device] = folder

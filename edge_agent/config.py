@@ -51,6 +51,9 @@ class LearnSettings:
     merge: str = "vc"
     self_weight: float = 0.5
     variance: str = "others"
+    # VC's rescaling rule: "bitfleet" (every tensor of more than one element, ddof 1, eps) or
+    # "dfl2" (weights only, ddof 0, no eps: the paper's first simulator); edge_agent.merge
+    vc_rule: str = "bitfleet"
     # false: VC averages binary layers' latent weights without rescaling them (sign() ignores
     # their scale; see docs/reproductions/vanishing_variance.md)
     rescale_binary: bool = True
@@ -65,6 +68,7 @@ class LearnSettings:
 
     def __post_init__(self) -> None:
         from edge_agent.codecs import CODECS
+        from edge_agent.merge import RULES
 
         if self.merge not in ("vc", "avg"):
             raise ConfigError(f"learn merge must be 'vc' or 'avg', not {self.merge!r}")
@@ -74,6 +78,10 @@ class LearnSettings:
             raise ConfigError(f"learn optimizer must be 'sgd' or 'adam', not {self.optimizer!r}")
         if self.variance not in ("others", "self", "conservative"):
             raise ConfigError("learn variance must be others, self or conservative")
+        if self.vc_rule not in RULES:
+            raise ConfigError(
+                f"learn vc_rule must be one of {', '.join(RULES)}, not {self.vc_rule!r}"
+            )
         if not 0.0 <= self.self_weight < 1.0:
             raise ConfigError(f"learn self_weight must be in [0, 1), got {self.self_weight}")
         for name in ("peers", "trigger", "local_steps", "batch_size"):

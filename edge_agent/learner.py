@@ -199,6 +199,7 @@ class Learner:
             method=settings.merge,
             self_weight=settings.self_weight,
             variance=settings.variance,
+            rule=settings.vc_rule,
             trigger=settings.trigger,
             no_rescale=() if settings.rescale_binary else self.binary_names,
         )

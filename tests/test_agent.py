@@ -1030,3 +1030,10 @@ def test_learn_settings_take_rescale_binary_from_commands_and_files():
     assert LearnSettings().updated({"rescale_binary": "false"}).rescale_binary is False
     with pytest.raises(ConfigError, match="rescale_binary"):
         LearnSettings().updated({"rescale_binary": "perhaps"})
+
+
+def test_learn_settings_take_the_vc_rule():
+    assert LearnSettings().vc_rule == "bitfleet"
+    assert LearnSettings().updated({"vc_rule": "dfl2"}).vc_rule == "dfl2"
+    with pytest.raises(ConfigError, match="learn vc_rule must be one of bitfleet, dfl2"):
+        LearnSettings().updated({"vc_rule": "dfl3"})

@@ -163,13 +163,23 @@ def test_learn_start_metrics_plot_and_stop(broker, agents, key_file, artifact, t
     connection = flags(broker.url, key_file)
 
     started = fleet_cli(
-        "learn", "start", "--all", "--local-steps", "8", "--merge", "avg", *connection
+        "learn",
+        "start",
+        "--all",
+        "--local-steps",
+        "8",
+        "--merge",
+        "avg",
+        "--vc-rule",
+        "dfl2",
+        *connection,
     )
     assert started.exit_code == 0, started.output
     assert all(device in started.stdout for device in IDS) and "local_steps 8" in started.stdout
     assert all(agent.learning for agent in fleet_agents)
     assert all(agent.learner.settings.local_steps == 8 for agent in fleet_agents)
     assert all(agent.learner.settings.merge == "avg" for agent in fleet_agents)
+    assert all(agent.learner.settings.vc_rule == "dfl2" for agent in fleet_agents)
     # settings not given stay the device's own
     assert all(agent.learner.settings.peers == LearnSettings().peers for agent in fleet_agents)
 
@@ -284,6 +294,8 @@ def test_bad_targets_are_one_line_and_nothing_is_sent(
         assert result.exit_code != 0 and ("--to" in result.output and "--all" in result.output)
     result = fleet_cli("learn", "start", "--all", "--merge", "median", *connection)
     assert result.exit_code != 0 and "--merge" in result.output
+    result = fleet_cli("learn", "start", "--all", "--vc-rule", "dfl3", *connection)
+    assert result.exit_code != 0 and "--vc-rule must be bitfleet or dfl2" in result.output
     result = fleet_cli("learn", "start", "--all", "--peers", "0", *connection)
     assert result.exit_code != 0 and "--peers" in result.output
 

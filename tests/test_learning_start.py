@@ -20,6 +20,7 @@ import exporters
 import models
 from edge_agent.config import LearnSettings
 from edge_agent.learner import DataError, Learner, load_local_data
+from edge_agent.merge import merge
 from edge_agent.state import StateStore
 from exporters.artifact import verify_artifact
 from models import training
@@ -114,3 +115,28 @@ def test_a_device_learns_on_from_the_deployed_model(
     start = fleet.command("pi-01", "metrics")["result"]["rounds"][0]
     expected = training.evaluate(trained, data.x_test, data.y_test)["accuracy"]
     assert start["round"] == 0 and start["accuracy"] == pytest.approx(expected)
+
+
+def test_the_learner_merges_with_the_vc_rule_it_is_given(trained, data_dir, tmp_path):
+    spec, data = models.spec_of(trained), load_local_data(data_dir)
+    weights = training.state_to_numpy(trained)
+    rng = np.random.default_rng(0)
+    other = {
+        k: (v + rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
+        for k, v in weights.items()
+    }
+    merged = {}
+    for rule in ("bitfleet", "dfl2"):
+        settings = LearnSettings(vc_rule=rule, trigger=1)
+        learner = Learner(
+            spec, data, settings, StateStore(tmp_path / rule), "pi-01", origin="a", initial=weights
+        )
+        own = learner.state()
+        learner.receive("pi-02", other, 1.0)
+        assert learner.merge()
+        want = merge(own, [other], "vc", settings.self_weight, settings.variance, rule=rule)
+        merged[rule] = learner.state()
+        for name, value in want.items():
+            np.testing.assert_allclose(merged[rule][name], value, rtol=1e-6, err_msg=name)
+    # dfl2 leaves biases unrescaled: the two rules give different models
+    assert any(not np.allclose(merged["bitfleet"][k], merged["dfl2"][k]) for k in merged["dfl2"])

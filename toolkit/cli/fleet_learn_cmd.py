@@ -210,6 +210,14 @@ def learn_start(
             "--merge", help="How received models are merged: vc (variance-corrected) or avg."
         ),
     ] = None,
+    vc_rule: Annotated[
+        str | None,
+        typer.Option(
+            "--vc-rule",
+            help="VC's rescaling rule: bitfleet (every tensor, sample variance, epsilon) or dfl2 "
+            "(weights only, population variance, the paper's first simulator).",
+        ),
+    ] = None,
     peers: Annotated[
         int | None, typer.Option("--peers", min=1, help="Peers each round's model is pushed to.")
     ] = None,
@@ -244,10 +252,13 @@ def learn_start(
         raise typer.BadParameter("--wait needs runs that end: pass --rounds N (N > 0)")
     if merge is not None and merge not in ("vc", "avg"):
         raise typer.BadParameter(f"--merge must be vc or avg, got {merge!r}")
+    if vc_rule is not None and vc_rule not in ("bitfleet", "dfl2"):
+        raise typer.BadParameter(f"--vc-rule must be bitfleet or dfl2, got {vc_rule!r}")
     overrides = {
         key: value
         for key, value in (
             ("merge", merge),
+            ("vc_rule", vc_rule),
             ("peers", peers),
             ("local_steps", local_steps),
             ("rounds", rounds),

@@ -227,10 +227,11 @@ def _pool_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
     a, b, c = even[..., 0::2, 0::2], even[..., 0::2, 1::2], even[..., 1::2, 0::2]
     miss_a = a != out
     miss_ab = miss_a & (b != out)
-    code = miss_a.to(torch.int64) + miss_ab + (miss_ab & (c != out))
+    code = miss_a.to(torch.uint8) + miss_ab + (miss_ab & (c != out))  # 0..3: a, b, c, d
     width = x.shape[-1]
     corner = torch.arange(0, rows, 2).unsqueeze(1) * width + torch.arange(0, cols, 2)
-    return out, corner + (code >> 1) * width + (code & 1)
+    offset = torch.tensor([0, 1, width, width + 1])  # small integers until this one lookup
+    return out, corner + offset[code.long()]
 
 
 class _MaxPool2x2(torch.autograd.Function):

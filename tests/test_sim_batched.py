@@ -324,9 +324,10 @@ def test_node_batches_are_the_loop_streams(digits, settings):
             torch.testing.assert_close(x, want_x, atol=1e-6, rtol=0)
 
 
-def test_worker_processes_give_the_same_run():
+@pytest.mark.parametrize("merge", ["vc", "fedavg"])
+def test_worker_processes_give_the_same_run(merge):
     # two spawned workers train and evaluate halves of the fleet on shared tensors
-    config = dict(nodes=5, topology="ring", rounds=2, seed=6, merge="vc")
+    config = dict(nodes=5, topology="ring", rounds=2, seed=6, merge=merge)
     one = simulate_batched(preset("paper", **config))
     two = simulate_batched(preset("paper", **config), workers=2)
     assert [r["mean_accuracy"] for r in two.history] == [r["mean_accuracy"] for r in one.history]

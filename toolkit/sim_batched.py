@@ -24,9 +24,9 @@ loop's time goes to per-node bookkeeping. This engine keeps the ``N`` models as 
 Two layers of the model are swapped, inside this engine only, for exact equivalents that are
 faster under ``vmap`` on a CPU (measured on 2 Zen 5 vCPUs, LeNet-5, batch 64):
 
-- ``nn.Conv2d`` (and ``nn.Linear``): vmap's batching rule turns N convolutions into one grouped
-  convolution, which oneDNN runs about 2x slower than N ordinary ones; the rule here runs one
-  call per node (forward and backward are the loop's kernels);
+- ``nn.Conv2d``: vmap's batching rule turns N convolutions into one grouped convolution, which
+  oneDNN runs about 2x slower than N ordinary ones; the rule here runs one convolution per node
+  (forward and backward are the loop's kernels);
 - ``nn.MaxPool2d(2)``: ``max_pool2d``'s forward took 30% of a LeNet-5 step; here the maxima come
   from four strided views, the argmax (first maximum in scan order, as PyTorch's) from three
   comparisons, and the backward is PyTorch's own ``max_pool2d_with_indices_backward``.
@@ -125,7 +125,7 @@ def check_supported(config: Any) -> None:
 
 
 class _PerNode(torch.autograd.Function):
-    """``fn(x, weight, bias, *conf)``, a convolution or linear layer, run per node under vmap.
+    """``fn(x, weight, bias, *conf)`` (``F.conv2d``, ``F.linear``), run per node under vmap.
 
     The vmap rule makes one call per node instead of the default rule's grouped convolution
     (see the module doc); the per-node calls record their own autograd graph.
@@ -189,21 +189,20 @@ def _nodes_first(t: Tensor, dim: int | None, count: int) -> Tensor:
     return t.expand(count, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
-class _PerNodeLayer(nn.Module):
-    """Stands in for an ``nn.Conv2d`` or ``nn.Linear`` (same parameter names) when batched."""
+class _PerNodeConv2d(nn.Module):
+    """Stands in for an ``nn.Conv2d`` (same parameter names) when batched.
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear) -> None:
+    (Linear layers keep vmap's rule, a batched matmul: measured as fast as one call per node.)
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        self.weight = layer.weight
-        self.bias = layer.bias
-        self.fn: Callable[..., Tensor] = F.linear
-        self.conf: tuple[Any, ...] = ()
-        if isinstance(layer, nn.Conv2d):
-            self.fn = F.conv2d
-            self.conf = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.conf = (conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _PerNode.apply(self.fn, x, self.weight, self.bias, self.conf)
+        return _PerNode.apply(F.conv2d, x, self.weight, self.bias, self.conf)
 
 
 def _pool_max(x: Tensor) -> Tensor:
@@ -288,14 +287,12 @@ def _is_plain_pool(m: nn.Module) -> bool:
     )
 
 
-def _batched_twin(model: nn.Module, per_node_linear: bool = True) -> nn.Module:
+def _batched_twin(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with its plain convolutions and 2x2 max-pools swapped (see above)."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
-        if (type(module) is nn.Conv2d and module.padding_mode == "zeros") or (
-            type(module) is nn.Linear and per_node_linear
-        ):
-            replacement: nn.Module = _PerNodeLayer(module)
+        if type(module) is nn.Conv2d and module.padding_mode == "zeros":
+            replacement: nn.Module = _PerNodeConv2d(module)
         elif _is_plain_pool(module):
             replacement = _FastMaxPool2d()
         else:

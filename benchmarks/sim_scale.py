@@ -9,8 +9,12 @@ loop, encoding, decoding and ``Merger.merge_into`` per node; for the batched eng
 vectorised merge. Evaluating every node on the test subset is timed apart (one evaluation of
 the whole fleet), since a run evaluates every ``eval_every`` rounds.
 
-    python benchmarks/sim_scale.py --nodes 50,200,1000 --threads 1,2 --repeats 5 \\
-        --loop-repeats-at-1000 2
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/sim_scale.py --nodes 50,200,1000 --threads 1,2 \\
+        --repeats 4 --loop-repeats-at-1000 2
+
+On a machine shared with other work, OMP_WAIT_POLICY=PASSIVE keeps two OpenMP threads from
+spin-waiting on a core another process holds (without it, 2 threads ran 3-10x slower than 1
+for both engines on a shared 2-vCPU VM).
 
 With 2 threads the batched engine runs twice: one process with 2 torch threads, and 2 worker
 processes with one thread each (``workers=2``); the ratio takes the faster.

@@ -348,3 +348,23 @@ def test_a_failing_worker_is_reported():
             run.train_round()
     finally:
         run.close()
+
+
+def test_twin_pools_before_relu_with_the_same_gradients():
+    from toolkit.sim_batched import _batched_twin, _FastMaxPool2d
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    twin = _batched_twin(model)
+    assert isinstance(twin[1], _FastMaxPool2d) and isinstance(twin[2], nn.ReLU)
+    x = torch.randn(5, 1, 12, 12)
+    x[:, :, :6, :6] = 0.0  # constant patches: tied conv outputs, at the bias
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    want, got = model(x), twin(x)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    weights = torch.randn(want.shape)
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-6)

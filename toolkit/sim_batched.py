@@ -49,6 +49,7 @@ import contextlib
 import copy
 import functools
 import math
+import signal
 import sys
 import traceback
 import warnings
@@ -1075,6 +1076,7 @@ def _worker(
     eval_set: Any,
 ) -> None:
     """A worker process's loop: answer the parent's commands until ``stop``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
     torch.set_num_threads(1)
     try:
         part = models.nodes(start, stop)

@@ -11,10 +11,13 @@ them) is exported as:
 - ``onnx-portable`` (stock ONNX Runtime) and the fast ``onnx`` (bitfleet's kernels);
 - FP32 ONNX in ONNX Runtime: the baseline of the ONNX rows and of every size ratio.
 
-Latency: ``predict`` at batch 1 through ``exporters.runtime.load``, all artifacts loaded in
-this process and timed in turn (interleaved), median of ``--repeats`` after ``--warmup``, for
-each thread count. Memory: for each artifact a fresh process loads it, runs one ``predict``
-and reports its resident set (``benchmarks/runtime_bench.py``'s probe).
+Latency: ``predict`` at batch 1 through ``exporters.runtime.load``, median of ``--repeats``
+after ``--warmup``, for each thread count. Each artifact is timed in turn (interleaved) with
+the others of its group: the ONNX Runtime rows, then the TFLite rows. Groups are timed apart
+because ONNX Runtime's idle threads spin for a while after each call and would take the
+second core from a TFLite call that follows (measured: TFLite at 2 threads slower than at 1).
+Memory: for each artifact a fresh process loads it, runs one ``predict`` and reports its
+resident set (``benchmarks/runtime_bench.py``'s probe).
 
     python benchmarks/tflite_bench.py --threads 1 2 --repeats 30
 """
@@ -63,6 +66,21 @@ ROWS = [
 ]
 
 
+def _interleaved(predictors: dict, x: np.ndarray, warmup: int, repeats: int) -> dict[str, float]:
+    """Median ms of each predictor, timed in turn; the predictors are dropped afterwards."""
+    times: dict[str, list[float]] = {label: [] for label in predictors}
+    for _ in range(warmup):
+        for predictor in predictors.values():
+            predictor.predict(x)
+    for _ in range(repeats):
+        for label, predictor in predictors.items():
+            started = time.perf_counter()
+            predictor.predict(x)
+            times[label].append(time.perf_counter() - started)
+    predictors.clear()  # ONNX Runtime's threads end with their sessions
+    return {label: statistics.median(values) * 1e3 for label, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -95,20 +113,20 @@ def main(argv: list[str] | None = None) -> int:
             paths[label] = path
             model_file = "model.tflite" if fmt == "tflite" else "model.onnx"
             sizes[label] = (path / model_file).stat().st_size
-        latency: dict[int, dict[str, float]] = {}
+        latency: dict[int, dict[str, float]] = {threads: {} for threads in args.threads}
+        groups: dict[str, list[str]] = {}
+        for label, baseline, *_ in ROWS:
+            groups.setdefault(baseline or label, []).append(label)
         for threads in args.threads:
-            predictors = {label: runtime.load(p, threads=threads) for label, p in paths.items()}
-            times: dict[str, list[float]] = {label: [] for label in predictors}
-            for _ in range(args.warmup):
-                for predictor in predictors.values():
-                    predictor.predict(x)
-            for _ in range(args.repeats):
-                for label, predictor in predictors.items():
-                    started = time.perf_counter()
-                    predictor.predict(x)
-                    times[label].append(time.perf_counter() - started)
-            latency[threads] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            del predictors
+            for members in groups.values():
+                latency[threads].update(
+                    _interleaved(
+                        {label: runtime.load(paths[label], threads=threads) for label in members},
+                        x,
+                        args.warmup,
+                        args.repeats,
+                    )
+                )
         resident = {label: memory(str(p))["rss_mb"] for label, p in paths.items()}
     base = sizes["FP32 ONNX (ORT)"]
     print(

@@ -50,7 +50,7 @@ from .conventions import (
     from_onnx_pads,
 )
 
-__all__ = ["Predictor", "load", "RuntimeLoadError", "CUSTOM_OPS"]
+__all__ = ["Predictor", "TFLitePredictor", "load", "RuntimeLoadError", "CUSTOM_OPS"]
 
 
 class RuntimeLoadError(ArtifactError):

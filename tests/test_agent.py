@@ -282,6 +282,27 @@ def test_a_binary_network_is_served_over_mqtt_and_http(
     assert over_http["top1"] == np.asarray(over_http["logits"]).argmax(1).tolist()
 
 
+def test_a_tflite_artifact_is_served_over_mqtt(
+    mosquitto, fleet, agents, key_file, bireal, tmp_path, digits
+):
+    """The same Bi-Real net as a .tflite (int8 binary form) on the device: LiteRT serves it."""
+    model, _ = bireal
+    artifact = exporters.export(
+        model, tmp_path / "lite", "tflite", name="digits-lite", input_shape=(1, 32, 32)
+    )
+    agent = agents(agent_config(mosquitto.url, key_file, tmp_path, artifact=str(artifact)))
+    assert fleet.wait_for(online("pi-01"))
+    assert isinstance(agent.predictor, runtime.TFLitePredictor)
+    batch = digits[1].x[:8]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    reply = fleet.infer("pi-01", batch)
+    assert reply["ok"], reply
+    logits = np.asarray(reply["result"]["logits"])
+    assert np.abs(logits - expected).max() <= 1e-4 * float(np.abs(expected).max())
+    assert reply["result"]["top1"] == expected.argmax(1).tolist()
+
+
 def _http(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
     try:

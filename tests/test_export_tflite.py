@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_support import BINARY_MODELS, export_input_shape
 from torch import nn
 
 import exporters
@@ -21,16 +22,6 @@ from exporters.tflite_binary import channel_groups, choose_form
 from exporters.tflite_builder import TFLiteUnavailable
 from exporters.tflite_writer import to_tflite
 from models.layers import BinaryConv2d, BinaryLinear
-
-BINARY = [
-    name
-    for name in models.list_models()
-    if any(getattr(m, "is_binary", False) for m in models.create(name).modules())
-]
-
-
-def _shape(name: str) -> tuple[int, int, int]:
-    return (1, 32, 32) if name == "lenet5" else (3, 32, 32)
 
 
 def _interpreter(data: bytes, batch: int, shape: tuple[int, ...]):
@@ -60,7 +51,7 @@ def _randomise_batch_norms(model: nn.Module) -> None:
 
 
 # int4 is the int8 form with another storage: two models with convs, dense layers and cells
-CASES = [(name, form) for name in BINARY for form in ("int8", "float")] + [
+CASES = [(name, form) for name in BINARY_MODELS for form in ("int8", "float")] + [
     ("bireal18", "int4"),
     ("nasb", "int4"),
 ]
@@ -72,7 +63,7 @@ def test_every_registered_binary_model_matches_pytorch(name, form):
     args = {"width": 0.25} if name.startswith("bireal") else {}
     model = models.create(name, **args).eval()
     _randomise_batch_norms(model)
-    shape = _shape(name)
+    shape = export_input_shape(name)
     x = torch.randn(3, *shape)
     with torch.no_grad():
         want = model(x).numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_support import BINARY_MODELS, export_input_shape
 from onnx import helper, numpy_helper
 
 import exporters
@@ -15,21 +16,11 @@ from exporters.onnx_writer import to_onnx
 from exporters.tensorrt_ops import TENSORRT_MAX_OPSET, TENSORRT_ONNX_OPS, tensorrt_problems
 from toolkit.bench import float_twin
 
-BINARY = [
-    name
-    for name in models.list_models()
-    if any(getattr(m, "is_binary", False) for m in models.create(name).modules())
-]
 
-
-def _shape(name: str) -> tuple[int, int, int]:
-    return (1, 32, 32) if name == "lenet5" else (3, 32, 32)
-
-
-@pytest.mark.parametrize("name", BINARY)
+@pytest.mark.parametrize("name", BINARY_MODELS)
 def test_every_binary_model_is_on_the_parser_list(name):
     model = models.create(name).eval()
-    proto = to_onnx(model, _shape(name), "onnx-trt")
+    proto = to_onnx(model, export_input_shape(name), "onnx-trt")
     assert tensorrt_problems(proto) == []
     assert {n.op_type for n in proto.graph.node} <= TENSORRT_ONNX_OPS
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)

@@ -208,6 +208,8 @@ def test_tflite_matches_pytorch_on_the_digits_test_set(run_dir, tmp_path, form):
         want = load_checkpoint(run_dir).model.eval()(torch.from_numpy(data.x)).numpy()
     assert np.array_equal(got.argmax(1), want.argmax(1))
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    shown = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
+    assert f"16 {form} (--binary-form {form})" in shown.output and "float parts" in shown.output
 
 
 def test_binary_form_goes_with_tflite_only(run_dir, tmp_path):

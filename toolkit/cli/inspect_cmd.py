@@ -32,11 +32,23 @@ def inspect(
         ("format", f"{manifest['format']} ({manifest['format_version']})"),
         ("input", f"N x {shape} {manifest['input'].get('dtype', 'float32')}"),
         ("custom ops", ", ".join(manifest.get("custom_ops") or []) or "none"),
+        ("float parts", str(manifest.get("float_parts", "fp32"))),
         ("labels", ", ".join(map(str, manifest.get("labels") or [])) or "-"),
         ("model", f"{manifest['spec']['name']} {manifest['spec']['args']}"),
         ("toolkit", str(manifest.get("toolkit_version"))),
         ("created", str(manifest.get("created_at"))),
     ]
+    if "tflite" in manifest:  # how each binary layer runs in TFLite
+        forms = manifest["tflite"].get("binary_layers") or {}
+        counts = ", ".join(f"{n} {form}" for form, n in sorted(forms.items())) or "none"
+        rows.append(
+            ("binary layers", f"{counts} (--binary-form {manifest['tflite']['binary_form']})")
+        )
+    if "tensorrt" in manifest:
+        engine = manifest["tensorrt"]
+        rows.append(
+            ("tensorrt", f"{engine.get('version')} {'+'.join(engine.get('precision', []))}")
+        )
     rows += [
         (f"file {name}", f"{human(manifest['sizes'][name])}B sha256 {digest[:16]}...")
         for name, digest in manifest["files"].items()

@@ -368,3 +368,41 @@ def test_twin_pools_before_relu_with_the_same_gradients():
     (got * weights).sum().backward()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_simulate_runs_the_batched_engine_when_asked():
+    config = dict(nodes=5, topology="ring", rounds=2, seed=8, merge="vc")
+    loop = simulate(preset("paper", **config))
+    batched = simulate(preset("paper", engine="batched", **config))
+    assert batched.config.engine == "batched"
+    assert [r["mean_accuracy"] for r in batched.history] == [
+        r["mean_accuracy"] for r in loop.history
+    ]
+    assert loop.final_states is not None and batched.final_states is not None
+    for want, got in zip(loop.final_states, batched.final_states, strict=True):
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, atol=ATOL, rtol=0)
+
+
+def test_engine_is_checked_with_the_config():
+    with pytest.raises(ValueError, match="unknown engine 'gpu'; use one of loop, batched"):
+        SimulationConfig(engine="gpu")
+    with pytest.raises(ValueError, match="drop=0.1.*--engine loop"):
+        SimulationConfig(engine="batched", drop=0.1)
+    SimulationConfig(engine="loop", drop=0.1)  # the loop runs everything
+
+
+def test_cli_engine_batched():
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    args = ["simulate", "--nodes", "4", "--topology", "ring", "--rounds", "1", "--engine"]
+    result = CliRunner().invoke(app, [*args, "batched", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert '"vc"' in result.output
+    result = CliRunner().invoke(app, [*args, "batched", "--drop", "0.1", "--rounds", "1"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the batched engine cannot run drop=0.1")
+    assert "--engine loop" in lines[0]

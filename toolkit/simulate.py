@@ -59,6 +59,8 @@ from models.training import (
 
 from .data import DATASETS, ArrayDataset, DatasetError, load_dataset
 from .partition import balanced_subset, parse_partition
+from .sim_batched import check_supported as check_batched
+from .sim_batched import simulate_batched
 from .topology import Topology, parse_topology
 from .train import make_model
 
@@ -77,6 +79,7 @@ METHODS = ("vc", "avg", "fedavg")
 INITS = ("independent", "common")
 WEIGHT_INITS = ("default", "xavier")
 FEDAVG_WEIGHTS = ("samples", "equal")
+ENGINES = ("loop", "batched")
 
 Model = dict[str, np.ndarray]
 
@@ -138,6 +141,10 @@ class SimulationConfig:
     # class-balanced subset: 43 per class, 430 images, on digits) or "balanced:N" (N per class);
     # the subset is fixed (toolkit.partition.balanced_subset, seed 0) whatever the run's seed
     test_subset: str = "all"
+    # "loop": node by node, every setting (the reference); "batched": every node of a round
+    # at once (toolkit.sim_batched), the same results within float tolerance, for fp32
+    # gossip without drops, churn, delays or peer sampling, SGD, models without batch norm
+    engine: str = "loop"
 
     def __post_init__(self) -> None:
         # Everything is checked here, before any work starts (and before a progress bar is
@@ -152,6 +159,7 @@ class SimulationConfig:
             ("rescaling rule", self.vc_rule, RULES),
             ("weight init", self.weight_init, WEIGHT_INITS),
             ("fedavg weighting", self.fedavg_weights, FEDAVG_WEIGHTS),
+            ("engine", self.engine, ENGINES),
         ):
             if value not in choices:
                 raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
@@ -177,6 +185,8 @@ class SimulationConfig:
         self._check_dataset()
         parse_partition(self.data)
         parse_test_subset(self.test_subset)
+        if self.engine == "batched":
+            check_batched(self)
         if self.topology == "auto":
             self.topology = default_topology(self.nodes)
         if self.merge != "fedavg":  # FedAvg is a star with a server whatever the topology
@@ -468,6 +478,14 @@ def simulate(
     test_data: ArrayDataset | None = None,
 ) -> SimulationResult:
     """Run one simulation; ``progress(round, record)`` is called after every evaluated round."""
+    if config.engine == "batched":  # one worker process per torch thread
+        return simulate_batched(
+            config,
+            progress=progress,
+            train_data=train_data,
+            test_data=test_data,
+            workers=torch.get_num_threads(),
+        )
     train = train_data or load_dataset(config.dataset, "train", root=config.data_root)
     test = test_data or load_dataset(config.dataset, "test", root=config.data_root)
     eval_x, eval_y = _eval_set(config, test)

@@ -205,6 +205,14 @@ def simulate(
             "(default all; paper balanced)."
         ),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="loop (node by node: every setting) or batched (every node of a round at "
+            "once, same results, about 2x faster on 2 cores; fp32 gossip without drop, churn, "
+            "delay or peer sampling, SGD, models without batch norm) (default loop)."
+        ),
+    ] = None,
     compare: Annotated[
         bool,
         typer.Option(
@@ -270,6 +278,7 @@ def simulate(
         "augment": augment,
         "fedavg_weights": fedavg_weights,
         "test_subset": test_subset,
+        "engine": engine,
         "seed": seed,
     }
     config = configure(

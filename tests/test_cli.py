@@ -384,3 +384,15 @@ def test_simulate_table_shows_the_curve_metrics(runner):
     assert result.exit_code == 0, result.output
     for text in ("rounds to 50/80/90/95% of ref", "AUC", "reference accuracy (FedAvg's final)"):
         assert text in result.output, result.output
+
+
+def test_simulate_eval_every_evaluates_every_n_rounds_and_the_last(runner, tmp_path):
+    result = invoke(
+        runner, *TINY[:-3], "--rounds", "5", "--eval-every", "2", "--local-steps", "1",
+        "--no-progress", "--json", "--out", str(tmp_path),
+    )  # fmt: skip
+    json_of(result)
+    history = json.loads((tmp_path / "vc.json").read_text())["history"]
+    assert [record["round"] for record in history] == [0, 2, 4, 5]
+    bad = runner.invoke(app, [*TINY, "--eval-every", "0"])
+    assert bad.exit_code == 2 and "--eval-every" in bad.output  # click's usage error

@@ -205,6 +205,15 @@ def simulate(
             "(default all; paper balanced)."
         ),
     ] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Evaluate every node every N rounds, and after the last one; at 1000 nodes an "
+            "evaluation costs about as much as a round of training (default 1). Rounds to a "
+            "target are then multiples of N.",
+        ),
+    ] = None,
     engine: Annotated[
         str | None,
         typer.Option(
@@ -279,6 +288,7 @@ def simulate(
         "fedavg_weights": fedavg_weights,
         "test_subset": test_subset,
         "engine": engine,
+        "eval_every": eval_every,
         "seed": seed,
     }
     config = configure(

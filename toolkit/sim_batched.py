@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 import signal
 import sys
 import traceback
@@ -68,6 +67,8 @@ from edge_agent import codecs
 from edge_agent.merge import EPS, RULES, VARIANCE_MODES, is_rescaled, keeps_own
 from models.constraints import latent_weight_parameters
 from models.training import BatchSampler
+
+from .augment import affine_matrices, augment_draws
 
 __all__ = [
     "ENGINE_HINT",
@@ -829,7 +830,7 @@ class NodeBatches:
     The loop's fleet gives node ``n`` a :class:`models.training.BatchSampler` stream seeded by
     ``seed * 7919 + n`` (``endless`` over its shard, or ``pooled`` with its label
     probabilities) and, with ``augment``, a torch generator of the same seed for
-    :func:`toolkit.simulate.augment_batch`. Here the samplers run over sample *positions*, so
+    :func:`toolkit.augment.augment_batch`. Here the samplers run over sample *positions*, so
     they yield the very indices the loop's streams gather; the images of all nodes are then
     gathered in one indexing, and augmented in one resampling with each node's angles and shifts
     drawn from its own generator in augment_batch's order. The result equals the loop's batches
@@ -873,13 +874,13 @@ class NodeBatches:
             for node, (index, labels) in enumerate(drawn):
                 x = self.x[index]
                 if self.generators:
-                    x = _augment(x, *_augment_draws(len(x), self.generators[node]), self.fill)
+                    x = _augment(x, *augment_draws(len(x), self.generators[node]), self.fill)
                 pairs.append((x, labels))
             return pairs
         index = torch.stack([index for index, _ in drawn])
         angles = shifts = None
         if self.generators:
-            draws = [_augment_draws(index.shape[1], g) for g in self.generators]
+            draws = [augment_draws(index.shape[1], g) for g in self.generators]
             angles = torch.cat([angle for angle, _ in draws])
             shifts = torch.cat([shift for _, shift in draws])
         labels = torch.stack([labels for _, labels in drawn])
@@ -917,34 +918,14 @@ class StackedBatch:
         return x, self.labels[start:stop]
 
 
-def _augment_draws(
-    count: int, generator: torch.Generator, degrees: float = 5.0, padding: int = 2
-) -> tuple[Tensor, Tensor]:
-    """The random part of :func:`toolkit.simulate.augment_batch`, in its order: angles, shifts."""
-    angle = (torch.rand(count, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(
-        degrees
-    )
-    shift = torch.randint(-padding, padding + 1, (count, 2), generator=generator)
-    return angle, shift.to(torch.float64)
-
-
 def _augment(x: Tensor, angle: Tensor, shift: Tensor, fill: Tensor, chunk: int = 512) -> Tensor:
-    """The geometric part of :func:`toolkit.simulate.augment_batch`, ``chunk`` images at a time.
+    """The geometric part of :func:`toolkit.augment.augment_batch`, ``chunk`` images at a time.
 
     The same affine matrices and bilinear resampling; the sampling grid is written out (what
     ``affine_grid`` computes with a batched matmul, slow on a CPU for a 3-term product).
     """
     n, channels, height, width = x.shape
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    a = torch.stack(
-        [
-            torch.stack([cos, sin * height / width], dim=1),
-            torch.stack([-sin * width / height, cos], dim=1),
-        ],
-        dim=1,
-    )
-    d = torch.stack([shift[:, 0] * 2 / width, shift[:, 1] * 2 / height], dim=1)
-    theta = torch.cat([a, -(a @ d.unsqueeze(2))], dim=2).to(x.dtype)
+    theta = affine_matrices(angle, shift, height, width, x.dtype)
     # affine_grid's base grid (align_corners=False): pixel centres in [-1, 1]
     xs = (torch.linspace(-1, 1, width, dtype=x.dtype) * ((width - 1) / width)).view(1, 1, width)
     ys = (torch.linspace(-1, 1, height, dtype=x.dtype) * ((height - 1) / height)).view(1, -1, 1)

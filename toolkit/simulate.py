@@ -40,7 +40,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import models
@@ -57,6 +56,7 @@ from models.training import (
     train_steps,
 )
 
+from .augment import augment_batch
 from .data import DATASETS, ArrayDataset, DatasetError, load_dataset
 from .partition import balanced_subset, parse_partition
 from .sim_batched import check_supported as check_batched
@@ -298,48 +298,6 @@ def _eval_set(config: SimulationConfig, test: ArrayDataset) -> tuple[np.ndarray,
         return test.x, test.y
     keep = balanced_subset(test.y, per_class)
     return test.x[keep], test.y[keep]
-
-
-def augment_batch(
-    x: torch.Tensor,
-    generator: torch.Generator,
-    fill: torch.Tensor | float = 0.0,
-    degrees: float = 5.0,
-    padding: int = 2,
-) -> torch.Tensor:
-    """Rotate each image by a uniform angle in ``[-degrees, degrees]``, then shift it.
-
-    The shift is a whole number of pixels, uniform in ``[-padding, padding]`` on each axis: a
-    random crop of the image padded by ``padding`` (torchvision's ``RandomCrop(size,
-    padding)``), which with the rotation makes the paper code's augmentation. Both are one
-    bilinear resampling (``affine_grid`` / ``grid_sample``); pixels that come from outside the
-    image take ``fill``, per channel: pass the normalised value of a black pixel,
-    ``-mean / std``. Angles, then shifts, are drawn from ``generator``, so a seeded generator
-    gives the same batches every run. Returns a new tensor; ``x`` is left as it was.
-    """
-    n, channels, height, width = x.shape
-    angle = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(
-        degrees
-    )
-    shift = torch.randint(-padding, padding + 1, (n, 2), generator=generator).to(torch.float64)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    # output pixel p reads input pixel R^-1 (p - d); in affine_grid's [-1, 1] coordinates,
-    # x scaled by 2 / width and y by 2 / height
-    a = torch.stack(
-        [
-            torch.stack([cos, sin * height / width], dim=1),
-            torch.stack([-sin * width / height, cos], dim=1),
-        ],
-        dim=1,
-    )
-    d = torch.stack([shift[:, 0] * 2 / width, shift[:, 1] * 2 / height], dim=1)
-    theta = torch.cat([a, -(a @ d.unsqueeze(2))], dim=2).to(x.dtype)
-    grid = F.affine_grid(theta, [n, channels, height, width], align_corners=False)
-    base = torch.as_tensor(fill, dtype=x.dtype).reshape(-1, 1, 1)
-    moved = F.grid_sample(
-        x - base, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return moved + base
 
 
 def _augmented(

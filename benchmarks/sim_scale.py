@@ -58,10 +58,7 @@ class LoopRun:
 
     def __init__(self, config: Any, train: Any, test: Any) -> None:
         spec = parse_partition(config.data)
-        if spec.pooled:
-            shards, probs = None, spec.label_probs(train.y, config.nodes, seed=config.seed)
-        else:
-            shards, probs = spec.apply(train.y, config.nodes, seed=config.seed), None
+        shards, probs = spec.assign(train.y, config.nodes, seed=config.seed)
         self.fleet = _Fleet(config, train, shards, probs)
         self.eval_x, self.eval_y = _eval_set(config, test)
         topology = parse_topology(config.topology, config.nodes, seed=config.seed)

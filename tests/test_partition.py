@@ -197,6 +197,17 @@ def test_a_pool_is_not_a_split():
         dirichlet_pool(labels, 2, 0.0)
 
 
+def test_assign_gives_shards_for_a_split_and_probabilities_for_a_pool():
+    labels = np.repeat(np.arange(4), 5)
+    shards, probs = parse_partition("shards:2").assign(labels, 3, seed=1)
+    assert probs is None and [list(s) for s in shards] == [
+        list(s) for s in partition("shards:2", labels, 3, seed=1)
+    ]
+    shards, probs = parse_partition("dirichlet-pool:0.5").assign(labels, 3, seed=1)
+    assert shards is None
+    np.testing.assert_array_equal(probs, dirichlet_pool(labels, 3, 0.5, seed=1))
+
+
 def test_balanced_subset():
     labels = np.array([0] * 5 + [1] * 3 + [2] * 7)
     largest = balanced_subset(labels)

@@ -336,6 +336,18 @@ class PartitionSpec:
             return dirichlet_pool(labels, num_nodes, float(self.value), seed)
         raise ValueError(f"{self} splits the data among the nodes; it has no label probabilities")
 
+    def assign(
+        self, labels: np.ndarray, num_nodes: int, seed: int = 0
+    ) -> tuple[list[np.ndarray] | None, np.ndarray | None]:
+        """What each node trains on, for splits and pools alike.
+
+        ``(shards, None)`` for a split (:meth:`apply`), ``(None, probs)`` for a pool
+        (:meth:`label_probs`).
+        """
+        if self.pooled:
+            return None, self.label_probs(labels, num_nodes, seed)
+        return self.apply(labels, num_nodes, seed), None
+
     def apply(self, labels: np.ndarray, num_nodes: int, seed: int = 0) -> list[np.ndarray]:
         """Partition ``labels`` among ``num_nodes`` nodes with this recipe (splits only)."""
         if self.pooled:

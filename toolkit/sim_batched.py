@@ -1116,10 +1116,7 @@ class BatchedSimulation:
         test = test or load_dataset(config.dataset, "test", root=config.data_root)
         self.eval_x, self.eval_y = (torch.as_tensor(a) for a in _eval_set(config, test))
         spec = parse_partition(config.data)
-        if spec.pooled:
-            shards, probs = None, spec.label_probs(train.y, config.nodes, seed=config.seed)
-        else:
-            shards, probs = spec.apply(train.y, config.nodes, seed=config.seed), None
+        shards, probs = spec.assign(train.y, config.nodes, seed=config.seed)
         self.fleet = _Fleet(config, train, shards, probs)
         self.batches = NodeBatches(config, train, shards, probs)
         self.models = StackedModels.from_modules(

@@ -448,10 +448,7 @@ def simulate(
     test = test_data or load_dataset(config.dataset, "test", root=config.data_root)
     eval_x, eval_y = _eval_set(config, test)
     spec = parse_partition(config.data)
-    if spec.pooled:
-        shards, probs = None, spec.label_probs(train.y, config.nodes, seed=config.seed)
-    else:
-        shards, probs = spec.apply(train.y, config.nodes, seed=config.seed), None
+    shards, probs = spec.assign(train.y, config.nodes, seed=config.seed)
     rng = np.random.default_rng(config.seed)
     fleet = _Fleet(config, train, shards, probs)
 

@@ -82,7 +82,8 @@ class LocalData:
         return sampler.pooled(self.label_probs, rng)
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``x``, ``y`` and, if the file has them, the label probabilities of a pool node."""
     try:
         arrays = load_file(path)
     except Exception as err:  # noqa: BLE001 - safetensors raises several types
@@ -94,7 +95,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: x must be N x C x H x W and y N labels, got {x.shape}, {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: labels y must be integers, got {y.dtype}")
-    return x, y
+    return x, y, arrays.get(LABEL_PROBS)
 
 
 def load_local_data(data_dir: str | Path) -> LocalData:
@@ -106,11 +107,10 @@ def load_local_data(data_dir: str | Path) -> LocalData:
             f"no training data: {train_file} does not exist (write x/y tensors with "
             "safetensors.numpy.save_file)"
         )
-    x, y = _read(train_file)
-    probs = _label_probs(train_file)
+    x, y, probs = _read(train_file)
     test_file = root / "test.safetensors"
     if test_file.is_file():
-        xt, yt = _read(test_file)
+        xt, yt, _ = _read(test_file)
         return _checked(LocalData(x, y, xt, yt, probs), train_file)
     order = np.random.default_rng(0).permutation(len(y))
     cut = max(1, len(y) // 5)
@@ -118,20 +118,13 @@ def load_local_data(data_dir: str | Path) -> LocalData:
     return _checked(held_out, train_file)
 
 
-def _label_probs(path: Path) -> np.ndarray | None:
-    probs = load_file(path).get(LABEL_PROBS)
-    if probs is None:
-        return None
-    probs = probs.astype(np.float64)
-    if probs.ndim != 1 or not np.all(np.isfinite(probs)) or np.any(probs < 0) or probs.sum() <= 0:
-        raise DataError(
-            f"{path}: {LABEL_PROBS} must be finite non-negative probabilities per class"
-        )
-    return probs
-
-
 def _checked(data: LocalData, path: Path) -> LocalData:
-    """``data`` once a pool node's probabilities fit its labels (a batch draws at once)."""
+    """``data`` once a pool node's probabilities are valid and fit its labels.
+
+    Drawing one batch runs ``BatchSampler.pooled``'s checks (finite, non-negative, not all
+    zero, one per class, no probability for a class without samples) now, not on the
+    learning thread.
+    """
     try:
         next(data.batches(1, np.random.default_rng(0)))
     except ValueError as err:

@@ -159,17 +159,41 @@ def _average_pool(node: Node, args: list[Any]) -> np.ndarray:
     sums = _reduce_taps(padded, kernel, strides, (1, 1), np.add)
     if padded is x:
         return sums * np.float32(1.0 / (kernel[0] * kernel[1]))
-    # what each window divides by: the input, plus the declared pads if count_include_pad;
-    # the extra ceil_mode padding never counts
-    counted = np.zeros(
-        (1, 1, x.shape[2] + top + bottom + more_h, x.shape[3] + left + right + more_w), x.dtype
+    counts = average_pool_counts(
+        (x.shape[2], x.shape[3]),
+        kernel,
+        strides,
+        (top, left, bottom, right),
+        (more_h, more_w),
+        bool(node.attributes.get("count_include_pad", 0)),
     )
-    if node.attributes.get("count_include_pad", 0):
-        counted[:, :, : x.shape[2] + top + bottom, : x.shape[3] + left + right] = 1
+    return (sums / counts.astype(x.dtype)).astype(x.dtype)
+
+
+def average_pool_counts(
+    size: tuple[int, int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[int],
+    extra: Sequence[int],
+    count_include_pad: bool,
+) -> np.ndarray:
+    """What each output position of an average pool divides by, as an (out_h, out_w) array.
+
+    ONNX's and PyTorch's rule: the input's positions in the window, plus the declared ``pads``
+    (top, left, bottom, right) when ``count_include_pad``; ceil mode's ``extra`` bottom/right
+    padding never counts. The runtimes without this rule (TFLite) pool with zero padding and
+    rescale by ``kernel area / counts``.
+    """
+    height, width = size
+    top, left, bottom, right = pads
+    counted = np.zeros((height + top + bottom + extra[0], width + left + right + extra[1]))
+    if count_include_pad:
+        counted[: height + top + bottom, : width + left + right] = 1
     else:
-        counted[:, :, top : top + x.shape[2], left : left + x.shape[3]] = 1
-    counts = _reduce_taps(counted, kernel, strides, (1, 1), np.add)
-    return (sums / counts).astype(x.dtype)
+        counted[top : top + height, left : left + width] = 1
+    windows = sliding_window_view(counted, (kernel[0], kernel[1]))[:: strides[0], :: strides[1]]
+    return windows.sum(axis=(2, 3))
 
 
 def _gemm(node: Node, args: list[Any]) -> np.ndarray:

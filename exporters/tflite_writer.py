@@ -33,6 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .conventions import conv_output_size, pool_extra_padding
+from .numpy_ops import average_pool_counts
 from .onnx_writer import ExportError
 from .tflite_binary import BINARY_FORMS, channel_groups, choose_form
 from .tflite_builder import Quant, TFLiteGraph
@@ -800,15 +801,14 @@ def _pool(t: _Translator, node: onnx.NodeProto) -> None:
         options,
     )
     if not is_max and any(pads):
-        # PyTorch divides by the counted positions: the input (and declared pads when
-        # count_include_pad), never ceil mode's extra padding
-        counted = np.zeros((padded[2], padded[3]), np.float32)
-        if int(attrs.get("count_include_pad", 0)):
-            counted[: h + top + bottom, : w + left + right] = 1
-        else:
-            counted[top : top + h, left : left + w] = 1
-        counts = np.lib.stride_tricks.sliding_window_view(counted, (kh, kw))[::sh, ::sw]
-        counts = counts.sum(axis=(2, 3))
+        counts = average_pool_counts(
+            (h, w),
+            (kh, kw),
+            (sh, sw),
+            (top, left, bottom, right),
+            (more_h, more_w),
+            bool(int(attrs.get("count_include_pad", 0))),
+        )
         correction = (kh * kw / counts).astype(np.float32)
         if not np.all(correction == 1):
             y = t.emit(

@@ -58,7 +58,6 @@ TFLITE_DTYPES = {
     "uint8": "UINT8",
     "bool": "BOOL",
     "int4": "INT4",
-    "int16": "INT16",
 }
 
 

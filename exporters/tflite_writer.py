@@ -98,7 +98,7 @@ class _Translator:
         self.values: dict[str, _Value] = {}
         self.layers: list[dict[str, Any]] = []
         self._signs: dict[tuple[str, str, tuple[int, ...]], int] = {}
-        self._shared: dict[tuple[str, float], int] = {}
+        self._shared: dict[tuple[Any, ...], int] = {}
 
     # --- constants ------------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
@@ -134,29 +134,17 @@ class _Translator:
         axis = int(_attrs(node).get("axis", 1)) if scale.size > 1 else 0
         return q, Quant(tuple(float(s) for s in scale), (0,) * scale.size, axis)
 
-    def zero_bias(self, outputs: int) -> int:
-        """An int32 zero bias of scale 1 for ``outputs`` channels, one per width, shared."""
-        key = ("zero_bias", float(outputs))
+    def shared(self, name: str, array: np.ndarray, quant: Quant | None = None) -> int:
+        """A constant tensor holding ``array``, written once however many operators read it."""
+        values = np.asarray(array)
+        key = (values.dtype.str, values.shape, values.tobytes(), quant)
         if key not in self._shared:
-            self._shared[key] = self.out.constant(
-                "zero_bias", np.zeros(outputs, np.int32), quant=Quant.per_tensor(1.0)
-            )
+            self._shared[key] = self.out.constant(name, values, quant=quant)
         return self._shared[key]
 
-    def scalar_vector(self, value: float, size: int) -> int:
-        """A float32 vector of ``size`` copies of ``value``, shared (zero biases)."""
-        key = (f"vector{size}", float(value))
-        if key not in self._shared:
-            self._shared[key] = self.out.constant("bias", np.full(size, value, np.float32))
-        return self._shared[key]
-
-    def scalar(self, value: float, dtype: str = "float32", quant: Quant | None = None) -> int:
-        key = (dtype, float(value))
-        if key not in self._shared:
-            self._shared[key] = self.out.constant(
-                f"const_{dtype}_{value:g}", np.array(value, dtype=dtype), quant=quant
-            )
-        return self._shared[key]
+    def scalar(self, value: float, dtype: str = "float32") -> int:
+        """A shared one-element constant (thresholds, pad values, axes)."""
+        return self.shared(f"const_{dtype}_{value:g}", np.array(value, dtype=dtype))
 
     def layout_const(self, array: np.ndarray, like: _Value) -> int:
         """An elementwise operand broadcast against ``like``, in ``like``'s TFLite layout."""
@@ -383,7 +371,7 @@ class _Translator:
                 [stored],
                 self.out.tensor("binary_weights_f32", self._layout_shape(weights.shape, conv)),
             )
-            zero_bias = self.scalar_vector(0.0, weights.shape[0])
+            zero_bias = self.shared("bias", np.zeros(weights.shape[0], np.float32))
             result = self._linear(conv, signs, widened, zero_bias, out_shape, attrs, name)
         else:
             result = self._int8_binary(
@@ -430,7 +418,7 @@ class _Translator:
             stored = self.out.constant(
                 "binary_weights", self._layout(block, conv), storage, quant=unit
             )
-            bias = self.zero_bias(weights.shape[0])
+            bias = self.shared("zero_bias", np.zeros(weights.shape[0], np.int32), unit)
             summed = self.new("partial_sum", out_shape, "int8", quant=Quant.per_tensor(scale))
             if conv:
                 self.out.op(
